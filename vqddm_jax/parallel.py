@@ -1,0 +1,135 @@
+"""The only module that knows about devices.
+
+Per-device step functions elsewhere are pure and refer to the mapped axis by the name `AXIS` ("data"); this
+module maps them over the local devices with `jax.pmap`, moves trees on and off the devices, and reshapes host
+batches to `[local_devices, per_device, ...]`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+AXIS = "data"
+
+
+def local_device_count() -> int:
+  return jax.local_device_count()
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+  """Starts `jax.distributed` on multi-host TPU/GPU jobs (a no-op when `enabled` is False)."""
+  if enabled:
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+
+
+def per_device_batch_size(global_batch_size: int) -> int:
+  """Splits a global batch over hosts and local devices; raises when it does not divide evenly."""
+  n = jax.device_count()
+  if global_batch_size % n:
+    raise ValueError(f"batch size {global_batch_size} is not divisible by the {n} devices "
+                     f"({jax.process_count()} hosts x {jax.local_device_count()} local)")
+  return global_batch_size // n
+
+
+def replicate(tree: Any) -> Any:
+  """Copies a tree to every local device (leading axis = local devices)."""
+  return jax.device_put_replicated(tree, jax.local_devices())
+
+
+def unreplicate(tree: Any) -> Any:
+  """Takes device 0's copy of a replicated tree (to host memory)."""
+  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+
+
+def shard(host_tree: Any) -> Any:
+  """Reshapes `[local_devices * b, ...]` host arrays to `[local_devices, b, ...]`."""
+  n = jax.local_device_count()
+
+  def _reshape(x):
+    x = np.asarray(x)
+    if x.shape[0] % n:
+      raise ValueError(f"leading axis {x.shape[0]} is not divisible by {n} local devices")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+  return jax.tree_util.tree_map(_reshape, host_tree)
+
+
+def unshard(tree: Any) -> Any:
+  """Inverse of `shard`: `[local_devices, b, ...]` -> `[local_devices * b, ...]` on the host."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x).reshape((-1,) + tuple(x.shape[2:])), jax.device_get(tree))
+
+
+def prefetch_to_devices(batches: Iterable[Any], size: int = 2) -> Iterator[Any]:
+  """Moves already-sharded host batches (`[local_devices, b, ...]`) to the devices `size` steps ahead."""
+  devices = jax.local_devices()
+  queue = []
+
+  def _put(batch):
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put_sharded(list(x), devices), batch)
+
+  for batch in batches:
+    queue.append(_put(batch))
+    if len(queue) > size:
+      yield queue.pop(0)
+  while queue:
+    yield queue.pop(0)
+
+
+def pmap_step(step_fn: Callable[..., Any], *, donate_state: bool = True,
+              static_broadcasted_argnums: Sequence[int] = ()) -> Callable[..., Any]:
+  """Maps a per-device step `(state, batch, key) -> (state, metrics)` over local devices.
+
+  The key is broadcast (not sharded): step functions fold in the step and the global example or device index
+  themselves, so that results do not depend on how many devices run them.
+  """
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None),
+                  donate_argnums=(0,) if donate_state else (),
+                  static_broadcasted_argnums=tuple(static_broadcasted_argnums))
+
+
+def pmap_eval(eval_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Maps `(replicated_params, sharded_batch) -> sharded outputs` over local devices."""
+  return jax.pmap(eval_fn, axis_name=AXIS, in_axes=(0, 0))
+
+
+def global_example_index(per_device: int) -> jnp.ndarray:
+  """Inside a mapped function: the index of each local example in the global batch, `i32[per_device]`.
+
+  Folding per-example keys from this index makes randomness independent of the device count, so one step on
+  8 devices equals the same step on 1 device.
+  """
+  # Under multi-host pmap, axis_index already counts devices across all hosts.
+  base = jax.lax.axis_index(AXIS) * per_device
+  return base + jnp.arange(per_device, dtype=jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _sync_fn():
+  return jax.pmap(lambda x: jax.lax.psum(x, AXIS), axis_name=AXIS)
+
+
+def sync_devices() -> None:
+  """Blocks until every local device has finished its queued work (a tiny psum)."""
+  jax.block_until_ready(_sync_fn()(jnp.ones((jax.local_device_count(),))))
