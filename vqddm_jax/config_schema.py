@@ -1,0 +1,147 @@
+"""Every config field with its default, and the validation run when a config is loaded.
+
+Experiment files under `configs/` start from `base_config()` and override what differs; `validate_config` is
+called by `main` after command-line overrides and before any work, so a bad value stops the run at once with a
+`ValueError` that names the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import ml_collections
+
+
+def optim_defaults(lr: float) -> dict:
+  return dict(lr=lr, b1=0.9, b2=0.999, schedule="cosine", warmup_steps=0, grad_clip=0.0)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with defaults sized for the embedded MNIST-5k set; experiment files override them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.distributed = False  # jax.distributed.initialize() on multi-host TPU / GPU jobs.
+  c.data = dict(
+      source="mnist5k", tfds_name="", data_dir="", manual_dir="", image_folder="", image_key="image",
+      train_split="train", eval_split="test", image_size=32, channels=1, resize="pad",
+      shuffle_buffer=5_000, prefetch=2, holdout_fraction=0.02)
+  c.vqvae = dict(
+      ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=32,
+      codebook_size=256, beta=0.25, norm_groups=8, dropout=0.0, dtype="float32")
+  c.vqvae_train = dict(
+      batch_size=64, num_steps=1500, optim=optim_defaults(1e-3), ema_decay=0.99, recon_loss="mse",
+      log_every=50, checkpoint_every=500, image_every=500, eval_every=500, eval_examples=0,
+      keep_checkpoints=2)
+  return c
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"config.{field} = {value!r} is not allowed: {allowed}")
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+  node = config
+  for part in field.split("."):
+    if part not in node:
+      raise ValueError(f"config.{field} is missing (the config file must define it)")
+    node = node[part]
+  return node
+
+
+def check_choice(config, field: str, choices: Iterable[str]) -> None:
+  value, choices = _get(config, field), tuple(choices)
+  if value not in choices:
+    _fail(field, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_int(config, field: str, low: int | None = None, high: int | None = None) -> None:
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, int):
+    _fail(field, value, "an integer")
+  if (low is not None and value < low) or (high is not None and value > high):
+    _fail(field, value, f"an integer in [{low if low is not None else '-inf'}, "
+          f"{high if high is not None else 'inf'}]")
+
+
+def check_float(config, field: str, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> None:
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    _fail(field, value, "a number")
+  bad_low = low is not None and (value <= low if low_open else value < low)
+  if bad_low or (high is not None and value > high):
+    _fail(field, value, f"a number in {'(' if low_open else '['}{low}, "
+          f"{high if high is not None else 'inf'}]")
+
+
+def check_int_tuple(config, field: str, low: int = 0, nonempty: bool = True) -> None:
+  value = _get(config, field)
+  ok = isinstance(value, (tuple, list)) and all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)
+  if not ok or (nonempty and not value):
+    _fail(field, value, f"a {'non-empty ' if nonempty else ''}tuple of integers >= {low}")
+
+
+def check_optim(config, prefix: str) -> None:
+  check_float(config, f"{prefix}.lr", 0.0, 10.0, low_open=True)
+  check_float(config, f"{prefix}.b1", 0.0, 1.0)
+  check_float(config, f"{prefix}.b2", 0.0, 1.0)
+  check_choice(config, f"{prefix}.schedule", ("constant", "cosine"))
+  check_int(config, f"{prefix}.warmup_steps", 0)
+  check_float(config, f"{prefix}.grad_clip", 0.0)
+
+
+def check_loop(config, prefix: str) -> None:
+  check_int(config, f"{prefix}.batch_size", 1)
+  check_int(config, f"{prefix}.num_steps", 1)
+  for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    check_int(config, f"{prefix}.{name}", 1)
+  check_float(config, f"{prefix}.ema_decay", 0.0, 1.0)
+  check_optim(config, f"{prefix}.optim")
+
+
+def validate_vqvae(config) -> None:
+  check_int(config, "vqvae.ch", 1)
+  check_int_tuple(config, "vqvae.ch_mult", 1)
+  check_int(config, "vqvae.num_res_blocks", 0)
+  check_int_tuple(config, "vqvae.attn_resolutions", 1, nonempty=False)
+  check_int(config, "vqvae.z_channels", 1)
+  check_int(config, "vqvae.embed_dim", 1)
+  check_int(config, "vqvae.codebook_size", 2)
+  check_float(config, "vqvae.beta", 0.0)
+  check_int(config, "vqvae.norm_groups", 1)
+  check_float(config, "vqvae.dropout", 0.0, 1.0)
+  check_choice(config, "vqvae.dtype", ("float32", "bfloat16"))
+  v = config.vqvae
+  widths = sorted({v.ch * m for m in v.ch_mult} | {v.ch})
+  if any(w % v.norm_groups for w in widths):
+    _fail("vqvae.norm_groups", v.norm_groups, f"a divisor of every level width {tuple(widths)}")
+  factor = 2 ** (len(v.ch_mult) - 1)
+  if config.data.image_size % factor:
+    _fail("data.image_size", config.data.image_size,
+          f"a multiple of the encoder's downsampling factor {factor} (len(vqvae.ch_mult) = "
+          f"{len(v.ch_mult)})")
+
+
+def validate_vqvae_train(config) -> None:
+  check_loop(config, "vqvae_train")
+  check_choice(config, "vqvae_train.recon_loss", ("mse", "l1"))
+  for name in ("image_every", "eval_every"):
+    check_int(config, f"vqvae_train.{name}", 1)
+  check_int(config, "vqvae_train.eval_examples", 0)
+
+
+# Sections are validated in this order; later issues append theirs.
+VALIDATORS: list[Callable[[ml_collections.ConfigDict], None]] = [validate_vqvae, validate_vqvae_train]
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every section; returns the config unchanged or raises ValueError naming the field."""
+  from vqddm_jax import data  # Imported here: the data package pulls in TensorFlow.
+  check_int(config, "seed", 0)
+  data.validate_data_config(config.data)
+  for validator in VALIDATORS:
+    validator(config)
+  return config

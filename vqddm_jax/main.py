@@ -1,0 +1,69 @@
+"""Entry point: `python -m vqddm_jax.main --config=configs/mnist.py[:arg] --workdir=DIR [--mode=MODE]`.
+
+Dispatch only: the config is validated (after `--config.a.b=value` overrides) before any work, then the
+chosen stage runs. `--mode=all` runs every stage in order; each stage skips when its final checkpoint exists
+and resumes when a partial one does.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# TensorFlow serves only the input pipeline: keep its logs quiet and its hands off accelerators.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+# Mode name -> what it does (shown by --help); the pipeline runs them in this order for --mode=all.
+MODES = {
+    "all": "run every stage below in order, skipping finished ones",
+    "train_vqvae": "stage 1: train the VQ-VAE on images (workdir/vqvae/)",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file, optionally FILE:arg (e.g. configs/mnist.py:tiny); "
+    "override fields with --config.section.field=value", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory holding every stage of one run (stable path: "
+                               "a restarted job resumes from it)")
+_MODE = flags.DEFINE_enum("mode", "all", list(MODES), "what to run: " + "; ".join(
+    f"{name} = {text}" for name, text in MODES.items()))
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def pipeline_modes() -> list[str]:
+  return [m for m in MODES if m != "all"]
+
+
+def run_mode(mode: str, config, workdir: str) -> bool:
+  """Runs one stage; returns False when it stopped early (SIGTERM) so the pipeline stops too."""
+  if mode == "train_vqvae":
+    from vqddm_jax.train.vqvae import train_vqvae
+    return train_vqvae(config, workdir)[1]
+  raise ValueError(f"--mode={mode!r} is not one of {sorted(MODES)}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from vqddm_jax import config_schema, parallel
+  config = _CONFIG.value
+  try:
+    config_schema.validate_config(config)
+  except ValueError as e:
+    print(f"vqddm_jax: invalid config: {e}", file=sys.stderr)
+    sys.exit(2)
+  parallel.maybe_initialize_distributed(config.distributed)
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("config:\n%s", config)
+  for mode in (pipeline_modes() if _MODE.value == "all" else [_MODE.value]):
+    logging.info("=== %s ===", mode)
+    if not run_mode(mode, config, workdir):
+      logging.warning("stopped during %s (SIGTERM); rerun the same command to resume", mode)
+      return
+  logging.info("done: %s", workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

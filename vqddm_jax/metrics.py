@@ -1,0 +1,107 @@
+"""Metric writers, progress reporting, image grids and the non-finite guard."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from PIL import Image
+
+
+def make_writer(logdir: str, *, is_main: bool) -> metric_writers.MetricWriter:
+  """TensorBoard event files plus absl log lines on process 0; log lines only elsewhere."""
+  return metric_writers.create_default_writer(logdir, just_logging=not is_main,
+                                              asynchronous=False)
+
+
+class Progress:
+  """Steps/s and ETA over the steps run in this process (a resumed run restarts the clock)."""
+
+  def __init__(self, first_step: int, num_steps: int):
+    self.first_step = first_step
+    self.num_steps = num_steps
+    self._t0 = time.perf_counter()
+    self._last_step = first_step
+    self._last_t = self._t0
+
+  def report(self, step: int) -> dict[str, float]:
+    """Scalars for `step` (steps completed so far): steps/s since the last report, and the ETA in s."""
+    now = time.perf_counter()
+    rate = (step - self._last_step) / max(now - self._last_t, 1e-9)
+    overall = (step - self.first_step) / max(now - self._t0, 1e-9)
+    self._last_step, self._last_t = step, now
+    eta = (self.num_steps - step) / max(overall, 1e-9)
+    return {"steps_per_sec": rate, "eta_seconds": eta}
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self._t0
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600:d}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
+  """Averages a list of per-step metric dicts (device arrays are fetched once, here)."""
+  if not history:
+    return {}
+  history = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+def all_finite(tree: Any) -> jnp.ndarray:
+  """`bool[]`: every leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def keep_if_finite(ok: jnp.ndarray, new: Any, old: Any) -> Any:
+  """`new` where `ok` else `old`, leaf by leaf: a non-finite update is skipped, never applied."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
+  """Tiles images into one picture.
+
+  Args:
+    images: f32[N, H, W, C] in [-1, 1] (C = 1 or 3).
+    ncol: columns (default: about sqrt(N)).
+    pad: pixels of white border between tiles.
+
+  Returns:
+    u8[rows*(H+pad)+pad, ncol*(W+pad)+pad, C].
+  """
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  ncol = ncol or int(np.ceil(np.sqrt(n)))
+  nrow = int(np.ceil(n / ncol))
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+  pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    y, x = pad + r * (h + pad), pad + col * (w + pad)
+    grid[y:y + h, x:x + w] = pixels[i]
+  return grid
+
+
+def save_png(path: str, grid: np.ndarray) -> str:
+  """Writes a `u8[H, W, C]` picture (C = 1 or 3) as PNG, creating parent folders."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  return path
+
+
+def log_param_count(name: str, params: Any) -> int:
+  """Logs and returns the number of parameters of a tree, per top-level module too."""
+  count = lambda t: int(sum(np.size(x) for x in jax.tree_util.tree_leaves(t)))  # noqa: E731
+  total = count(params)
+  parts = ", ".join(f"{k} {count(v) / 1e6:.3f}M" for k, v in params.items()) \
+      if isinstance(params, Mapping) else ""
+  logging.info("%s: %.3fM parameters (%s)", name, total / 1e6, parts)
+  return total

@@ -1,0 +1,197 @@
+"""Stage 1: a VQGAN-style VQ-VAE in linen (METHOD.md §2).
+
+Encoder: conv_in, per level `num_res_blocks` ResNet blocks (+ self-attention at the listed resolutions) and a
+stride-2 downsampling (pad (0,1), 3×3 VALID) except at the last level, a middle block (res, attn, res), then
+GroupNorm, swish, conv to `z_channels`; a 1×1 `quant_conv` maps to the code dimension d. The decoder mirrors
+it with `num_res_blocks + 1` blocks per level and nearest ×2 upsampling followed by a 3×3 conv. The codebook
+`f32[K, d]` is the parameter `codebook`; quantisation is the pure functions of `quantizer.py`.
+
+Parameter tree (top level): `encoder`, `quant_conv`, `codebook`, `post_quant_conv`, `decoder` — ReFiT freezes
+the first two by name.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vqddm_jax.models import quantizer
+
+Dtype = Any
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm → swish → conv3×3, twice, with a 1×1 shortcut when the width changes."""
+  out_ch: int
+  groups: int = 32
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm1")(x))
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv1")(h)
+    h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv2")(h)
+    if x.shape[-1] != self.out_ch:
+      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head spatial self-attention with a residual connection."""
+  groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    b, hh, ww, c = x.shape
+    h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+    q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h).reshape(b, hh * ww, c) for n in ("q", "k", "v"))
+    w = jnp.einsum("bic,bjc->bij", q, k) * (c ** -0.5)
+    w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
+    h = jnp.einsum("bij,bjc->bic", w, v).reshape(b, hh, ww, c)
+    return x + nn.Dense(c, dtype=self.dtype, name="proj_out")(h)
+
+
+class Encoder(nn.Module):
+  """Images `f32[B, H, W, C]` → features `f32[B, H/f, W/f, z_channels]`, f = 2**(len(ch_mult) - 1)."""
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  z_channels: int
+  groups: int = 32
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    block = lambda c: ResnetBlock(c, self.groups, self.dropout, self.dtype)  # noqa: E731
+    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x)
+    for level, mult in enumerate(self.ch_mult):
+      for _ in range(self.num_res_blocks):
+        h = block(self.ch * mult)(h, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(self.groups, self.dtype)(h)
+      if level != len(self.ch_mult) - 1:
+        # Asymmetric (0, 1) padding then a VALID stride-2 conv, as in the authors' VQGAN.
+        h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype)(h)
+    h = block(h.shape[-1])(h, train=train)
+    h = AttnBlock(self.groups, self.dtype)(h)
+    h = block(h.shape[-1])(h, train=train)
+    h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
+    return nn.Conv(self.z_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+
+
+class Decoder(nn.Module):
+  """Features `f32[B, h, w, z_channels]` → images `f32[B, h*f, w*f, out_channels]` (not clipped)."""
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  out_channels: int
+  groups: int = 32
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    block = lambda c: ResnetBlock(c, self.groups, self.dropout, self.dtype)  # noqa: E731
+    h = nn.Conv(self.ch * self.ch_mult[-1], (3, 3), dtype=self.dtype, name="conv_in")(z)
+    h = block(h.shape[-1])(h, train=train)
+    h = AttnBlock(self.groups, self.dtype)(h)
+    h = block(h.shape[-1])(h, train=train)
+    for level in reversed(range(len(self.ch_mult))):
+      for _ in range(self.num_res_blocks + 1):
+        h = block(self.ch * self.ch_mult[level])(h, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(self.groups, self.dtype)(h)
+      if level != 0:
+        b, hh, ww, c = h.shape
+        h = jax.image.resize(h, (b, hh * 2, ww * 2, c), method="nearest")
+        h = nn.Conv(c, (3, 3), dtype=self.dtype)(h)
+    h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
+    return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+
+
+def _codebook_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jnp.ndarray:
+  # Uniform(-1/K, 1/K), as taming-transformers initialises its embedding.
+  return jax.random.uniform(key, shape, dtype, -1.0 / shape[0], 1.0 / shape[0])
+
+
+class VQVAE(nn.Module):
+  """The whole stage-1 model; see the module docstring for the parameter layout."""
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  z_channels: int
+  embed_dim: int
+  codebook_size: int
+  out_channels: int
+  groups: int = 32
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                  attn_resolutions=tuple(self.attn_resolutions), groups=self.groups,
+                  dropout=self.dropout, dtype=self.dtype)
+    self.encoder = Encoder(z_channels=self.z_channels, **common)
+    self.quant_conv = nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype)
+    self.codebook = self.param("codebook", _codebook_init, (self.codebook_size, self.embed_dim))
+    self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), dtype=self.dtype)
+    self.decoder = Decoder(out_channels=self.out_channels, **common)
+
+  def encode(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """Pre-quantisation features (after quant_conv): `f32[B, h, w, d]` for `x: f32[B, H, W, C]` in [-1, 1]."""
+    return self.quant_conv(self.encoder(x, train=train)).astype(jnp.float32)
+
+  def decode(self, z_q: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """Images `f32[B, H, W, C]` (unclipped) from quantised features `z_q: f32[B, h, w, d]`."""
+    return self.decoder(self.post_quant_conv(z_q), train=train).astype(jnp.float32)
+
+  def encode_to_indices(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Code maps `i32[B, h, w]` for images `x: f32[B, H, W, C]` in [-1, 1]."""
+    return quantizer.nearest_code(self.encode(x), self.codebook)
+
+  def decode_indices(self, codes: jnp.ndarray) -> jnp.ndarray:
+    """Images `f32[B, H, W, C]` clipped to [-1, 1] for code maps `codes: i32[B, h, w]`."""
+    return jnp.clip(self.decode(quantizer.lookup(codes, self.codebook)), -1.0, 1.0)
+
+  def __call__(self, x: jnp.ndarray, train: bool = False
+               ) -> tuple[jnp.ndarray, quantizer.Quantized]:
+    """Reconstruction `f32[B, H, W, C]` (unclipped) and the quantiser's outputs."""
+    q = quantizer.quantize(self.encode(x, train), self.codebook)
+    return self.decode(q.z_q, train), q
+
+
+class Tokenizer(NamedTuple):
+  """Jitted `(params, images) -> i32[B,h,w]` and `(params, codes) -> f32[B,H,W,C]` for a VQVAE."""
+  encode_to_indices: Callable[[Any, jnp.ndarray], jnp.ndarray]
+  decode_indices: Callable[[Any, jnp.ndarray], jnp.ndarray]
+
+
+def make_tokenizer(model: VQVAE) -> Tokenizer:
+  """Binds `model` so callers pass only parameters and arrays (the maskgit tokenizer interface)."""
+  enc = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQVAE.encode_to_indices))
+  dec = jax.jit(lambda p, z: model.apply({"params": p}, z, method=VQVAE.decode_indices))
+  return Tokenizer(enc, dec)
+
+
+def build_vqvae(cfg: Any, channels: int) -> VQVAE:
+  """The VQVAE described by the `config.vqvae` section, for images with `channels` channels."""
+  return VQVAE(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+               attn_resolutions=tuple(cfg.attn_resolutions), z_channels=cfg.z_channels,
+               embed_dim=cfg.embed_dim, codebook_size=cfg.codebook_size, out_channels=channels,
+               groups=cfg.norm_groups, dropout=cfg.dropout,
+               dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
+
+
+def downsample_factor(ch_mult: Sequence[int]) -> int:
+  return 2 ** (len(ch_mult) - 1)

@@ -1,0 +1,178 @@
+"""The training loop every stage shares: resume, step, log, checkpoint, stop on SIGTERM.
+
+A stage supplies its initial host state, its pmapped step `(state, batch, key) -> (state, metrics)`, and a
+function that opens its input iterator at a saved position. Everything the next step depends on — the state,
+the iterator position, the step count (keys are `fold_in(base_key, step)` inside the step) — is in the
+checkpoint, so a resumed run reaches exactly the parameters of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import signal
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from vqddm_jax import checkpointing, metrics, parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Static settings of one stage's loop."""
+  stage: str
+  directory: str
+  num_steps: int
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int = 2
+  prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+  """`fn(step, replicated_state)` run after every `every` completed steps (and after the last step)."""
+  every: int
+  fn: Callable[[int, Any], None]
+
+
+class _StopFlag:
+  """Turns SIGTERM into a flag checked between steps (the running step finishes first)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def stage_finished(directory: str, num_steps: int) -> bool:
+  """True when `directory` holds a checkpoint at (or past) `num_steps`."""
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    latest = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  return latest is not None and latest >= num_steps
+
+
+def _device_batches(batches: Any, size: int) -> Iterator[tuple[Any, Any]]:
+  """Yields (device batch, iterator position after it), keeping `size` batches in flight."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append((jax.tree_util.tree_map(
+        lambda x: jax.device_put_sharded(list(x), jax.local_devices()), batch),
+        dict(batches.position)))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def restore_or_init(ckpt: checkpointing.Checkpointer, init_state: Any) -> tuple[Any, dict]:
+  """The latest checkpoint (structure of `init_state`), or `init_state` with empty meta."""
+  if ckpt.latest_step() is None:
+    return init_state, {}
+  state, meta = ckpt.restore(jax.eval_shape(lambda: init_state))
+  logging.info("resumed %s from step %d", ckpt.directory, int(state.step))
+  return state, meta
+
+
+def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
+        open_batches: Callable[[dict | None], Any], key: jax.Array, writer: Any,
+        periodic: Sequence[Periodic] = (), meta: dict | None = None) -> tuple[Any, bool]:
+  """Trains until `loop.num_steps`, resuming from the latest checkpoint under `loop.directory`.
+
+  Args:
+    loop: static loop settings.
+    init_state: host train state (a dataclass with an integer `step` field) used when nothing is saved.
+    p_step: pmapped step `(replicated_state, device_batch, key) -> (replicated_state, metrics)`; metrics are
+      already averaged over devices and include `finite` (1.0 when the update was applied).
+    open_batches: `position -> iterator` of host batches `[local_devices, b, ...]` exposing `.position`.
+    key: the run's base key (the step folds in the step number).
+    writer: a clu metric writer.
+    periodic: actions after some steps (image grids, evaluation).
+    meta: extra JSON-able facts stored in every checkpoint.
+
+  Returns:
+    (host state, completed): completed is False when SIGTERM stopped the run early.
+  """
+  ckpt = checkpointing.Checkpointer(loop.directory, max_to_keep=loop.keep_checkpoints)
+  state, saved_meta = restore_or_init(ckpt, init_state)
+  step = int(state.step)
+  nonfinite = int(saved_meta.get("nonfinite_steps", 0))
+  if step >= loop.num_steps:
+    ckpt.close()
+    return state, True
+  batches = open_batches(saved_meta.get("position"))
+  rstate = parallel.replicate(state)
+  progress = metrics.Progress(step, loop.num_steps)
+  history, position = [], saved_meta.get("position")
+
+  def save(at_step: int) -> None:
+    host = parallel.unreplicate(rstate)
+    if not bool(metrics.all_finite(host.params)):  # Never write a poisoned state.
+      raise FloatingPointError(f"{loop.stage}: non-finite parameters at step {at_step}; not saved")
+    ckpt.save(at_step, host, dict(meta or {}, position=position, nonfinite_steps=nonfinite))
+
+  completed = True
+  with _StopFlag() as stop:
+    device_batches = _device_batches(batches, loop.prefetch)
+    while step < loop.num_steps:
+      batch, position = next(device_batches)
+      rstate, step_metrics = p_step(rstate, batch, key)
+      step += 1
+      history.append(jax.tree_util.tree_map(lambda x: x[0], step_metrics))
+      last = step == loop.num_steps
+      if step % loop.log_every == 0 or last:
+        nonfinite = _log(loop, writer, step, history, progress, nonfinite)
+        history = []
+      for action in periodic:
+        if step % action.every == 0 or last:
+          action.fn(step, rstate)
+      if step % loop.checkpoint_every == 0 or last or stop.raised:
+        if history:  # Count skipped steps up to here before they are saved.
+          nonfinite = _log(loop, writer, step, history, progress, nonfinite)
+          history = []
+        save(step)
+      if stop.raised:
+        completed = False
+        break
+  writer.flush()
+  ckpt.close()
+  return parallel.unreplicate(rstate), completed
+
+
+def _log(loop: LoopConfig, writer: Any, step: int, history: list, progress: metrics.Progress,
+         nonfinite: int) -> int:
+  """Writes averaged scalars and the progress line; returns the updated count of skipped steps."""
+  fetched = jax.device_get(history)
+  skipped = int(sum(1 for h in fetched if float(h["finite"]) < 1.0))
+  if skipped:
+    logging.warning("%s: %d non-finite step(s) skipped before step %d (%d in total)",
+                    loop.stage, skipped, step, nonfinite + skipped)
+  nonfinite += skipped
+  finite = [h for h in fetched if float(h["finite"]) >= 1.0] or fetched
+  scalars = {k: float(np.mean([h[k] for h in finite])) for k in finite[0] if k != "finite"}
+  scalars.update(progress.report(step))
+  scalars["nonfinite_steps"] = nonfinite
+  writer.write_scalars(step, {f"{loop.stage}/{k}": v for k, v in scalars.items()})
+  logging.info("%s step %d/%d  %.2f steps/s  ETA %s", loop.stage, step, loop.num_steps,
+               scalars["steps_per_sec"], metrics.format_eta(scalars["eta_seconds"]))
+  return nonfinite

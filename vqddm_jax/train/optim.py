@@ -1,0 +1,39 @@
+"""Optimiser and EMA shared by the stage trainers."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(optim_cfg: Any, num_steps: int) -> optax.Schedule:
+  """Constant, or linear warm-up then cosine decay to 0 over `num_steps` (`optim.schedule`)."""
+  lr, warmup = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
+  if optim_cfg.schedule == "constant":
+    if warmup:
+      return optax.linear_schedule(0.0, lr, warmup)
+    return optax.constant_schedule(lr)
+  return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
+                                            max(num_steps, warmup + 1), end_value=0.0)
+
+
+def make_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTransformation:
+  """Adam (betas from the config) with optional global-norm clipping (`optim.grad_clip` > 0)."""
+  parts = []
+  if optim_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip)))
+  parts.append(optax.adam(learning_rate_schedule(optim_cfg, num_steps),
+                          b1=float(optim_cfg.b1), b2=float(optim_cfg.b2)))
+  return optax.chain(*parts)
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+  """ema ← decay · ema + (1 − decay) · params, leaf by leaf."""
+  return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype),
+                                ema, params)
+
+
+def global_norm(tree: Any) -> jnp.ndarray:
+  return optax.global_norm(tree)
