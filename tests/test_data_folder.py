@@ -1,0 +1,147 @@
+"""Image-folder source: bad files skipped and counted, splits, exact resume when a file fails to decode."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqddm_jax import data
+from vqddm_jax.data import folder
+
+BAD_NAMES = ("empty.png", "trunc.jpg", "text.png", "alpha.png", "grey.png")
+
+
+def folder_config(root, **overrides) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(dict(
+      source="image_folder", tfds_name="", data_dir="", manual_dir="", image_folder=str(root),
+      image_key="image", train_split="train", eval_split="test", image_size=16, channels=3,
+      resize="center_crop", shuffle_buffer=1, prefetch=1, holdout_fraction=0.25))
+  cfg.update(overrides)
+  return cfg
+
+
+def _noise(rng, h, w, c=3) -> np.ndarray:
+  return rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+
+
+def _corrupt_png(rng) -> bytes:
+  """A PNG whose header and end marker are intact but whose pixel data is garbage: fails only at decoding."""
+  buf = io.BytesIO()
+  Image.fromarray(_noise(rng, 20, 24)).save(buf, format="PNG")
+  raw = bytearray(buf.getvalue())
+  start = raw.find(b"IDAT") + 20
+  raw[start:start + 40] = bytes(b ^ 0x5A for b in raw[start:start + 40])
+  return bytes(raw)
+
+
+def make_folder(root, *, good: int, seed: int = 0) -> list[str]:
+  """Writes `good` usable RGB images (PNG, JPEG, upper-case .JPG, palette PNG), the bad files of BAD_NAMES
+  and one PNG that passes the pre-check but fails to decode; returns the usable file names."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(root, exist_ok=True)
+  names = []
+  for i in range(good):
+    img = Image.fromarray(_noise(rng, 18 + i % 5, 22 - i % 3))
+    if i % 4 == 0:
+      name = f"sub/img{i:02d}.JPG"
+    elif i % 4 == 1:
+      name, img = f"img{i:02d}_palette.png", img.convert("P")
+    else:
+      name = f"img{i:02d}.png"
+    os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+    img.save(os.path.join(root, name), format="JPEG" if name.endswith("JPG") else "PNG")
+    names.append(name)
+  open(os.path.join(root, "empty.png"), "wb").close()
+  buf = io.BytesIO()
+  Image.fromarray(_noise(rng, 64, 64)).save(buf, format="JPEG", quality=95)
+  with open(os.path.join(root, "trunc.jpg"), "wb") as f:
+    f.write(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+  with open(os.path.join(root, "text.png"), "w") as f:
+    f.write("not an image\n")
+  Image.fromarray(_noise(rng, 16, 16, 4), mode="RGBA").save(os.path.join(root, "alpha.png"))
+  Image.fromarray(_noise(rng, 16, 16, 1)[..., 0], mode="L").save(os.path.join(root, "grey.png"))
+  with open(os.path.join(root, "corrupt.png"), "wb") as f:
+    f.write(_corrupt_png(rng))
+  with open(os.path.join(root, "notes.txt"), "w") as f:  # Not an image extension: ignored, not "bad".
+    f.write("ignored\n")
+  return names
+
+
+def test_bad_files_are_skipped_counted_and_logged(tmp_path, caplog):
+  root = tmp_path / "images"
+  good = make_folder(root, good=12)
+  before = folder.BAD_FILES.count
+  with caplog.at_level(logging.WARNING):
+    listing = folder.list_folder(str(root), train_split="train", eval_split="test", channels=3,
+                                 holdout_fraction=0.25)
+  assert folder.BAD_FILES.count - before == len(BAD_NAMES)
+  listed = sorted(os.path.relpath(p, root) for s in listing.splits.values() for p in s)
+  assert listed == sorted(good + ["corrupt.png"])  # Passes the cheap pre-check; fails when decoded.
+  for name in BAD_NAMES:
+    assert any(name in r.getMessage() and "bad image files skipped so far" in r.getMessage()
+               for r in caplog.records), name
+  cfg = folder_config(root)
+  n_train, n_test = data.num_examples(cfg, "train"), data.num_examples(cfg, "test")
+  assert n_train + n_test == 13 and n_test > 0
+  # The corrupt file is dropped when decoded, logged once, and the pass goes on.
+  with caplog.at_level(logging.WARNING):
+    seen = 0
+    for split in ("train", "test"):
+      for b in data.eval_batches(cfg, split=split, global_batch_size=4, num_shards=2):
+        assert b["image"].shape == (2, 2, 16, 16, 3)
+        seen += int(b["mask"].sum())
+  assert seen == 12
+  assert folder.BAD_FILES.count - before == len(BAD_NAMES) + 1
+  assert any("corrupt.png" in r.getMessage() and "decoding failed" in r.getMessage() for r in caplog.records)
+
+
+def test_greyscale_config_accepts_greyscale_only(tmp_path):
+  make_folder(tmp_path, good=4)
+  listing = folder.list_folder(str(tmp_path), train_split="train", eval_split="test", channels=1,
+                               holdout_fraction=0.5)
+  assert sorted(os.path.basename(p) for s in listing.splits.values() for p in s) == ["grey.png"]
+
+
+def test_holdout_by_hash_and_split_subfolders(tmp_path):
+  flat = tmp_path / "flat"
+  make_folder(flat, good=40)
+  cfg = folder_config(flat, holdout_fraction=0.25)
+  a = folder.list_folder(str(flat), train_split="train", eval_split="test", channels=3, holdout_fraction=0.25)
+  b = folder.list_folder(str(flat), train_split="train", eval_split="test", channels=3, holdout_fraction=0.25)
+  assert a == b and not set(a.splits["train"]) & set(a.splits["test"])
+  assert 3 <= len(a.splits["test"]) <= 20  # About a quarter of 41.
+  assert data.prepare(cfg) == {"train": len(a.splits["train"]), "test": len(a.splits["test"])}
+  split = tmp_path / "split"
+  make_folder(split / "train", good=6, seed=1)
+  make_folder(split / "val", good=3, seed=2)
+  cfg = folder_config(split, eval_split="val")
+  assert data.num_examples(cfg, "train") == 7 and data.num_examples(cfg, "val") == 4  # + corrupt.png each.
+  with pytest.raises(ValueError, match="split 'test'"):
+    data.num_examples(cfg, "test")
+
+
+def test_folder_train_stream_resumes_exactly_across_decode_failures(tmp_path):
+  root = tmp_path / "train_only"
+  make_folder(root / "train", good=11)
+  make_folder(root / "test", good=2, seed=5)
+  cfg = folder_config(root)
+  # 12 listed train files, one fails to decode: 11 usable -> 2 batches of 4 per epoch (+ 3 left over).
+  it = data.train_batches(cfg, global_batch_size=4, num_shards=2, seed=7)
+  stream, positions = [], [it.position]
+  for _ in range(7):
+    batch = next(it)["image"]
+    assert batch.shape == (2, 2, 16, 16, 3) and -1.0 <= batch.min() and batch.max() <= 1.0
+    stream.append(batch)
+    positions.append(it.position)
+  assert [p["epoch"] for p in positions] == [0, 0, 0, 1, 1, 2, 2, 3]
+  offsets = [p["offset"] for p in positions if p["epoch"] == 0]
+  assert offsets[0] == 0 and offsets[2] <= 12
+  assert any(p["offset"] != p["batch"] * 4 for p in positions)  # The failed file shifts some offsets.
+  for k in (1, 2, 4, 6):  # Includes end-of-epoch positions (2, 4, 6) and a shifted offset.
+    resumed = data.train_batches(cfg, global_batch_size=4, num_shards=2, seed=7, position=positions[k])
+    np.testing.assert_array_equal(next(resumed)["image"], stream[k])
