@@ -15,3 +15,36 @@ import pytest  # noqa: E402
 def num_devices() -> int:
   assert jax.local_device_count() == 8, jax.devices()
   return jax.local_device_count()
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(spec: str):
+  """Loads `configs/NAME.py[:arg]` the way `--config=` does (without command-line overrides)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_cfg", ROOT / path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  """configs/mnist.py:tiny with its data under this test's tmp dir (MNIST-5k is built once per session)."""
+  config = load_config("configs/mnist.py:tiny")
+  config.data.data_dir = str(_session_data_dir())
+  return config
+
+
+_DATA_DIR = None
+
+
+def _session_data_dir():
+  global _DATA_DIR
+  if _DATA_DIR is None:
+    import tempfile
+    _DATA_DIR = pathlib.Path(tempfile.mkdtemp(prefix="vqddm_tfds_"))
+  return _DATA_DIR

@@ -7,7 +7,7 @@ batches to `[local_devices, per_device, ...]`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +51,28 @@ def per_device_batch_size(global_batch_size: int) -> int:
   return global_batch_size // n
 
 
+@functools.lru_cache(maxsize=None)
+def _local_sharding() -> jax.sharding.NamedSharding:
+  """Splits a leading axis over this process's devices (the layout `jax.pmap` works on)."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def to_devices(tree: Any) -> Any:
+  """Puts `[local_devices, ...]` host arrays on the devices, one slice each (pmap's input layout).
+
+  On multi-host jobs the host arrays are returned as they are and `jax.pmap` transfers them itself.
+  """
+  if jax.process_count() > 1:
+    return tree
+  return jax.device_put(tree, _local_sharding())
+
+
 def replicate(tree: Any) -> Any:
   """Copies a tree to every local device (leading axis = local devices)."""
-  return jax.device_put_replicated(tree, jax.local_devices())
+  n = jax.local_device_count()
+  return to_devices(jax.tree_util.tree_map(
+      lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree))
 
 
 def unreplicate(tree: Any) -> Any:
@@ -78,23 +97,6 @@ def unshard(tree: Any) -> Any:
   """Inverse of `shard`: `[local_devices, b, ...]` -> `[local_devices * b, ...]` on the host."""
   return jax.tree_util.tree_map(
       lambda x: np.asarray(x).reshape((-1,) + tuple(x.shape[2:])), jax.device_get(tree))
-
-
-def prefetch_to_devices(batches: Iterable[Any], size: int = 2) -> Iterator[Any]:
-  """Moves already-sharded host batches (`[local_devices, b, ...]`) to the devices `size` steps ahead."""
-  devices = jax.local_devices()
-  queue = []
-
-  def _put(batch):
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put_sharded(list(x), devices), batch)
-
-  for batch in batches:
-    queue.append(_put(batch))
-    if len(queue) > size:
-      yield queue.pop(0)
-  while queue:
-    yield queue.pop(0)
 
 
 def pmap_step(step_fn: Callable[..., Any], *, donate_state: bool = True,

@@ -76,9 +76,7 @@ def _device_batches(batches: Any, size: int) -> Iterator[tuple[Any, Any]]:
   """Yields (device batch, iterator position after it), keeping `size` batches in flight."""
   queue = collections.deque()
   for batch in batches:
-    queue.append((jax.tree_util.tree_map(
-        lambda x: jax.device_put_sharded(list(x), jax.local_devices()), batch),
-        dict(batches.position)))
+    queue.append((parallel.to_devices(batch), dict(batches.position)))
     if len(queue) > size:
       yield queue.popleft()
   while queue:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 
@@ -33,7 +32,3 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
   """ema ← decay · ema + (1 − decay) · params, leaf by leaf."""
   return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype),
                                 ema, params)
-
-
-def global_norm(tree: Any) -> jnp.ndarray:
-  return optax.global_norm(tree)

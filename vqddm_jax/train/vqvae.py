@@ -86,7 +86,7 @@ def train_step(state: VQState, batch: dict, key: jax.Array, *, model: VQVAE,
   hist = jax.lax.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size),
                       parallel.AXIS)
   out = jax.lax.pmean(aux, parallel.AXIS)
-  out.update(grad_norm=optax.global_norm(grads), finite=ok.astype(jnp.float32),
+  out.update(grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),
              batch_usage=quantizer.usage_fraction(hist), batch_perplexity=quantizer.perplexity(hist))
   return VQState(step=state.step + 1, params=new[0], ema_params=new[1], opt_state=new[2]), out
 
