@@ -148,7 +148,8 @@ def _attention_flags(attention: Sequence[bool] | Sequence[int] | bool, levels: i
       raise ValueError(f"attention has {len(attention)} flags for {levels} levels (ch_mult); give one per "
                        "level or a tuple of level indices")
     return tuple(bool(a) for a in attention)
-  if not all(isinstance(a, (int, np.integer)) and 0 <= a < levels for a in attention):
+  if not all(isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) and 0 <= a < levels
+             for a in attention):
     raise ValueError(f"attention level indices must be integers in [0, {levels}), got {attention}")
   return tuple(i in attention for i in range(levels))
 
@@ -208,6 +209,10 @@ class UNet(nn.Module):
 
     Returns:
       f32[B, h, w, K] logits.
+
+    Raises:
+      ValueError: z_t is not 3-D, h or w is not divisible by 2**(len(ch_mult) - 1), `groups` does not divide
+        every width, or `attention` / `num_res_blocks` is malformed (raised while tracing, e.g. at init).
     """
     self._check(z_t)
     levels = len(self.ch_mult)
