@@ -1,0 +1,77 @@
+"""Every config file loads and validates; bad values fail naming the field; the CLI rejects bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, load_config
+from vqddm_jax import config_schema
+
+CONFIGS = ["configs/mnist.py", "configs/mnist.py:tiny", "configs/celeba.py", "configs/celeba.py:celeb_a",
+           "configs/lsun_church.py"]
+
+
+@pytest.mark.parametrize("spec", CONFIGS)
+def test_every_config_loads_and_validates(spec):
+  config = load_config(spec)
+  assert config_schema.validate_config(config) is config
+
+
+def test_folder_variant_requires_a_folder():
+  config = load_config("configs/celeba.py:folder")
+  with pytest.raises(ValueError, match="data.image_folder"):
+    config_schema.validate_config(config)
+
+
+def test_celeba_matches_the_paper():
+  v = load_config("configs/celeba.py").vqvae
+  assert (v.ch, tuple(v.ch_mult), v.num_res_blocks, tuple(v.attn_resolutions)) == (128, (1, 1, 2, 2, 4), 2, (16,))
+  assert (v.embed_dim, v.codebook_size, v.beta) == (256, 1024, 0.25)
+
+
+def test_unknown_config_argument_raises():
+  with pytest.raises(ValueError, match="tiny"):
+    load_config("configs/mnist.py:huge")
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("vqvae.norm_groups", 7, "divisor"),
+    ("vqvae.codebook_size", 1, "integer in"),
+    ("vqvae.dtype", "float16", "one of"),
+    ("vqvae_train.optim.schedule", "linear", "one of"),
+    ("vqvae_train.optim.lr", -1.0, "number in"),
+    ("vqvae_train.recon_loss", "l2", "one of"),
+    ("data.image_size", 30, "multiple"),
+    ("seed", -1, "integer in"),
+])
+def test_bad_value_names_the_field(field, value, words):
+  config = load_config("configs/mnist.py")
+  node = config
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=rf"config\.{field.replace('.', r'[.]')} = .*{words}"):
+    config_schema.validate_config(config)
+
+
+def _main(*args, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-m", "vqddm_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_rejects_unknown_mode_and_bad_value_before_any_work(tmp_path):
+  workdir = tmp_path / "w"
+  out = _main("--config=configs/mnist.py:tiny", f"--workdir={workdir}", "--mode=nope")
+  assert out.returncode != 0 and "--mode" in out.stderr and "train_vqvae" in out.stderr
+  out = _main("--config=configs/mnist.py:tiny", f"--workdir={workdir}", "--config.vqvae.norm_groups=7")
+  assert out.returncode == 2
+  assert "config.vqvae.norm_groups = 7" in out.stderr and "divisor" in out.stderr
+  assert not workdir.exists()  # Nothing was done.
+
+
+def test_cli_help_lists_the_modes():
+  out = _main("--help")
+  assert "train_vqvae" in out.stdout and "--workdir" in out.stdout
