@@ -1,0 +1,145 @@
+"""Tests of ReFiT's k-means (vqddm_jax/refit.py): recovery, device-count independence, re-seeding, errors.
+
+Every fit uses the same shapes (N = 1,003 points in 3-D, K = 7, batch 64, chunks of 16 rows) so that the
+tests share compiled programs; N is not a multiple of 8 or of the batch, which exercises the padding.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from vqddm_jax import refit
+
+N, DIM, K = 1003, 3, 7
+FIT = dict(batch_size=64, chunk_size=16)
+
+
+def _blobs(spread: float, seed: int):
+  """K Gaussian blobs of unit std, centres about `spread` apart: (f32[N, DIM], true labels i32[N])."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(K, DIM)) * spread
+  labels = np.sort(np.arange(N) % K)
+  return (centres[labels] + rng.normal(size=(N, DIM))).astype(np.float32), labels
+
+
+def _brute_force(x, c):
+  d = ((x[:, None, :].astype(np.float64) - c[None, :, :]) ** 2).sum(-1)
+  return d.argmin(1), d.min(1).sum()
+
+
+def _same_partition(a, b) -> bool:
+  """True when labelings `a` and `b` are equal up to a permutation of the label values."""
+  pairs = set(zip(a.tolist(), b.tolist()))
+  return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+@pytest.fixture(scope="module")
+def separated():
+  return _blobs(spread=40.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def overlapping():
+  return _blobs(spread=3.0, seed=1)[0]
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "afkmc2"])
+def test_separated_blobs_are_recovered_exactly(separated, init):
+  x, truth = separated
+  c = refit.kmeans(jax.random.key(0), x, K, init=init, num_iters=20, refine_iters=5, chain_length=50, **FIT)
+  labels, inertia = refit.assign(x, c, chunk_size=16)
+  assert _same_partition(labels, truth)
+  means = np.stack([x[truth == k].mean(0) for k in range(K)])
+  order = [labels[truth == k][0] for k in range(K)]
+  np.testing.assert_allclose(c[order], means, atol=1e-3)
+  assert inertia == pytest.approx(_brute_force(x, c)[1], rel=1e-5)
+
+
+def test_same_centroids_on_8_devices_and_on_1(overlapping, num_devices):
+  # reseed_ratio 0.3 makes the mini-batch phase re-seed clusters, so that path is compared too.
+  kw = dict(num_iters=37, refine_iters=4, reseed_ratio=0.3, **FIT)
+  key = jax.random.key(3)
+  c8 = refit.kmeans(key, overlapping, K, **kw)
+  c1 = refit.kmeans(key, overlapping, K, devices=jax.local_devices()[:1], **kw)
+  np.testing.assert_allclose(c8, c1, rtol=1e-5, atol=1e-5)
+  l8, e8 = refit.assign(overlapping, c8, chunk_size=16)
+  l1, e1 = refit.assign(overlapping, c8, chunk_size=16, devices=jax.local_devices()[:1])
+  np.testing.assert_array_equal(l8, l1)
+  assert e8 == pytest.approx(e1, rel=1e-6)
+
+
+def test_deterministic_for_a_key(overlapping):
+  kw = dict(num_iters=37, refine_iters=4, reseed_ratio=0.3, **FIT)
+  a = refit.kmeans(jax.random.key(3), overlapping, K, **kw)
+  b = refit.kmeans(jax.random.key(3), overlapping, K, **kw)
+  c = refit.kmeans(jax.random.key(4), overlapping, K, **kw)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("num_iters,refine_iters", [(30, 0), (0, 6)], ids=["minibatch", "lloyd"])
+@pytest.mark.parametrize("start", ["duplicates", "far_away"])
+def test_dead_clusters_are_reseeded(overlapping, num_iters, refine_iters, start):
+  if start == "duplicates":  # every centre on one point: all but one cluster start empty
+    init = np.repeat(overlapping[:1], K, axis=0)
+  else:  # one sensible centre, the others far outside the data
+    init = np.concatenate([overlapping[:1], 1e3 * np.ones((K - 1, DIM), np.float32)
+                           + np.arange(K - 1, dtype=np.float32)[:, None]])
+  c = refit.kmeans(jax.random.key(0), overlapping, K, init=init, num_iters=num_iters,
+                   refine_iters=refine_iters, **FIT)
+  labels, _ = refit.assign(overlapping, c, chunk_size=16)
+  assert np.bincount(labels, minlength=K).min() > 0
+  assert np.abs(c).max() < 100.0
+
+
+def test_assign_matches_brute_force(overlapping):
+  c = overlapping[::150][:K] + 0.5
+  labels, inertia = refit.assign(overlapping, c, chunk_size=16)
+  want_labels, want_inertia = _brute_force(overlapping, c)
+  np.testing.assert_array_equal(labels, want_labels)
+  assert labels.dtype == np.int32 and labels.shape == (N,)
+  assert inertia == pytest.approx(want_inertia, rel=1e-5)
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "afkmc2"])
+def test_seeds_are_distinct_data_points(overlapping, init):
+  c = refit.kmeans(jax.random.key(5), overlapping, K, init=init, num_iters=0, refine_iters=0,
+                   chain_length=50, **FIT)
+  dist = ((c[:, None, :] - overlapping[None, :, :]) ** 2).sum(-1).min(1)
+  np.testing.assert_allclose(dist, 0.0, atol=1e-8)
+  assert len({tuple(r) for r in np.round(c, 4)}) == K
+
+
+def test_as_many_clusters_as_points():
+  x = np.random.default_rng(0).normal(size=(12, DIM)).astype(np.float32)
+  c = refit.kmeans(jax.random.key(0), x, len(x), num_iters=0, refine_iters=2)
+  assert sorted(map(tuple, np.round(c, 4))) == sorted(map(tuple, np.round(x, 4)))
+
+
+@pytest.mark.parametrize("k", [0, -1, N + 1, 2.0])
+def test_bad_num_clusters_raises(overlapping, k):
+  with pytest.raises(ValueError, match=rf"num_clusters=.* must be an integer in \[1, {N}\]"):
+    refit.kmeans(jax.random.key(0), overlapping, k)
+
+
+def test_bad_arguments_raise(overlapping):
+  key = jax.random.key(0)
+  for kwargs, match in [(dict(init="random"), "init="), (dict(batch_size=0), "batch_size="),
+                        (dict(init=np.zeros((3, 3))), "init centroids"),
+                        (dict(init_size=2), "init_size=")]:
+    with pytest.raises(ValueError, match=match):
+      refit.kmeans(key, overlapping, 4, **kwargs)
+  with pytest.raises(ValueError, match="centroids"):
+    refit.assign(overlapping, np.zeros((4, 2), np.float32))
+  with pytest.raises(ValueError, match="features"):
+    refit.kmeans(key, np.zeros((5,), np.float32), 1)
+
+
+def test_proportional_sampling_follows_the_weights():
+  w = np.array([0, 1, 2, 0, 5, 0, 0, 3, 1, 0, 4], np.float32)  # n = 11: the last block is padded
+  sample = jax.jit(refit._sample_proportional, static_argnums=2)
+  idx = np.asarray(sample(jax.random.key(0), w, 40_000))
+  freq = np.bincount(idx, minlength=w.size) / idx.size
+  assert freq[w == 0].sum() == 0
+  np.testing.assert_allclose(freq, w / w.sum(), atol=0.01)

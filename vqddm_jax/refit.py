@@ -1,0 +1,452 @@
+"""ReFiT's k-means: k-means++ / AFK-MC² seeding, sharded mini-batch k-means, full-batch Lloyd refinement.
+
+Layout. The features are centred (float32 distances through ||x||² + ||c||² − 2x·cᵀ lose digits far from the
+origin), shuffled by a permutation drawn from the key, padded with zero-weight rows to a multiple of the global
+mini-batch B and dealt round-robin to the S shards (`parallel.shard_strided`): global position m lives on shard
+m % S at local row m // S. Mini-batch b is positions [bB, (b+1)B), i.e. local rows [bB/S, (b+1)B/S) of every
+shard, and the seeding set is the first `init_size` positions (a uniform random subset). Both depend on the key
+alone, so the centroids do not depend on the device count (up to float rounding in the cross-device sums)
+whenever `batch_size` is a multiple of both device counts.
+
+Every step computes distances chunk by chunk (`chunk_size` rows × K at a time): no N×K×d tensor, and N×K only
+in bounded chunks. Per-cluster sums, counts and inertia are reduced with `lax.psum` over `parallel.AXIS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from vqddm_jax import parallel
+
+_HIGHEST = lax.Precision.HIGHEST  # TPUs otherwise multiply f32 in bf16 passes, which flips close assignments.
+
+
+def check_num_clusters(num_clusters: int, num_points: int) -> None:
+  """Raises ValueError unless 1 <= num_clusters <= num_points."""
+  if not isinstance(num_clusters, (int, np.integer)) or not 1 <= num_clusters <= num_points:
+    raise ValueError(f"num_clusters={num_clusters!r} is not allowed: it must be an integer in "
+                     f"[1, {num_points}] (the number of feature vectors)")
+
+
+def _as_features(features) -> np.ndarray:
+  x = np.asarray(features, np.float32)
+  if x.ndim != 2 or x.shape[0] == 0:
+    raise ValueError(f"features must be f32[N, d] with N >= 1, got shape {x.shape}")
+  if not np.isfinite(x).all():
+    raise ValueError("features contain NaN or inf")
+  return x
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+# --------------------------------------------------------------------------------------------------------
+# Distances.
+
+
+def _nearest(x: jnp.ndarray, c: jnp.ndarray, c_sq: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Nearest centroid of each row of `x: f32[n, d]`: (i32[n], squared distance f32[n]); one [n, K] matmul."""
+  # argmin needs only ||c||² − 2x·c. The winner's distance is recomputed directly (O(n·d)): the expanded
+  # form cancels digits when ||x|| ≫ ||x − c||, and inertia and re-seeding read these distances.
+  s = c_sq[None, :] - 2.0 * jnp.dot(x, c.T, precision=_HIGHEST)
+  labels = jnp.argmin(s, axis=-1).astype(jnp.int32)
+  return labels, jnp.sum(jnp.square(x - c[labels]), axis=-1)
+
+
+def _nearest_chunked(x: jnp.ndarray, c: jnp.ndarray, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`_nearest` over `x: f32[n, d]` in chunks of `chunk` rows, so at most chunk×K distances live at once."""
+  n, d = x.shape
+  c_sq = jnp.sum(c * c, axis=-1)
+  if n <= chunk:
+    return _nearest(x, c, c_sq)
+  num = -(-n // chunk)
+  xp = jnp.pad(x, ((0, num * chunk - n), (0, 0))).reshape(num, chunk, d)
+  labels, dist = lax.map(lambda xc: _nearest(xc, c, c_sq), xp)
+  return labels.reshape(-1)[:n], dist.reshape(-1)[:n]
+
+
+def _sq_dist_to(x: jnp.ndarray, x_sq: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
+  """Squared distances f32[n, m] between `x: f32[n, d]` (with `x_sq = ||x||²`) and `rows: f32[m, d]`."""
+  d = x_sq[:, None] + jnp.sum(rows * rows, -1)[None, :] - 2.0 * jnp.dot(x, rows.T, precision=_HIGHEST)
+  return jnp.maximum(d, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Seeding: one device, on the seeding set (identical on any device count).
+
+
+def _sample_proportional(key: jax.Array, w: jnp.ndarray, num: int) -> jnp.ndarray:
+  """`num` indices i32[num] drawn with probability ∝ `w: f32[n]` (w >= 0, not all 0).
+
+  Inverse-CDF in two levels (blocks of ~√n, then within the block): a full cumsum per k-means++ step costs
+  more than the step's distances on CPU.
+  """
+  n = w.shape[0]
+  group = max(1, math.isqrt(n))
+  blocks = -(-n // group)
+  wb = jnp.pad(w, (0, blocks * group - n)).reshape(blocks, group)
+  block_sum = jnp.sum(wb, axis=1)
+  cdf = jnp.cumsum(block_sum)
+  u = jax.random.uniform(key, (num,)) * cdf[-1]
+  b = jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, blocks - 1)
+  within = jnp.cumsum(wb[b], axis=1)
+  i = jax.vmap(lambda c, v: jnp.searchsorted(c, v, side="right"))(within, u - (cdf[b] - block_sum[b]))
+  i = jnp.clip(i, 0, group - 1)
+  # Rounding can step past the block's last positive weight; fall back to its heaviest point.
+  i = jnp.where(wb[b, i] > 0, i, jnp.argmax(wb[b], axis=1))
+  return jnp.minimum(b * group + i, n - 1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("num_clusters", "trials"))
+def _kmeanspp(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, trials: int) -> jnp.ndarray:
+  """Greedy k-means++: each step draws `trials` candidates by D² and keeps the one that lowers the potential
+  most (trials=1 is plain k-means++). `x: f32[n, d]` -> f32[num_clusters, d]."""
+  n = x.shape[0]
+  x_sq = jnp.sum(x * x, -1)
+  first = x[jax.random.randint(jax.random.fold_in(key, 0), (), 0, n)]
+  c = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(first)
+
+  def body(k, carry):
+    c, dmin = carry
+    # All-zero distances (fewer distinct points than clusters) fall back to uniform draws.
+    weights = jnp.where(jnp.sum(dmin) > 0, dmin, 1.0)
+    cand = _sample_proportional(jax.random.fold_in(key, k), weights, trials)
+    dc = _sq_dist_to(x, x_sq, x[cand])
+    best = jnp.argmin(jnp.sum(jnp.minimum(dmin[:, None], dc), axis=0))
+    return c.at[k].set(x[cand[best]]), jnp.minimum(dmin, dc[:, best])
+
+  return lax.fori_loop(1, num_clusters, body, (c, _sq_dist_to(x, x_sq, first[None])[:, 0]))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("num_clusters", "chain_length"))
+def _afkmc2(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, chain_length: int) -> jnp.ndarray:
+  """AFK-MC² (Bachem et al., NeurIPS 2016): k-means++ approximated by one Metropolis-Hastings chain of
+  `chain_length` per centre with the proposal q(x) = ½ d(x, c₁)²/Σd² + ½/n; cost O(chain · K² · d) after one
+  pass. `x: f32[n, d]` -> f32[num_clusters, d]."""
+  n, dim = x.shape
+  x_sq = jnp.sum(x * x, -1)
+  first = x[jax.random.randint(jax.random.fold_in(key, 0), (), 0, n)]
+  d1 = _sq_dist_to(x, x_sq, first[None])[:, 0]
+  q = 0.5 * d1 / jnp.maximum(jnp.sum(d1), 1e-30) + 0.5 / n
+  cdf = jnp.cumsum(q)
+  c = jnp.zeros((num_clusters, dim), x.dtype).at[0].set(first)
+
+  def body(k, c):
+    k_prop, k_acc = jax.random.split(jax.random.fold_in(key, k))
+    cand = jnp.clip(jnp.searchsorted(cdf, jax.random.uniform(k_prop, (chain_length,)) * cdf[-1],
+                                     side="right"), 0, n - 1)
+    rows = x[cand]
+    dc = _sq_dist_to(rows, x_sq[cand], c)
+    dc = jnp.min(jnp.where(jnp.arange(num_clusters)[None, :] < k, dc, jnp.inf), axis=1)
+    # Target ∝ D², proposal q: accept y over x when D²(y)/q(y) > u · D²(x)/q(x).
+    ratio = dc / q[cand]
+
+    def step(state, inp):
+      cur_w, cur_i = state
+      w, i, u = inp
+      take = (w > u * cur_w) | (cur_w <= 0.0)
+      return (jnp.where(take, w, cur_w), jnp.where(take, i, cur_i)), None
+
+    inputs = (ratio[1:], jnp.arange(1, chain_length), jax.random.uniform(k_acc, (chain_length - 1,)))
+    (_, pick), _ = lax.scan(step, (ratio[0], jnp.int32(0)), inputs)
+    return c.at[k].set(rows[pick])
+
+  return lax.fori_loop(1, num_clusters, body, c)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-shard k-means (runs under pmap on axis parallel.AXIS).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static shapes of one fit: K, shards S, rows per shard and block Bl = B/S, blocks nb, rows per matmul.
+
+  Loop counts are traced arguments, so fits that differ only in them share one compiled program.
+  """
+  num_clusters: int
+  shards: int
+  block: int
+  num_blocks: int
+  chunk: int
+
+  @property
+  def far(self) -> int:
+    """How many far points are gathered per re-seeding event (at most this many clusters re-seeded)."""
+    return min(self.num_clusters, self.block)
+
+
+def _block(plan: _Plan, x, w, b):
+  """Rows of block `b` on this shard: (f32[Bl, d], weights f32[Bl], global positions i32[Bl])."""
+  start = b * plan.block
+  rows = start + jnp.arange(plan.block, dtype=jnp.int32)
+  return (lax.dynamic_slice_in_dim(x, start, plan.block), lax.dynamic_slice_in_dim(w, start, plan.block),
+          rows * plan.shards + lax.axis_index(parallel.AXIS))
+
+
+def _stats(plan: _Plan, x, w, c):
+  """Assignment of a block: labels, distances, local per-cluster sums f32[K, d], counts f32[K], inertia."""
+  labels, dist = _nearest_chunked(x, c, plan.chunk)
+  sums = jax.ops.segment_sum(x * w[:, None], labels, plan.num_clusters)
+  counts = jax.ops.segment_sum(w, labels, plan.num_clusters)
+  return labels, dist, sums, counts, jnp.sum(w * dist)
+
+
+def _top_far(plan: _Plan, dist, w, pos, x, prev=None):
+  """This shard's `far` real points farthest from their centroid (merged with `prev`, a running top)."""
+  vals = jnp.where(w > 0, dist, -1.0)  # padding rows never re-seed a cluster
+  if prev is not None:
+    vals, pos, x = (jnp.concatenate([a, b]) for a, b in zip((vals, pos, x), prev))
+  # Sorting by (−distance, position) breaks ties by global position, whatever the device count.
+  _, _, idx = lax.sort((-vals, pos, jnp.arange(vals.shape[0])), num_keys=2)
+  idx = idx[:plan.far]
+  return vals[idx], pos[idx], x[idx]
+
+
+def _reseed(plan: _Plan, c, starved, top):
+  """Moves starved clusters (in index order) onto the globally farthest points; returns (c, moved)."""
+  vals, pos, rows = top
+  all_vals = lax.all_gather(vals, parallel.AXIS).reshape(-1)
+  all_pos = lax.all_gather(pos, parallel.AXIS).reshape(-1)
+  _, _, src = lax.sort((-all_vals, all_pos, jnp.arange(all_vals.shape[0])), num_keys=2)
+  src = src[:plan.far]
+  mine = src // plan.far == lax.axis_index(parallel.AXIS)
+  # Each point lives on one shard: summing the owners' rows gathers them without moving all candidates.
+  far_rows = lax.psum(jnp.where(mine[:, None], rows[src % plan.far], 0.0), parallel.AXIS)
+  rank = jnp.cumsum(starved) - 1
+  slot = jnp.clip(rank, 0, plan.far - 1)
+  moved = starved & (rank < plan.far) & (all_vals[src][slot] >= 0.0)
+  return jnp.where(moved[:, None], far_rows[slot], c), moved
+
+
+def _minibatch(plan: _Plan, x, w, c, key, num_iters, reseed_every, reseed_ratio):
+  """`num_iters` mini-batch steps (per-centre learning rate 1/count, Sculley 2010); every `reseed_every`
+  steps, clusters that got less than `reseed_ratio` × the mean count since the last check are re-seeded."""
+
+  def step(i, carry):
+    c, v, got, _ = carry
+    b = jax.random.randint(jax.random.fold_in(key, i), (), 0, plan.num_blocks)
+    xb, wb, pos = _block(plan, x, w, b)
+    _, dist, sums, counts, _ = _stats(plan, xb, wb, c)
+    sums, counts = lax.psum((sums, counts), parallel.AXIS)
+    v = v + counts
+    c = c + (sums - counts[:, None] * c) / jnp.maximum(v, 1.0)[:, None]
+    return c, v, got + counts, (dist, wb, pos, xb)
+
+  def check(c, v, got, last):
+    starved = got < reseed_ratio * jnp.sum(got) / plan.num_clusters
+    c, moved = _reseed(plan, c, starved, _top_far(plan, *last))
+    return c, jnp.where(moved, 0.0, v)  # a moved centre starts a fresh running mean
+
+  k, dim = c.shape
+  dummy = (jnp.zeros((plan.block,)), jnp.zeros((plan.block,)), jnp.zeros((plan.block,), jnp.int32),
+           jnp.zeros((plan.block, dim)))
+
+  def round_(r, carry):
+    c, v = carry
+    first = r * reseed_every
+    last_step = jnp.minimum(first + reseed_every, num_iters)
+    c, v, got, last = lax.fori_loop(first, last_step, step, (c, v, jnp.zeros(k), dummy))
+    return check(c, v, got, last)
+
+  # The last round may be short; its check is harmless (it compares counts of fewer steps).
+  return lax.fori_loop(0, -(-num_iters // reseed_every), round_, (c, jnp.zeros(k)))[0]
+
+
+def _full_pass(plan: _Plan, x, w, c):
+  """One pass over all blocks: psum'd sums, counts, inertia, and this shard's running farthest points."""
+  dim = c.shape[1]
+  top0 = (jnp.full((plan.far,), -1.0), jnp.zeros((plan.far,), jnp.int32), jnp.zeros((plan.far, dim)))
+
+  def body(b, carry):
+    sums, counts, inertia, top = carry
+    xb, wb, pos = _block(plan, x, w, b)
+    _, dist, s, n, e = _stats(plan, xb, wb, c)
+    return sums + s, counts + n, inertia + e, _top_far(plan, dist, wb, pos, xb, prev=top)
+
+  init = (jnp.zeros_like(c), jnp.zeros(c.shape[0]), jnp.zeros(()), top0)
+  sums, counts, inertia, top = lax.fori_loop(0, plan.num_blocks, body, init)
+  sums, counts, inertia = lax.psum((sums, counts, inertia), parallel.AXIS)
+  return sums, counts, inertia, top
+
+
+def _lloyd(plan: _Plan, x, w, c, refine_iters, tol):
+  """Up to `refine_iters` full-batch Lloyd steps; stops once Σ‖Δc‖² <= tol. Empty clusters are re-seeded."""
+
+  def cond(carry):
+    i, _, shift = carry
+    return (i < refine_iters) & (shift > tol)
+
+  def body(carry):
+    i, c, _ = carry
+    sums, counts, _, top = _full_pass(plan, x, w, c)
+    new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
+    new, _ = _reseed(plan, new, counts == 0, top)
+    return i + 1, new, jnp.sum((new - c) ** 2)
+
+  return lax.while_loop(cond, body, (0, c, jnp.inf))[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_fn(plan: _Plan, devices: tuple[jax.Device, ...] | None):
+  def fit(x, w, c, key, loops, reseed_ratio, tol):
+    num_iters, reseed_every, refine_iters = loops
+    c = _minibatch(plan, x, w, c, key, num_iters, reseed_every, reseed_ratio)
+    return _lloyd(plan, x, w, c, refine_iters, tol)
+
+  return parallel.pmap_with_axes(fit, in_axes=(0, 0, None, None, None, None, None), devices=devices)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100, batch_size: int = 4096,
+           init="kmeans++", init_size: int | None = None, init_trials: int | None = None,
+           chain_length: int = 200, refine_iters: int = 0, tol: float = 1e-4, reseed_every: int = 10,
+           reseed_ratio: float = 0.01, chunk_size: int = 2048,
+           devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+  """Mini-batch k-means over features sharded across devices, optionally refined by full-batch Lloyd steps.
+
+  Deterministic for a given key; the same on any number of devices that divides `batch_size` (up to float
+  rounding of cross-device sums). On several hosts, every host passes the same full `features`.
+
+  Args:
+    key: PRNG key; it fixes the shuffle, the seeding and the order of the mini-batches.
+    features: f32[N, d] (NumPy or JAX), e.g. pre-quantisation encoder outputs.
+    num_clusters: K, in [1, N].
+    num_iters: mini-batch steps (each sees `batch_size` points; N / batch_size steps make one epoch).
+    batch_size: global mini-batch size B (rounded up to a multiple of the device count, capped at N).
+    init: "kmeans++" (greedy, `init_trials` candidates per centre), "afkmc2" (AFK-MC², the authors'
+      choice) or initial centroids f32[K, d].
+    init_size: size of the random seeding subset (default min(N, max(16 K, B)) for k-means++, N for AFK-MC²).
+    init_trials: k-means++ candidates per centre (default 2 + ⌊ln K⌋, as scikit-learn; 1 = plain k-means++).
+    chain_length: AFK-MC² Markov-chain length per centre.
+    refine_iters: at most this many full-batch Lloyd steps after the mini-batch phase.
+    tol: Lloyd stops once Σ_k ‖Δc_k‖² <= tol × (mean per-feature variance), as scikit-learn.
+    reseed_every: mini-batch steps between checks for starved clusters.
+    reseed_ratio: a cluster is starved when it got less than this × the mean count since the last check;
+      starved (and, in Lloyd steps, empty) clusters move onto the points farthest from their centroids.
+    chunk_size: rows per distance matmul: memory holds chunk_size × K distances per device.
+    devices: devices to shard over (one process); default all devices of all hosts.
+
+  Returns:
+    centroids: f32[K, d] NumPy array.
+  """
+  x = _as_features(features)
+  n, dim = x.shape
+  check_num_clusters(num_clusters, n)
+  for name, value, low in (("num_iters", num_iters, 0), ("batch_size", batch_size, 1),
+                           ("refine_iters", refine_iters, 0), ("reseed_every", reseed_every, 1),
+                           ("chunk_size", chunk_size, 1), ("chain_length", chain_length, 1)):
+    if not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+  devices = None if devices is None else tuple(devices)
+  shards = parallel.num_shards(devices)
+
+  mean = x.mean(axis=0, dtype=np.float64)
+  x = (x - mean).astype(np.float32)
+  k_perm, k_init, k_fit = jax.random.split(key, 3)
+  perm = np.asarray(jax.random.permutation(k_perm, n))
+  batch = min(_round_up(batch_size, shards), _round_up(n, shards))
+  num_blocks = -(-n // batch)
+  xp = np.zeros((num_blocks * batch, dim), np.float32)
+  xp[:n] = x[perm]
+  wp = np.zeros((num_blocks * batch,), np.float32)
+  wp[:n] = 1.0
+
+  c0 = _seed(k_init, xp[:n], num_clusters, init=init, init_size=init_size, init_trials=init_trials,
+             chain_length=chain_length, batch=batch, mean=mean)
+  if num_iters == 0 and refine_iters == 0:
+    return (np.asarray(c0, np.float64) + mean).astype(np.float32)
+  plan = _Plan(num_clusters=num_clusters, shards=shards, block=batch // shards, num_blocks=num_blocks,
+               chunk=chunk_size)
+  loops = np.array([num_iters, reseed_every, refine_iters], np.int32)
+  flat = x.reshape(-1)
+  tol_abs = float(tol * np.dot(flat, flat) / flat.size)  # x is centred: mean per-feature variance
+  out = _fit_fn(plan, devices)(parallel.shard_strided(xp, shards, devices),
+                               parallel.shard_strided(wp, shards, devices), c0, k_fit, loops,
+                               np.float32(reseed_ratio), np.float32(tol_abs))
+  return (np.asarray(parallel.unreplicate(out), np.float64) + mean).astype(np.float32)
+
+
+def _seed(key, x, num_clusters, *, init, init_size, init_trials, chain_length, batch, mean):
+  """Initial centroids f32[K, d] (centred) from the shuffled, centred features `x: f32[N, d]`."""
+  n, dim = x.shape
+  if not isinstance(init, str):
+    c = np.asarray(init, np.float32)
+    if c.shape != (num_clusters, dim):
+      raise ValueError(f"init centroids must have shape {(num_clusters, dim)}, got {c.shape}")
+    return jnp.asarray((c - mean).astype(np.float32))
+  if init not in ("kmeans++", "afkmc2"):
+    raise ValueError(f"init={init!r} must be 'kmeans++', 'afkmc2' or an array of centroids")
+  if init_size is None:
+    init_size = n if init == "afkmc2" else max(16 * num_clusters, batch)
+  if not isinstance(init_size, (int, np.integer)) or init_size < num_clusters:
+    raise ValueError(f"init_size={init_size!r} must be an integer >= num_clusters={num_clusters}")
+  # x is shuffled, so its first rows are a uniform random subset, the same on every device count.
+  xs = jnp.asarray(x[:min(init_size, n)])
+  if init == "afkmc2":
+    return _afkmc2(key, xs, num_clusters=num_clusters, chain_length=chain_length)
+  trials = 2 + int(math.log(num_clusters)) if init_trials is None else init_trials
+  if not isinstance(trials, (int, np.integer)) or trials < 1:
+    raise ValueError(f"init_trials={init_trials!r} must be an integer >= 1")
+  return _kmeanspp(key, xs, num_clusters=num_clusters, trials=trials)
+
+
+@functools.lru_cache(maxsize=None)
+def _assign_fn(plan: _Plan, devices: tuple[jax.Device, ...] | None):
+  def run(x, c, num_points):
+    def body(b, carry):
+      labels, inertia = carry
+      xb, _, pos = _block(plan, x, x[:, 0], b)
+      lab, dist = _nearest_chunked(xb, c, plan.chunk)
+      inertia = inertia + jnp.sum(jnp.where(pos < num_points, dist, 0.0))  # padding rows do not count
+      return lax.dynamic_update_slice_in_dim(labels, lab, b * plan.block, 0), inertia
+
+    labels, inertia = lax.fori_loop(0, plan.num_blocks, body,
+                                    (jnp.zeros(x.shape[:1], jnp.int32), jnp.zeros(())))
+    return lax.all_gather(labels, parallel.AXIS), lax.psum(inertia, parallel.AXIS)
+
+  return parallel.pmap_with_axes(run, in_axes=(0, None, None), devices=devices)
+
+
+def assign(features, centroids, *, chunk_size: int = 2048,
+           devices: Sequence[jax.Device] | None = None) -> tuple[np.ndarray, float]:
+  """Nearest centroid of every feature vector, sharded over devices.
+
+  Args:
+    features: f32[N, d].
+    centroids: f32[K, d].
+    chunk_size: rows per distance matmul and device.
+    devices: devices to shard over (one process); default all devices of all hosts.
+
+  Returns:
+    labels: i32[N] NumPy array; inertia: float, Σ_n ‖x_n − c_{labels_n}‖².
+  """
+  x = _as_features(features)
+  c = np.asarray(centroids, np.float32)
+  if c.ndim != 2 or c.shape[1] != x.shape[1] or c.shape[0] < 1:
+    raise ValueError(f"centroids must be f32[K, {x.shape[1]}] with K >= 1, got shape {c.shape}")
+  n = x.shape[0]
+  devices = None if devices is None else tuple(devices)
+  shards = parallel.num_shards(devices)
+  mean = x.mean(axis=0, dtype=np.float64)
+  block = min(chunk_size, -(-n // shards))
+  num_blocks = -(-n // (block * shards))
+  xp = np.zeros((num_blocks * block * shards, x.shape[1]), np.float32)
+  xp[:n] = x - mean
+  plan = _Plan(num_clusters=c.shape[0], shards=shards, block=block, num_blocks=num_blocks, chunk=block)
+  labels, inertia = _assign_fn(plan, devices)(parallel.shard_strided(xp, shards, devices),
+                                              jnp.asarray((c - mean).astype(np.float32)), np.int32(n))
+  labels = np.asarray(labels[0]).swapaxes(0, 1).reshape(-1)
+  inertia = float(np.asarray(inertia)[0])
+  return labels[:n].astype(np.int32), inertia
