@@ -14,6 +14,12 @@ def get_config(arg=None):
                         codebook_size=16, norm_groups=4)
     config.vqvae_train.update(batch_size=16, num_steps=4, log_every=2, checkpoint_every=2,
                               image_every=4, eval_every=4, eval_examples=64)
+    config.encode.batch_size = 64
+    config.diffusion.num_steps = 20
+    config.prior.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, groups=4)
+    config.prior_train.update(batch_size=16, num_steps=4, log_every=2, checkpoint_every=2, eval_every=4,
+                              eval_examples=32, eval_t_samples=2)
+    config.sample.update(num_samples=16, chunk_steps=8)
   elif arg not in (None, ""):
     raise ValueError(f"configs/mnist.py takes no argument or 'tiny', got {arg!r}")
   return config

@@ -31,6 +31,16 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=64, num_steps=1500, optim=optim_defaults(1e-3), ema_decay=0.99, recon_loss="mse",
       log_every=50, checkpoint_every=500, image_every=500, eval_every=500, eval_examples=0,
       keep_checkpoints=2)
+  c.encode = dict(batch_size=256)
+  c.diffusion = dict(num_steps=1000, schedule="cosine", parametrization="residual",
+                     importance_sampling=True)
+  c.prior = dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attention=True, mid_attention=True,
+                 groups=8, dropout=0.0, softmax_q=True, time_scale=1.0, dtype="float32")
+  c.prior_train = dict(
+      batch_size=64, num_steps=3000, optim=optim_defaults(5e-4), ema_decay=0.995, log_every=50,
+      checkpoint_every=1000, eval_every=1000, eval_examples=0, eval_t_samples=16, t_buckets=4,
+      keep_checkpoints=2)
+  c.sample = dict(num_samples=64, steps=0, chunk_steps=100, seed=1, decode_batch_size=256)
   return c
 
 
@@ -133,8 +143,42 @@ def validate_vqvae_train(config) -> None:
   check_int(config, "vqvae_train.eval_examples", 0)
 
 
+def validate_prior(config) -> None:
+  check_int(config, "encode.batch_size", 1)
+  check_int(config, "diffusion.num_steps", 1)
+  check_choice(config, "diffusion.schedule", ("cosine", "cosine_sqrt"))
+  check_choice(config, "diffusion.parametrization", ("residual", "x0"))
+  if not isinstance(config.diffusion.importance_sampling, bool):
+    _fail("diffusion.importance_sampling", config.diffusion.importance_sampling, "True or False")
+  check_int(config, "prior.ch", 1)
+  check_int_tuple(config, "prior.ch_mult", 1)
+  check_int(config, "prior.num_res_blocks", 1)
+  check_int(config, "prior.groups", 1)
+  check_float(config, "prior.dropout", 0.0, 1.0)
+  check_float(config, "prior.time_scale", 0.0, low_open=True)
+  check_choice(config, "prior.dtype", ("float32", "bfloat16"))
+  p = config.prior
+  widths = sorted({p.ch * m for m in p.ch_mult} | {p.ch})
+  if any(w % p.groups for w in widths):
+    _fail("prior.groups", p.groups, f"a divisor of every level width {tuple(widths)}")
+  code_size = config.data.image_size // 2 ** (len(config.vqvae.ch_mult) - 1)
+  if code_size % 2 ** (len(p.ch_mult) - 1):
+    _fail("prior.ch_mult", tuple(p.ch_mult), f"at most {code_size.bit_length() - 1} + 1 levels: the "
+          f"{code_size}x{code_size} code maps must divide by 2**(len(prior.ch_mult) - 1)")
+  check_loop(config, "prior_train")
+  for name in ("eval_every", "eval_t_samples", "t_buckets"):
+    check_int(config, f"prior_train.{name}", 1 if name != "eval_t_samples" else 2)
+  check_int(config, "prior_train.eval_examples", 0)
+  check_int(config, "sample.num_samples", 1)
+  check_int(config, "sample.steps", 0, config.diffusion.num_steps)
+  check_int(config, "sample.chunk_steps", 1)
+  check_int(config, "sample.seed", 0)
+  check_int(config, "sample.decode_batch_size", 1)
+
+
 # Sections are validated in this order; later issues append theirs.
-VALIDATORS: list[Callable[[ml_collections.ConfigDict], None]] = [validate_vqvae, validate_vqvae_train]
+VALIDATORS: list[Callable[[ml_collections.ConfigDict], None]] = [
+    validate_vqvae, validate_vqvae_train, validate_prior]
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

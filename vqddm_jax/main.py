@@ -19,6 +19,9 @@ from ml_collections import config_flags  # noqa: E402
 MODES = {
     "all": "run every stage below in order, skipping finished ones",
     "train_vqvae": "stage 1: train the VQ-VAE on images (workdir/vqvae/)",
+    "encode": "encode training and held-out images to code maps (workdir/codes/)",
+    "train_prior": "stage 2: train the discrete-diffusion prior on code maps (workdir/prior/)",
+    "sample": "sample code maps with the prior and decode them (workdir/samples/<step>/)",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,6 +31,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory holding every stage o
                                "a restarted job resumes from it)")
 _MODE = flags.DEFINE_enum("mode", "all", list(MODES), "what to run: " + "; ".join(
     f"{name} = {text}" for name, text in MODES.items()))
+_SAMPLE_STEPS = flags.DEFINE_integer(
+    "sample_steps", None, "reverse steps for --mode=sample: 0 = all T, S < T = a strided subset "
+    "(default: config.sample.steps)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,6 +46,16 @@ def run_mode(mode: str, config, workdir: str) -> bool:
   if mode == "train_vqvae":
     from vqddm_jax.train.vqvae import train_vqvae
     return train_vqvae(config, workdir)[1]
+  if mode == "encode":
+    from vqddm_jax.train.encode import encode_dataset
+    return encode_dataset(config, workdir)
+  if mode == "train_prior":
+    from vqddm_jax.train.prior import train_prior
+    return train_prior(config, workdir)[1]
+  if mode == "sample":
+    from vqddm_jax.sample import run_sample
+    run_sample(config, workdir, sample_steps=_SAMPLE_STEPS.value)
+    return True
   raise ValueError(f"--mode={mode!r} is not one of {sorted(MODES)}")
 
 
@@ -50,6 +66,16 @@ def main(argv):
   config = _CONFIG.value
   try:
     config_schema.validate_config(config)
+    for field in ("vqvae_train.batch_size", "encode.batch_size", "prior_train.batch_size"):
+      section, name = field.split(".")
+      try:
+        parallel.per_device_batch_size(config[section][name])
+      except ValueError as e:
+        raise ValueError(f"config.{field}: {e}") from None
+    steps = _SAMPLE_STEPS.value
+    if steps is not None and not 0 <= steps <= config.diffusion.num_steps:
+      raise ValueError(f"--sample_steps = {steps} is not allowed: an integer in [0, "
+                       f"{config.diffusion.num_steps}] (0 = all T = config.diffusion.num_steps)")
   except ValueError as e:
     print(f"vqddm_jax: invalid config: {e}", file=sys.stderr)
     sys.exit(2)

@@ -167,10 +167,17 @@ def _log(loop: LoopConfig, writer: Any, step: int, history: list, progress: metr
                     loop.stage, skipped, step, nonfinite + skipped)
   nonfinite += skipped
   finite = [h for h in fetched if float(h["finite"]) >= 1.0] or fetched
-  scalars = {k: float(np.mean([h[k] for h in finite])) for k in finite[0] if k != "finite"}
+  scalars = {k: _nanmean([h[k] for h in finite]) for k in finite[0] if k != "finite"}
   scalars.update(progress.report(step))
   scalars["nonfinite_steps"] = nonfinite
   writer.write_scalars(step, {f"{loop.stage}/{k}": v for k, v in scalars.items()})
   logging.info("%s step %d/%d  %.2f steps/s  ETA %s", loop.stage, step, loop.num_steps,
                scalars["steps_per_sec"], metrics.format_eta(scalars["eta_seconds"]))
   return nonfinite
+
+
+def _nanmean(values: list) -> float:
+  """Mean over the finite values (metrics such as per-t-bucket losses are NaN when a bucket was empty)."""
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  return float(values.mean()) if values.size else float("nan")

@@ -178,3 +178,36 @@ def train_vqvae(config: Any, workdir: str) -> tuple[VQState, bool]:
   actions = [loop.Periodic(tcfg.image_every, write_grid), loop.Periodic(tcfg.eval_every, run_eval)]
   return loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,
                   key=jax.random.fold_in(key, 1), writer=writer, periodic=actions)
+
+
+def restore_ema_params(config: Any, directory: str, *, codebook_size: int | None = None
+                       ) -> tuple[VQVAE, Any, int]:
+  """Read-only restore of the EMA parameters of a VQ-VAE checkpoint (stage 1 or ReFiT).
+
+  Args:
+    config: the run's config (model sizes from `config.vqvae`, image size from `config.data`).
+    directory: an Orbax checkpoint directory (e.g. `workdir/vqvae/checkpoints`).
+    codebook_size: K when it differs from `config.vqvae.codebook_size` (a ReFiT codebook of K' codes).
+
+  Returns:
+    (model, ema_params on the host, checkpoint step).
+
+  Raises:
+    FileNotFoundError: no checkpoint under `directory`.
+    ValueError: the checkpoint's arrays do not fit the config's model.
+  """
+  from vqddm_jax import checkpointing  # Imported here: only restoring callers need Orbax.
+  vcfg = config.vqvae.copy_and_resolve_references()
+  if codebook_size is not None:
+    vcfg.codebook_size = codebook_size
+  model = build_vqvae(vcfg, config.data.channels)
+  shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))["params"]
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no VQ-VAE checkpoint under {directory}: run --mode=train_vqvae first")
+    return model, ckpt.restore_item("ema_params", abstract, step), int(step)
+  finally:
+    ckpt.close()

@@ -1,0 +1,125 @@
+"""Code maps for stage 2: stored once as a real TFDS data set under `workdir/codes/`, read back into memory.
+
+Code maps are small (a 16×16 int32 map is 1 KiB: CelebA-HQ's 30k maps are 30 MiB), so stage 2 reads a split
+into host memory once and draws batches from per-epoch permutations seeded by (seed, epoch). That makes the
+stream exactly resumable from `{'epoch', 'batch'}` at no cost. Each host encodes and stores its own share of
+the images (`process_<i>_of_<n>/`) and trains on it, which is the per-host split of stage 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+FEATURE = "codes"
+META_FILE = "meta.json"
+
+
+def codes_dir(workdir: str, process_index: int, process_count: int) -> str:
+  """This host's code store under `workdir/codes/`."""
+  return os.path.join(workdir, "codes", f"process_{process_index}_of_{process_count}")
+
+
+def read_meta(directory: str) -> dict | None:
+  """What the store under `directory` was made from, or None when there is no complete store."""
+  path = os.path.join(directory, META_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_codes(directory: str, splits: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+  """Stores `{split: i32[N, h, w]}` as a TFDS data set (order kept), then `meta.json` to mark it complete.
+
+  Split names may carry TFDS slicing (`train[:29000]`); they are stored under sanitised names recorded in
+  the meta file.
+  """
+  shape = next(iter(splits.values())).shape[1:]
+  features = tfds.features.FeaturesDict(
+      {FEATURE: tfds.features.Tensor(shape=tuple(shape), dtype=np.int32)})
+  names = {split: _safe_name(split) for split in splits}
+  datasets = {names[s]: tf.data.Dataset.from_tensor_slices({FEATURE: np.asarray(c, np.int32)})
+              for s, c in splits.items()}
+  builder = tfds.dataset_builders.store_as_tfds_dataset(
+      name="codes", version="1.0.0", features=features, split_datasets=datasets,
+      data_dir=os.path.join(directory, "tfds"), disable_shuffling=True)
+  full = dict(meta, split_names=names, builder_dir=os.path.relpath(str(builder.data_dir), directory),
+              counts={s: int(len(c)) for s, c in splits.items()})
+  with open(os.path.join(directory, META_FILE + ".tmp"), "w") as f:
+    json.dump(full, f, indent=1)
+  os.replace(os.path.join(directory, META_FILE + ".tmp"), os.path.join(directory, META_FILE))
+
+
+def load_codes(directory: str, split: str) -> np.ndarray:
+  """All code maps of `split` from the store under `directory`: `i32[N, h, w]`, in stored order."""
+  meta = read_meta(directory)
+  if meta is None:
+    raise FileNotFoundError(f"no code maps under {directory}: run --mode=encode first")
+  if split not in meta["split_names"]:
+    raise ValueError(f"split {split!r} is not among the stored code splits {sorted(meta['split_names'])}")
+  builder = tfds.builder_from_directory(os.path.join(directory, meta["builder_dir"]))
+  ds = builder.as_dataset(split=meta["split_names"][split], shuffle_files=False)
+  codes = [ex[FEATURE] for ex in tfds.as_numpy(ds.batch(4096))]
+  return np.concatenate(codes).astype(np.int32)
+
+
+def _safe_name(split: str) -> str:
+  return "".join(c if c.isalnum() else "_" for c in split).strip("_") or "split"
+
+
+class CodeBatches:
+  """Infinite shuffled batches `{'codes': i32[num_shards, per_shard, h, w]}` with an exact `.position`."""
+
+  def __init__(self, codes: np.ndarray, *, per_shard: int, num_shards: int, seed: int,
+               position: Mapping[str, int] | None = None):
+    self._codes = codes
+    self._per_shard, self._num_shards = per_shard, num_shards
+    self._per_host = per_shard * num_shards
+    if len(codes) < self._per_host:
+      raise ValueError(f"{len(codes)} code maps cannot fill one host batch of {self._per_host}")
+    self._batches_per_epoch = len(codes) // self._per_host
+    self._seed = seed
+    position = position or {"epoch": 0, "batch": 0}
+    self._epoch, self._batch = int(position["epoch"]), int(position["batch"])
+    self._perm = self._permutation(self._epoch)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self._seed, epoch]).permutation(len(self._codes))
+
+  @property
+  def position(self) -> dict[str, int]:
+    return {"epoch": self._epoch, "batch": self._batch}
+
+  def __iter__(self) -> "CodeBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._batch >= self._batches_per_epoch:
+      self._epoch, self._batch = self._epoch + 1, 0
+      self._perm = self._permutation(self._epoch)
+    idx = self._perm[self._batch * self._per_host:(self._batch + 1) * self._per_host]
+    self._batch += 1
+    codes = self._codes[idx]
+    return {FEATURE: codes.reshape((self._num_shards, self._per_shard) + codes.shape[1:])}
+
+
+def eval_code_batches(codes: np.ndarray, *, per_shard: int, num_shards: int,
+                      max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass: `{'codes': i32[num_shards, per_shard, h, w], 'mask': bool[num_shards, per_shard]}`,
+  the last batch padded with code 0 and mask False."""
+  if max_examples:
+    codes = codes[:max_examples]
+  per_host = per_shard * num_shards
+  for start in range(0, len(codes), per_host):
+    chunk = codes[start:start + per_host]
+    mask = np.zeros((per_host,), bool)
+    mask[:len(chunk)] = True
+    padded = np.zeros((per_host,) + codes.shape[1:], np.int32)
+    padded[:len(chunk)] = chunk
+    yield {FEATURE: padded.reshape((num_shards, per_shard) + codes.shape[1:]),
+           "mask": mask.reshape(num_shards, per_shard)}
