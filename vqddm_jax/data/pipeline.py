@@ -13,7 +13,9 @@ would (o == b * per_host unless image files failed to decode).
 """
 from __future__ import annotations
 
+import atexit
 import math
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,6 +29,16 @@ from vqddm_jax.data.preprocess import preprocess
 from vqddm_jax.data.sources import make_source
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Iterators not yet closed. At interpreter exit, TF would destroy them while their worker threads are inside
+# a Python decode call (image folders) that can no longer take the GIL, and the process would hang; closing
+# them from an atexit hook, while Python still runs, avoids that.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+  for it in list(_OPEN):
+    it.close()
 
 
 def per_shard_batch_size(global_batch_size: int, num_shards: int, process_count: int) -> int:
@@ -115,6 +127,8 @@ class TrainIterator:
     # Built now, not at the first `next`, so a missing data set fails where the iterator is made.
     self._it, self._fresh = self._build(), self._offset == 0
     self._yielded = 0  # Batches from the current build; 0 after a fresh epoch means no full batch fits.
+    self._closed = False
+    _OPEN.add(self)
 
   @property
   def position(self) -> dict[str, int]:
@@ -135,10 +149,16 @@ class TrainIterator:
       ds = ds.prefetch(cfg.prefetch)
     return ds.with_options(_options()).as_numpy_iterator()
 
+  def close(self) -> None:
+    """Stops the background pipeline now; `position` stays valid for a later resume."""
+    self._it, self._closed = None, True
+
   def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._closed:
+      raise StopIteration
     while True:
       if self._it is None:
         self._it, self._yielded, self._fresh = self._build(), 0, self._offset == 0
@@ -154,6 +174,29 @@ class TrainIterator:
       self._batch += 1
       self._offset = int(batch.pop("idx")[-1]) + 1
       return batch
+
+
+class EvalIterator:
+  """A finite iterator over prebuilt eval batches; `close()` stops its background pipeline early."""
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._it = ds.as_numpy_iterator()
+    _OPEN.add(self)
+
+  def close(self) -> None:
+    self._it = None
+
+  def __iter__(self) -> EvalIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      raise StopIteration
+    try:
+      return next(self._it)
+    except StopIteration:
+      self._it = None
+      raise
 
 
 def train_batches(cfg: Any, *, global_batch_size: int, num_shards: int, seed: int,
@@ -183,7 +226,7 @@ def train_batches(cfg: Any, *, global_batch_size: int, num_shards: int, seed: in
 def eval_batches(cfg: Any, *, split: str, global_batch_size: int, num_shards: int,
                  max_examples: int | None = None, with_labels: bool = False,
                  process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int | None = None) -> EvalIterator:
   """One deterministic pass over `split` (no shuffle), each example exactly once over all hosts.
 
   Args:
@@ -195,7 +238,7 @@ def eval_batches(cfg: Any, *, split: str, global_batch_size: int, num_shards: in
     process_index, process_count: as for `train_batches`.
 
   Returns:
-    An iterator of `{'image': f32[num_shards, per_shard, S, S, C], 'mask': bool[num_shards, per_shard]}`;
+    An `EvalIterator` of `{'image': f32[num_shards, per_shard, S, S, C], 'mask': bool[num_shards, per_shard]}`;
     the last batches are padded (zeros, mask False). With several hosts, every host yields the same number
     of batches, so a cross-host collective per batch cannot hang.
   """
@@ -226,7 +269,7 @@ def eval_batches(cfg: Any, *, split: str, global_batch_size: int, num_shards: in
   ds = ds.batch(per_host, drop_remainder=True).map(_to_shards(num_shards, per_shard))
   if cfg.prefetch:
     ds = ds.prefetch(cfg.prefetch)
-  return ds.with_options(_options()).as_numpy_iterator()
+  return EvalIterator(ds.with_options(_options()))
 
 
 def num_examples(cfg: Any, split: str) -> int:
