@@ -14,6 +14,9 @@ def get_config(arg=None):
                         codebook_size=16, norm_groups=4)
     config.vqvae_train.update(batch_size=16, num_steps=4, log_every=2, checkpoint_every=2,
                               image_every=4, eval_every=4, eval_examples=64)
+    config.refit.update(num_codes=12, num_features=200, kmeans_iters=10, kmeans_batch_size=64,
+                        kmeans_refine_iters=2, batch_size=16, num_steps=2, log_every=1,
+                        checkpoint_every=2, image_every=2, eval_every=2, eval_examples=64)
     config.encode.batch_size = 64
     config.diffusion.num_steps = 20
     config.prior.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, groups=4)

@@ -31,6 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=64, num_steps=1500, optim=optim_defaults(1e-3), ema_decay=0.99, recon_loss="mse",
       log_every=50, checkpoint_every=500, image_every=500, eval_every=500, eval_examples=0,
       keep_checkpoints=2)
+  c.refit = dict(
+      enabled=True, num_codes=128, num_features=20_000, kmeans_iters=300, kmeans_batch_size=4096,
+      kmeans_init="kmeans++", kmeans_refine_iters=20, batch_size=64, num_steps=500,
+      optim=optim_defaults(5e-4), ema_decay=0.99, log_every=50, checkpoint_every=250, image_every=500,
+      eval_every=500, eval_examples=0, keep_checkpoints=2)
   c.encode = dict(batch_size=256)
   c.diffusion = dict(num_steps=1000, schedule="cosine", parametrization="residual",
                      importance_sampling=True)
@@ -143,6 +148,21 @@ def validate_vqvae_train(config) -> None:
   check_int(config, "vqvae_train.eval_examples", 0)
 
 
+def validate_refit(config) -> None:
+  if not isinstance(config.refit.enabled, bool):
+    _fail("refit.enabled", config.refit.enabled, "True or False")
+  check_int(config, "refit.num_features", 1)
+  check_int(config, "refit.num_codes", 1, config.refit.num_features)
+  check_int(config, "refit.kmeans_iters", 0)
+  check_int(config, "refit.kmeans_batch_size", 1)
+  check_choice(config, "refit.kmeans_init", ("kmeans++", "afkmc2"))
+  check_int(config, "refit.kmeans_refine_iters", 0)
+  check_loop(config, "refit")
+  for name in ("image_every", "eval_every"):
+    check_int(config, f"refit.{name}", 1)
+  check_int(config, "refit.eval_examples", 0)
+
+
 def validate_prior(config) -> None:
   check_int(config, "encode.batch_size", 1)
   check_int(config, "diffusion.num_steps", 1)
@@ -178,7 +198,7 @@ def validate_prior(config) -> None:
 
 # Sections are validated in this order; later issues append theirs.
 VALIDATORS: list[Callable[[ml_collections.ConfigDict], None]] = [
-    validate_vqvae, validate_vqvae_train, validate_prior]
+    validate_vqvae, validate_vqvae_train, validate_refit, validate_prior]
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ from ml_collections import config_flags  # noqa: E402
 MODES = {
     "all": "run every stage below in order, skipping finished ones",
     "train_vqvae": "stage 1: train the VQ-VAE on images (workdir/vqvae/)",
+    "refit": "ReFiT: rebuild the codebook by k-means, fine-tune with the encoder frozen (workdir/refit/)",
     "encode": "encode training and held-out images to code maps (workdir/codes/)",
     "train_prior": "stage 2: train the discrete-diffusion prior on code maps (workdir/prior/)",
     "sample": "sample code maps with the prior and decode them (workdir/samples/<step>/)",
@@ -46,6 +47,12 @@ def run_mode(mode: str, config, workdir: str) -> bool:
   if mode == "train_vqvae":
     from vqddm_jax.train.vqvae import train_vqvae
     return train_vqvae(config, workdir)[1]
+  if mode == "refit":
+    if not config.refit.enabled:
+      logging.info("ReFiT disabled (config.refit.enabled = False): skipping")
+      return True
+    from vqddm_jax.train.refit import train_refit
+    return train_refit(config, workdir)[1]
   if mode == "encode":
     from vqddm_jax.train.encode import encode_dataset
     return encode_dataset(config, workdir)
@@ -66,7 +73,8 @@ def main(argv):
   config = _CONFIG.value
   try:
     config_schema.validate_config(config)
-    for field in ("vqvae_train.batch_size", "encode.batch_size", "prior_train.batch_size"):
+    for field in ("vqvae_train.batch_size", "refit.batch_size", "encode.batch_size",
+                  "prior_train.batch_size"):
       section, name = field.split(".")
       try:
         parallel.per_device_batch_size(config[section][name])

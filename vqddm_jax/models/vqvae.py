@@ -184,11 +184,12 @@ def make_tokenizer(model: VQVAE) -> Tokenizer:
   return Tokenizer(enc, dec)
 
 
-def build_vqvae(cfg: Any, channels: int) -> VQVAE:
-  """The VQVAE described by the `config.vqvae` section, for images with `channels` channels."""
+def build_vqvae(cfg: Any, channels: int, codebook_size: int | None = None) -> VQVAE:
+  """The VQVAE of the `config.vqvae` section for images with `channels` channels (K overridable: ReFiT)."""
   return VQVAE(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                attn_resolutions=tuple(cfg.attn_resolutions), z_channels=cfg.z_channels,
-               embed_dim=cfg.embed_dim, codebook_size=cfg.codebook_size, out_channels=channels,
+               embed_dim=cfg.embed_dim, codebook_size=codebook_size or cfg.codebook_size,
+               out_channels=channels,
                groups=cfg.norm_groups, dropout=cfg.dropout,
                dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
 

@@ -29,6 +29,9 @@ def make_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTransformati
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
-  """ema ← decay · ema + (1 − decay) · params, leaf by leaf."""
-  return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype),
-                                ema, params)
+  """ema ← decay · ema + (1 − decay) · params, leaf by leaf.
+
+  Written as ema + (1 − decay)(params − ema) so that a leaf with params == ema (e.g. a frozen encoder)
+  stays bit-identical instead of drifting by rounding.
+  """
+  return jax.tree_util.tree_map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, params)

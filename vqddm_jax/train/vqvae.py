@@ -125,35 +125,47 @@ def reconstruction_grid(model: VQVAE, params: Any, images: np.ndarray) -> np.nda
   return metrics.image_grid(np.concatenate([images, np.clip(np.asarray(x_rec), -1, 1)]), ncol)
 
 
-def stage_dirs(workdir: str) -> dict[str, str]:
-  root = os.path.join(workdir, STAGE)
+def stage_dirs(workdir: str, stage: str = STAGE) -> dict[str, str]:
+  root = os.path.join(workdir, stage)
   return {k: os.path.join(root, k) for k in ("checkpoints", "tensorboard", "images")}
 
 
-def train_vqvae(config: Any, workdir: str) -> tuple[VQState, bool]:
-  """Runs (or resumes, or skips when finished) stage 1; returns (host state, completed)."""
-  cfg, tcfg = config, config.vqvae_train
-  dirs = stage_dirs(workdir)
-  if loop.stage_finished(dirs["checkpoints"], tcfg.num_steps):
-    logging.info("stage 1 already finished under %s: skipping", dirs["checkpoints"])
+def train_vqvae(config: Any, workdir: str) -> tuple[VQState | None, bool]:
+  """Runs (or resumes, or skips when finished) stage 1; returns (host state or None if skipped, completed)."""
+  tcfg = config.vqvae_train
+  if loop.stage_finished(stage_dirs(workdir)["checkpoints"], tcfg.num_steps):
+    logging.info("stage 1 already finished under %s: skipping", stage_dirs(workdir)["checkpoints"])
     return None, True
-  data.prepare(cfg.data)
-  model = build_vqvae(cfg.vqvae, cfg.data.channels)
+  data.prepare(config.data)
+  model = build_vqvae(config.vqvae, config.data.channels)
   optimizer = optim.make_optimizer(tcfg.optim, tcfg.num_steps)
-  key = jax.random.key(cfg.seed)
-  image_shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
-  state = init_state(model, optimizer, jax.random.fold_in(key, 0), image_shape)
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  state = init_state(model, optimizer, jax.random.fold_in(jax.random.key(config.seed), 0), image_shape)
   metrics.log_param_count("VQ-VAE", state.params)
-  step_fn = functools.partial(train_step, model=model, optimizer=optimizer, beta=cfg.vqvae.beta,
-                              recon_loss=tcfg.recon_loss, ema_decay=tcfg.ema_decay)
+  return run_vq_training(config, workdir, stage=STAGE, tcfg=tcfg, model=model, optimizer=optimizer,
+                         state=state, beta=config.vqvae.beta)
+
+
+def run_vq_training(config: Any, workdir: str, *, stage: str, tcfg: Any, model: VQVAE,
+                    optimizer: optax.GradientTransformation, state: VQState, beta: float
+                    ) -> tuple[VQState, bool]:
+  """The VQ-VAE training loop shared by stage 1 and the ReFiT fine-tune, under `workdir/<stage>/`.
+
+  `tcfg` holds batch_size, num_steps, ema_decay and the loop/eval periods (`config.vqvae_train` or
+  `config.refit`); `state` is used only when no checkpoint exists yet.
+  """
+  dirs = stage_dirs(workdir, stage)
+  step_fn = functools.partial(train_step, model=model, optimizer=optimizer, beta=beta,
+                              recon_loss=config.vqvae_train.recon_loss, ema_decay=tcfg.ema_decay)
   p_step = parallel.pmap_step(step_fn)
   p_eval = parallel.pmap_eval(functools.partial(eval_step, model=model))
   writer = metrics.make_writer(dirs["tensorboard"], is_main=parallel.is_main_process())
   ndev = parallel.local_device_count()
 
   def eval_batches():
-    return data.eval_batches(cfg.data, split=cfg.data.eval_split, global_batch_size=tcfg.batch_size,
-                             num_shards=ndev, max_examples=tcfg.eval_examples or None)
+    return data.eval_batches(config.data, split=config.data.eval_split,
+                             global_batch_size=tcfg.batch_size, num_shards=ndev,
+                             max_examples=tcfg.eval_examples or None)
 
   grid_images = parallel.unshard(next(iter(eval_batches()))["image"])[:16]
 
@@ -161,23 +173,24 @@ def train_vqvae(config: Any, workdir: str) -> tuple[VQState, bool]:
     if parallel.is_main_process():
       grid = reconstruction_grid(model, parallel.unreplicate(rstate.ema_params), grid_images)
       metrics.save_png(os.path.join(dirs["images"], f"recon_{step:07d}.png"), grid)
-      writer.write_images(step, {f"{STAGE}/reconstructions": grid[None]})
+      writer.write_images(step, {f"{stage}/reconstructions": grid[None]})
 
   def run_eval(step: int, rstate: Any) -> None:
     results = evaluate(p_eval, rstate.ema_params, eval_batches())
-    writer.write_scalars(step, {f"{STAGE}/eval_{k}": v for k, v in results.items()})
-    logging.info("stage 1 held-out at step %d: %s", step, results)
+    writer.write_scalars(step, {f"{stage}/eval_{k}": v for k, v in results.items()})
+    logging.info("%s held-out at step %d: %s", stage, step, results)
     if parallel.is_main_process():
-      with open(os.path.join(workdir, STAGE, "eval.json"), "w") as f:
+      with open(os.path.join(workdir, stage, "eval.json"), "w") as f:
         json.dump(dict(results, step=step), f, indent=1)
 
   open_batches = lambda pos: data.train_batches(  # noqa: E731
-      cfg.data, global_batch_size=tcfg.batch_size, num_shards=ndev, seed=cfg.seed, position=pos)
-  spec = loop.LoopConfig(STAGE, dirs["checkpoints"], tcfg.num_steps, tcfg.log_every,
+      config.data, global_batch_size=tcfg.batch_size, num_shards=ndev, seed=config.seed, position=pos)
+  spec = loop.LoopConfig(stage, dirs["checkpoints"], tcfg.num_steps, tcfg.log_every,
                          tcfg.checkpoint_every, tcfg.keep_checkpoints)
   actions = [loop.Periodic(tcfg.image_every, write_grid), loop.Periodic(tcfg.eval_every, run_eval)]
   return loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,
-                  key=jax.random.fold_in(key, 1), writer=writer, periodic=actions)
+                  key=jax.random.fold_in(jax.random.key(config.seed), 1), writer=writer,
+                  periodic=actions)
 
 
 def restore_ema_params(config: Any, directory: str, *, codebook_size: int | None = None
@@ -197,10 +210,7 @@ def restore_ema_params(config: Any, directory: str, *, codebook_size: int | None
     ValueError: the checkpoint's arrays do not fit the config's model.
   """
   from vqddm_jax import checkpointing  # Imported here: only restoring callers need Orbax.
-  vcfg = config.vqvae.copy_and_resolve_references()
-  if codebook_size is not None:
-    vcfg.codebook_size = codebook_size
-  model = build_vqvae(vcfg, config.data.channels)
+  model = build_vqvae(config.vqvae, config.data.channels, codebook_size=codebook_size)
   shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))["params"]
   ckpt = checkpointing.Checkpointer(directory, read_only=True)
