@@ -76,9 +76,10 @@ def _softplus_diff(u: jnp.ndarray, delta: jnp.ndarray, minus_delta: bool = False
 
   u <= 0: log1p(σ(u)·expm1(δ)), where σ(u) <= 1/2 keeps the argument above −1/2;
   u > 0:  δ + softplus(−u − δ) − softplus(−u), the δ dropped exactly when `minus_delta`.
-  Both branches stay finite, so where() hides no NaN.
+  Each branch sees only inputs for which it is finite with a finite gradient (else log1p(−1) would give
+  0·inf = NaN in the gradient of the branch that where() discards).
   """
-  small = jnp.log1p(jax.nn.sigmoid(u) * jnp.expm1(jnp.minimum(delta, 80.0)))
+  small = jnp.log1p(jax.nn.sigmoid(jnp.minimum(u, 0.0)) * jnp.expm1(jnp.minimum(delta, 80.0)))
   large = _softplus(-u - delta) - _softplus(-u)
   if minus_delta:
     return jnp.where(u > 0, large, small - delta)
