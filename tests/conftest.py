@@ -48,3 +48,19 @@ def _session_data_dir():
     import tempfile
     _DATA_DIR = pathlib.Path(tempfile.mkdtemp(prefix="vqddm_tfds_"))
   return _DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory):
+  """The whole pipeline (stage 1 → ReFiT → encode → stage 2 → sample) once on configs/mnist.py:tiny.
+
+  Shared by the tests that check each stage's outputs, so the suite compiles and trains each stage once.
+  Returns (config, workdir).
+  """
+  from vqddm_jax import main as entry
+  config = load_config("configs/mnist.py:tiny")
+  config.data.data_dir = str(_session_data_dir())
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
+  for mode in entry.pipeline_modes():
+    assert entry.run_mode(mode, config, workdir), mode
+  return config, workdir

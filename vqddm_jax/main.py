@@ -42,7 +42,7 @@ def pipeline_modes() -> list[str]:
   return [m for m in MODES if m != "all"]
 
 
-def run_mode(mode: str, config, workdir: str) -> bool:
+def run_mode(mode: str, config, workdir: str, *, sample_steps: int | None = None) -> bool:
   """Runs one stage; returns False when it stopped early (SIGTERM) so the pipeline stops too."""
   if mode == "train_vqvae":
     from vqddm_jax.train.vqvae import train_vqvae
@@ -61,7 +61,7 @@ def run_mode(mode: str, config, workdir: str) -> bool:
     return train_prior(config, workdir)[1]
   if mode == "sample":
     from vqddm_jax.sample import run_sample
-    run_sample(config, workdir, sample_steps=_SAMPLE_STEPS.value)
+    run_sample(config, workdir, sample_steps=sample_steps)
     return True
   raise ValueError(f"--mode={mode!r} is not one of {sorted(MODES)}")
 
@@ -93,7 +93,7 @@ def main(argv):
   logging.info("config:\n%s", config)
   for mode in (pipeline_modes() if _MODE.value == "all" else [_MODE.value]):
     logging.info("=== %s ===", mode)
-    if not run_mode(mode, config, workdir):
+    if not run_mode(mode, config, workdir, sample_steps=_SAMPLE_STEPS.value):
       logging.warning("stopped during %s (SIGTERM); rerun the same command to resume", mode)
       return
   logging.info("done: %s", workdir)

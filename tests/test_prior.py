@@ -1,0 +1,110 @@
+"""Stage 2: the pmapped step (8 devices = 1), exact resume with the importance state, sampling."""
+import functools
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from vqddm_jax import checkpointing, diffusion, parallel
+from vqddm_jax.data import codes as codes_lib
+from vqddm_jax.models.unet import UNet
+from vqddm_jax.sample import run_sample
+from vqddm_jax.train import loop, optim
+from vqddm_jax.train import prior as stage2
+
+
+def test_prior_step_on_8_devices_equals_1_device(num_devices):
+  k, big_t = 7, 12
+  model = UNet(num_classes=k, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)
+  sched = diffusion.make_schedule(big_t, num_classes=k)
+  optimizer = optax.sgd(0.5)  # Adam's first step would amplify rounding noise (see test_vqvae_step).
+  state = stage2.init_state(model, optimizer, jax.random.key(0), (4, 4), big_t)
+  # Importance sampling already on, so the gathered update and the sampled p(t) both matter.
+  state = state.replace(importance=diffusion.ImportanceState(
+      history=jax.numpy.linspace(0.0, 2.0, big_t + 1), count=jax.numpy.full((big_t + 1,), 11, "int32")))
+  step = functools.partial(stage2.train_step, model=model, optimizer=optimizer, sched=sched,
+                           parametrization="residual", use_importance=True, ema_decay=0.9, t_buckets=3)
+  codes = np.random.default_rng(0).integers(0, k, (16, 4, 4)).astype(np.int32)
+  key = jax.random.key(3)
+  s8, m8 = parallel.pmap_step(step, donate_state=False)(
+      parallel.replicate(state), {"codes": parallel.shard(codes)}, key)
+  one = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)  # noqa: E731
+  s1, m1 = parallel.pmap_step(step, donate_state=False, devices=jax.devices()[:1])(
+      one(state), {"codes": codes[None]}, key)
+  s8, s1 = parallel.unreplicate(s8), parallel.unreplicate(s1)
+  np.testing.assert_array_equal(s8.importance.count, s1.importance.count)
+  assert int(s8.importance.count.sum()) == int(state.importance.count.sum()) + 16
+  np.testing.assert_allclose(s8.importance.history, s1.importance.history, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(s8.params), jax.tree_util.tree_leaves(s1.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(m8["loss_bits_per_code"][0], m1["loss_bits_per_code"][0], rtol=1e-5)
+  assert float(m8["importance_on"][0]) == 1.0 and float(m8["finite"][0]) == 1.0
+
+
+def _prior_state(config, workdir):
+  meta = codes_lib.read_meta(codes_lib.codes_dir(workdir, 0, 1))
+  k = int(meta["codebook_size"])
+  model = stage2.build_denoiser(config, k)
+  optimizer = optim.make_optimizer(config.prior_train.optim, config.prior_train.num_steps)
+  abstract = jax.eval_shape(lambda: stage2.init_state(model, optimizer, jax.random.key(0), (8, 8),
+                                                      config.diffusion.num_steps))
+  ckpt = checkpointing.Checkpointer(stage2.stage_dirs(workdir)["checkpoints"], read_only=True)
+  try:
+    return ckpt.restore(abstract)[0]
+  finally:
+    ckpt.close()
+
+
+def test_prior_resume_after_sigterm_is_exact(pipeline_run, monkeypatch, tmp_path):
+  config, workdir = pipeline_run
+  reference = _prior_state(config, workdir)
+  fresh = str(tmp_path / "w")
+  shutil.copytree(os.path.join(workdir, "codes"), os.path.join(fresh, "codes"))
+  real_run = loop.run
+
+  def with_sigterm(spec, **kwargs):
+    kill = lambda step, _: step == 2 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+    kwargs["periodic"] = list(kwargs["periodic"]) + [loop.Periodic(1, kill)]
+    return real_run(spec, **kwargs)
+
+  monkeypatch.setattr(loop, "run", with_sigterm)
+  _, completed = stage2.train_prior(config, fresh)
+  assert not completed
+  monkeypatch.setattr(loop, "run", real_run)
+  state, completed = stage2.train_prior(config, fresh)
+  assert completed and int(state.step) == config.prior_train.num_steps
+  for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.importance.count.sum()) == config.prior_train.num_steps * config.prior_train.batch_size
+
+
+def test_prior_eval_reports_bits_per_code_against_uniform(pipeline_run):
+  import json
+  _, workdir = pipeline_run
+  with open(os.path.join(workdir, "prior", "eval.json")) as f:
+    ev = json.load(f)
+  assert ev["num_maps"] == 32 and ev["stderr"] > 0 and np.isfinite(ev["nelbo_bits_per_code"])
+  k = codes_lib.read_meta(codes_lib.codes_dir(workdir, 0, 1))["codebook_size"]
+  assert ev["uniform_bits_per_code"] == pytest.approx(np.log2(k))
+
+
+def test_sampling_is_deterministic_per_key_and_strided_sampling_runs(pipeline_run):
+  config, workdir = pipeline_run
+  first = run_sample(config, workdir)
+  load = lambda path: dict(np.load(path))  # Eagerly: later runs overwrite the same file.  # noqa: E731
+  a = load(first["npz"])
+  b = load(run_sample(config, workdir)["npz"])
+  np.testing.assert_array_equal(a["codes"], b["codes"])
+  assert a["codes"].shape == (config.sample.num_samples, 8, 8)
+  assert a["images"].shape == (config.sample.num_samples, 32, 32, 1)
+  assert os.path.exists(first["grid"])
+  strided = run_sample(config, workdir, sample_steps=5)
+  assert strided["steps"] == 5 and strided["npz"].endswith("_S5.npz")
+  config2 = config.copy_and_resolve_references()
+  config2.sample.seed = 99
+  c = load(run_sample(config2, workdir)["npz"])
+  assert not np.array_equal(a["codes"], c["codes"])
