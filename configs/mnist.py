@@ -23,6 +23,7 @@ def get_config(arg=None):
     config.prior_train.update(batch_size=16, num_steps=4, log_every=2, checkpoint_every=2, eval_every=4,
                               eval_examples=32, eval_t_samples=2)
     config.sample.update(num_samples=16, chunk_steps=8)
+    config.inpaint.update(num_images=8)
   elif arg not in (None, ""):
     raise ValueError(f"configs/mnist.py takes no argument or 'tiny', got {arg!r}")
   return config

@@ -108,3 +108,27 @@ def test_sampling_is_deterministic_per_key_and_strided_sampling_runs(pipeline_ru
   config2.sample.seed = 99
   c = load(run_sample(config2, workdir)["npz"])
   assert not np.array_equal(a["codes"], c["codes"])
+
+
+@pytest.mark.parametrize("mask", ["left_half", "random:0.5"])
+def test_inpainting_keeps_every_known_code_and_fills_the_rest(pipeline_run, mask):
+  from vqddm_jax.inpaint import run_inpaint
+  config, workdir = pipeline_run
+  config = config.copy_and_resolve_references()
+  config.inpaint.mask = mask
+  out = run_inpaint(config, workdir, sample_steps=5)
+  res = dict(np.load(out["npz"]))
+  m = res["mask"]
+  assert 0 < m.mean() < 1 and out["known_codes_kept"]
+  np.testing.assert_array_equal(res["codes"][m], res["known"][m])
+  assert res["codes"].shape == res["known"].shape and res["codes"].max() < config.refit.num_codes
+  assert res["images"].shape == res["originals"].shape and os.path.exists(out["grid"])
+
+
+def test_bad_inpaint_mask_is_rejected():
+  from conftest import load_config
+  from vqddm_jax import config_schema
+  config = load_config("configs/mnist.py")
+  config.inpaint.mask = "diagonal"
+  with pytest.raises(ValueError, match=r"config\.inpaint\.mask = 'diagonal'.*random:FRACTION"):
+    config_schema.validate_config(config)

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=1000, eval_every=1000, eval_examples=0, eval_t_samples=16, t_buckets=4,
       keep_checkpoints=2)
   c.sample = dict(num_samples=64, steps=0, chunk_steps=100, seed=1, decode_batch_size=256)
+  c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
   return c
 
 
@@ -194,6 +195,11 @@ def validate_prior(config) -> None:
   check_int(config, "sample.chunk_steps", 1)
   check_int(config, "sample.seed", 0)
   check_int(config, "sample.decode_batch_size", 1)
+  from vqddm_jax.inpaint import check_mask_spec  # Imported here: it pulls in the whole sampler.
+  check_mask_spec(config.inpaint.mask)
+  check_int(config, "inpaint.num_images", 1)
+  check_int(config, "inpaint.steps", 0, config.diffusion.num_steps)
+  check_int(config, "inpaint.seed", 0)
 
 
 # Sections are validated in this order; later issues append theirs.

@@ -23,7 +23,10 @@ MODES = {
     "encode": "encode training and held-out images to code maps (workdir/codes/)",
     "train_prior": "stage 2: train the discrete-diffusion prior on code maps (workdir/prior/)",
     "sample": "sample code maps with the prior and decode them (workdir/samples/<step>/)",
+    "inpaint": "complete held-out images outside config.inpaint.mask (workdir/inpaint/); not in 'all'",
 }
+# Modes that --mode=all does not run.
+EXTRA_MODES = ("inpaint",)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "ml_collections config file, optionally FILE:arg (e.g. configs/mnist.py:tiny); "
@@ -33,13 +36,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory holding every stage o
 _MODE = flags.DEFINE_enum("mode", "all", list(MODES), "what to run: " + "; ".join(
     f"{name} = {text}" for name, text in MODES.items()))
 _SAMPLE_STEPS = flags.DEFINE_integer(
-    "sample_steps", None, "reverse steps for --mode=sample: 0 = all T, S < T = a strided subset "
+    "sample_steps", None, "reverse steps for --mode=sample and inpaint: 0 = all T, S < T = a strided subset "
     "(default: config.sample.steps)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def pipeline_modes() -> list[str]:
-  return [m for m in MODES if m != "all"]
+  return [m for m in MODES if m != "all" and m not in EXTRA_MODES]
 
 
 def run_mode(mode: str, config, workdir: str, *, sample_steps: int | None = None) -> bool:
@@ -62,6 +65,10 @@ def run_mode(mode: str, config, workdir: str, *, sample_steps: int | None = None
   if mode == "sample":
     from vqddm_jax.sample import run_sample
     run_sample(config, workdir, sample_steps=sample_steps)
+    return True
+  if mode == "inpaint":
+    from vqddm_jax.inpaint import run_inpaint
+    run_inpaint(config, workdir, sample_steps=sample_steps)
     return True
   raise ValueError(f"--mode={mode!r} is not one of {sorted(MODES)}")
 

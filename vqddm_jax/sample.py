@@ -43,6 +43,26 @@ def _device_keys_fn(key: jax.Array) -> jax.Array:
   return jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
 
 
+def run_chunks(p_chunk: Any, z: Any, ts: np.ndarray, chunk: int, what: str) -> Any:
+  """Runs `z = p_chunk(z, ts[i : i + chunk + 1])` over the descending steps `ts`, logging progress."""
+  t0 = time.perf_counter()
+  steps_total = len(ts) - 1
+  for start in range(0, steps_total, chunk):
+    z = p_chunk(z, jnp.asarray(ts[start:start + chunk + 1]))
+    done = min(start + chunk, steps_total)
+    z.block_until_ready()
+    elapsed = time.perf_counter() - t0
+    logging.info("%s: %d/%d reverse steps (t = %d), %.1fs, ETA %.0fs", what, done, steps_total,
+                 int(ts[done]), elapsed, elapsed / done * (steps_total - done))
+  return z
+
+
+def device_indices() -> jnp.ndarray:
+  """Global indices of this host's devices (what `lax.axis_index` gives inside pmap)."""
+  n = parallel.local_device_count()
+  return jnp.arange(n) + parallel.process_index() * n
+
+
 def sample_code_maps(model: Any, rparams: Any, sched: diffusion.Schedule, *, parametrization: str,
                      key: jax.Array, per_device: int, code_shape: tuple[int, int],
                      num_sampling_steps: int | None, chunk: int) -> np.ndarray:
@@ -56,19 +76,10 @@ def sample_code_maps(model: Any, rparams: Any, sched: diffusion.Schedule, *, par
     return diffusion.reverse_chunk(_device_keys_fn(key), z, ts_chunk, logits_fn, sched)
 
   # z_T per device from fold_in(fold_in(key, global device index), 0), as `diffusion.sample` draws it.
-  devices = np.arange(parallel.local_device_count()) + parallel.process_index() * parallel.local_device_count()
   z = parallel.to_devices(np.asarray(jax.vmap(lambda d: diffusion.uniform_codes(
       jax.random.fold_in(jax.random.fold_in(key, d), 0), (per_device,) + tuple(code_shape), k))(
-          jnp.asarray(devices))))
-  t0 = time.perf_counter()
-  steps_total = len(ts) - 1
-  for start in range(0, steps_total, chunk):
-    z = p_chunk(rparams, z, key, jnp.asarray(ts[start:start + chunk + 1]))
-    done = min(start + chunk, steps_total)
-    z.block_until_ready()
-    elapsed = time.perf_counter() - t0
-    logging.info("sampling: %d/%d reverse steps (t = %d), %.1fs, ETA %.0fs", done, steps_total,
-                 int(ts[done]), elapsed, elapsed / done * (steps_total - done))
+          device_indices())))
+  z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, key, ts_chunk), z, ts, chunk, "sampling")
   return parallel.unshard(z)
 
 
