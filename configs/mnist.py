@@ -24,6 +24,7 @@ def get_config(arg=None):
                               eval_examples=32, eval_t_samples=2)
     config.sample.update(num_samples=16, chunk_steps=8)
     config.inpaint.update(num_images=8)
+    config.eval.update(num_samples=32, step_fractions=(1, 4), classifier_steps=20, inpaint_images=16)
   elif arg not in (None, ""):
     raise ValueError(f"configs/mnist.py takes no argument or 'tiny', got {arg!r}")
   return config

@@ -6,6 +6,7 @@ called by `main` after command-line overrides and before any work, so a bad valu
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -25,28 +26,30 @@ def base_config() -> ml_collections.ConfigDict:
       train_split="train", eval_split="test", image_size=32, channels=1, resize="pad",
       shuffle_buffer=5_000, prefetch=2, holdout_fraction=0.02)
   c.vqvae = dict(
-      ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=32,
+      ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=32,
       codebook_size=256, beta=0.25, norm_groups=8, dropout=0.0, dtype="float32")
   c.vqvae_train = dict(
-      batch_size=64, num_steps=1500, optim=optim_defaults(1e-3), ema_decay=0.99, recon_loss="mse",
+      batch_size=32, num_steps=1000, optim=optim_defaults(1e-3), ema_decay=0.99, recon_loss="mse",
       log_every=50, checkpoint_every=500, image_every=500, eval_every=500, eval_examples=0,
       keep_checkpoints=2)
   c.refit = dict(
       enabled=True, num_codes=128, num_features=20_000, kmeans_iters=300, kmeans_batch_size=4096,
-      kmeans_init="kmeans++", kmeans_refine_iters=20, batch_size=64, num_steps=500,
-      optim=optim_defaults(5e-4), ema_decay=0.99, log_every=50, checkpoint_every=250, image_every=500,
-      eval_every=500, eval_examples=0, keep_checkpoints=2)
+      kmeans_init="kmeans++", kmeans_refine_iters=20, batch_size=32, num_steps=300,
+      optim=optim_defaults(5e-4), ema_decay=0.99, log_every=50, checkpoint_every=300, image_every=300,
+      eval_every=300, eval_examples=0, keep_checkpoints=2)
   c.encode = dict(batch_size=256)
   c.diffusion = dict(num_steps=1000, schedule="cosine", parametrization="residual",
                      importance_sampling=True)
-  c.prior = dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attention=True, mid_attention=True,
+  c.prior = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attention=True, mid_attention=True,
                  groups=8, dropout=0.0, softmax_q=True, time_scale=1.0, dtype="float32")
   c.prior_train = dict(
-      batch_size=64, num_steps=3000, optim=optim_defaults(5e-4), ema_decay=0.995, log_every=50,
-      checkpoint_every=1000, eval_every=1000, eval_examples=0, eval_t_samples=16, t_buckets=4,
+      batch_size=64, num_steps=1500, optim=optim_defaults(1e-3), ema_decay=0.995, log_every=50,
+      checkpoint_every=500, eval_every=1500, eval_examples=0, eval_t_samples=16, t_buckets=4,
       keep_checkpoints=2)
   c.sample = dict(num_samples=64, steps=0, chunk_steps=100, seed=1, decode_batch_size=256)
   c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
+  c.eval = dict(num_samples=500, step_fractions=(1, 4, 10, 40), classifier_steps=600, inpaint_images=200,
+                inception_weights="", seed=3)
   return c
 
 
@@ -200,6 +203,14 @@ def validate_prior(config) -> None:
   check_int(config, "inpaint.num_images", 1)
   check_int(config, "inpaint.steps", 0, config.diffusion.num_steps)
   check_int(config, "inpaint.seed", 0)
+  check_int(config, "eval.num_samples", 2)
+  check_int_tuple(config, "eval.step_fractions", 1)
+  check_int(config, "eval.classifier_steps", 1)
+  check_int(config, "eval.inpaint_images", 1)
+  check_int(config, "eval.seed", 0)
+  weights = config.eval.inception_weights
+  if weights and not os.path.isfile(weights):
+    _fail("eval.inception_weights", weights, "'' (skip FID) or the path of an existing weights file")
 
 
 # Sections are validated in this order; later issues append theirs.

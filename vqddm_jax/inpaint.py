@@ -89,10 +89,11 @@ def inpaint_code_maps(model: Any, rparams: Any, sched: diffusion.Schedule, *, pa
   return parallel.unshard(z)
 
 
-def held_out_images(config: Any, num: int) -> np.ndarray:
-  """The first `num` held-out images, in the order their code maps were stored: `f32[num, H, W, C]`."""
+def first_images(config: Any, split: str, num: int) -> np.ndarray:
+  """The first `num` images of `split` on this host, in the order their code maps were stored:
+  `f32[num, H, W, C]` in [-1, 1]."""
   out = []
-  for batch in data.eval_batches(config.data, split=config.data.eval_split,
+  for batch in data.eval_batches(config.data, split=split,
                                  global_batch_size=parallel.local_device_count() * 8,
                                  num_shards=parallel.local_device_count(), max_examples=num):
     out.append(parallel.unshard(batch["image"])[parallel.unshard(batch["mask"])])
@@ -125,7 +126,7 @@ def run_inpaint(config: Any, workdir: str, *, sample_steps: int | None = None) -
   if not kept:
     raise AssertionError("inpainting changed known codes")
   images = decode_codes(vq_model, vq_params, completed, config.sample.decode_batch_size)
-  originals = held_out_images(config, num)
+  originals = first_images(config, config.data.eval_split, num)
   f = config.data.image_size // code_shape[0]
   pixel_mask = np.repeat(np.repeat(mask, f, axis=1), f, axis=2)[..., None]
   masked = np.where(pixel_mask, originals, 0.0)

@@ -23,6 +23,7 @@ MODES = {
     "encode": "encode training and held-out images to code maps (workdir/codes/)",
     "train_prior": "stage 2: train the discrete-diffusion prior on code maps (workdir/prior/)",
     "sample": "sample code maps with the prior and decode them (workdir/samples/<step>/)",
+    "evaluate": "quality report: FD/KID/precision/recall, bits per code, usage, steps table (workdir/eval/)",
     "inpaint": "complete held-out images outside config.inpaint.mask (workdir/inpaint/); not in 'all'",
 }
 # Modes that --mode=all does not run.
@@ -65,6 +66,10 @@ def run_mode(mode: str, config, workdir: str, *, sample_steps: int | None = None
   if mode == "sample":
     from vqddm_jax.sample import run_sample
     run_sample(config, workdir, sample_steps=sample_steps)
+    return True
+  if mode == "evaluate":
+    from vqddm_jax.evaluate import run_evaluate
+    run_evaluate(config, workdir)
     return True
   if mode == "inpaint":
     from vqddm_jax.inpaint import run_inpaint

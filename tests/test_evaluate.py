@@ -1,0 +1,47 @@
+"""The evaluation report of the shared tiny pipeline run: every field present, reference rows ordered."""
+import json
+import os
+
+import pytest
+
+from vqddm_jax import main as entry
+
+
+def test_pipeline_runs_evaluate_last():
+  assert entry.pipeline_modes()[-1] == "evaluate" and "inpaint" not in entry.pipeline_modes()
+
+
+def test_report_holds_every_field_and_references_order(pipeline_run):
+  config, workdir = pipeline_run
+  with open(os.path.join(workdir, "eval", "report.json")) as f:
+    report = json.load(f)
+  assert 0.0 <= report["classifier_heldout_accuracy"] <= 1.0
+  rows = report["quality"]
+  names = list(rows)
+  assert any(n.startswith("real training images") for n in names)
+  assert any(n.startswith("stage-1 reconstructions") for n in names)
+  assert any(n.startswith("decoded uniformly random codes") for n in names)
+  assert any(n.startswith("samples (") for n in names)
+  assert any(n.startswith("inpainting completions") for n in names)
+  for r in rows.values():
+    assert set(r) >= {"fd", "kid", "kid_std", "precision", "recall", "n"}
+    assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+  floor = next(r for n, r in rows.items() if n.startswith("real training images"))
+  ceiling = next(r for n, r in rows.items() if n.startswith("decoded uniformly random codes"))
+  assert floor["fd"] < ceiling["fd"]
+  steps = [r["steps"] for r in report["steps_vs_quality"]]
+  assert steps == [config.diffusion.num_steps // f for f in config.eval.step_fractions]
+  assert all(r["seconds"] > 0 and "fd" in r for r in report["steps_vs_quality"])
+  assert report["heldout_nelbo"]["uniform_bits_per_code"] > 0
+  assert set(report["codebook"]) >= {"usage", "usage_10", "perplexity", "mse"}
+  md = open(os.path.join(workdir, "eval", "report.md")).read()
+  assert "![samples](samples.png)" in md and "bits per code" in md
+  assert os.path.exists(os.path.join(workdir, "eval", "samples.png"))
+
+
+def test_quality_metrics_are_skipped_with_a_note_without_inception_weights(tmp_path):
+  from conftest import load_config
+  from vqddm_jax.evaluate import feature_extractor
+  config = load_config("configs/celeba.py")
+  fn, facts = feature_extractor(config, str(tmp_path))
+  assert fn is None and "inception_weights" in facts["note"]
