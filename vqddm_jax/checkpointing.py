@@ -95,6 +95,23 @@ class Checkpointer:
     return step
 
 
+def restore_latest_ema(directory: str, abstract: Any, *, missing_hint: str) -> tuple[Any, int]:
+  """Read-only restore of `ema_params` from the latest checkpoint under `directory`: (params, step).
+
+  Raises:
+    FileNotFoundError: no checkpoint there (the message ends with `missing_hint`, e.g. which mode makes it).
+    ValueError: the stored arrays do not fit `abstract`.
+  """
+  ckpt = Checkpointer(directory, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {directory}: {missing_hint}")
+    return ckpt.restore_item("ema_params", abstract, step), int(step)
+  finally:
+    ckpt.close()
+
+
 def _as_abstract(tree: Any) -> Any:
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)

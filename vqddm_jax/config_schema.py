@@ -53,6 +53,34 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def paper_stage1_256(config: ml_collections.ConfigDict, *, num_steps: int, eval_examples: int) -> None:
+  """The paper's f16 VQGAN-style stage 1 for 256×256 RGB data (CelebA-HQ, LSUN): 16×16 codes, K = 1024."""
+  config.data.update(image_size=256, channels=3, resize="center_crop", shuffle_buffer=2_000)
+  config.vqvae.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                      z_channels=256, embed_dim=256, codebook_size=1024, beta=0.25, norm_groups=32)
+  config.vqvae_train.update(batch_size=64, num_steps=num_steps, optim=optim_defaults(1e-4),
+                            ema_decay=0.999, recon_loss="mse", log_every=100, checkpoint_every=5_000,
+                            image_every=2_000, eval_every=10_000, eval_examples=eval_examples)
+  config.vqvae_train.optim.update(warmup_steps=2_000, grad_clip=1.0)
+
+
+def paper_stage2(config: ml_collections.ConfigDict, *, num_codes: int, batch_size: int,
+                 num_steps: int) -> None:
+  """ReFiT and stage 2 as in the authors' configs (METHOD.md §4, §5): k-means on 20,000 features to K'
+  codes, T = 4000, the 117 M-parameter denoiser, Adam 1e-4 with cosine decay, global batch `batch_size`."""
+  config.refit.update(num_codes=num_codes, num_features=20_000, kmeans_iters=300, batch_size=64,
+                      num_steps=20_000, optim=optim_defaults(2e-6), ema_decay=0.999, log_every=100,
+                      checkpoint_every=2_000, image_every=2_000, eval_every=5_000, eval_examples=1_000)
+  config.refit.optim.update(b1=0.5, b2=0.9, schedule="constant")
+  config.diffusion.update(num_steps=4000)
+  config.prior.update(ch=128, ch_mult=(1, 2, 4, 8), num_res_blocks=2)
+  config.prior_train.update(batch_size=batch_size, num_steps=num_steps, optim=optim_defaults(1e-4),
+                            ema_decay=0.9999, log_every=100, checkpoint_every=5_000, eval_every=25_000,
+                            eval_examples=1_000, eval_t_samples=32)
+  config.sample.update(num_samples=64, chunk_steps=200)
+  config.eval.update(num_samples=10_000, inpaint_images=1_000)
+
+
 # ----------------------------------------------------------------------------------------------- checks
 
 

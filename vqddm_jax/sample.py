@@ -28,15 +28,9 @@ def restore_prior(config: Any, workdir: str, num_classes: int, code_shape: tuple
   model = stage2.build_denoiser(config, num_classes)
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1,) + code_shape, jnp.int32), jnp.ones((1,), jnp.int32)))["params"]
-  directory = stage2.stage_dirs(workdir)["checkpoints"]
-  ckpt = checkpointing.Checkpointer(directory, read_only=True)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no stage-2 checkpoint under {directory}: run --mode=train_prior first")
-    return model, ckpt.restore_item("ema_params", abstract, step), int(step)
-  finally:
-    ckpt.close()
+  params, step = checkpointing.restore_latest_ema(stage2.stage_dirs(workdir)["checkpoints"], abstract,
+                                                   missing_hint="run --mode=train_prior first")
+  return model, params, step
 
 
 def _device_keys_fn(key: jax.Array) -> jax.Array:

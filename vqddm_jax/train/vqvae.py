@@ -213,11 +213,7 @@ def restore_ema_params(config: Any, directory: str, *, codebook_size: int | None
   model = build_vqvae(config.vqvae, config.data.channels, codebook_size=codebook_size)
   shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))["params"]
-  ckpt = checkpointing.Checkpointer(directory, read_only=True)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no VQ-VAE checkpoint under {directory}: run --mode=train_vqvae first")
-    return model, ckpt.restore_item("ema_params", abstract, step), int(step)
-  finally:
-    ckpt.close()
+  hint = ("run --mode=train_vqvae first" if directory.rstrip("/").endswith("vqvae/checkpoints")
+          else "run --mode=refit first")
+  params, step = checkpointing.restore_latest_ema(directory, abstract, missing_hint=hint)
+  return model, params, step
