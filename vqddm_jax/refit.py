@@ -44,10 +44,6 @@ def _as_features(features) -> np.ndarray:
   return x
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
 # --------------------------------------------------------------------------------------------------------
 # Distances.
 
@@ -83,8 +79,8 @@ def _sq_dist_to(x: jnp.ndarray, x_sq: jnp.ndarray, rows: jnp.ndarray) -> jnp.nda
 # Seeding: one device, on the seeding set (identical on any device count).
 
 
-def _sample_proportional(key: jax.Array, w: jnp.ndarray, num: int) -> jnp.ndarray:
-  """`num` indices i32[num] drawn with probability ∝ `w: f32[n]` (w >= 0, not all 0).
+def _sample_proportional(u: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """Indices i32[m] drawn with probability ∝ `w: f32[n]` (w >= 0, not all 0), given `u: f32[m]` ~ U[0, 1).
 
   Inverse-CDF in two levels (blocks of ~√n, then within the block): a full cumsum per k-means++ step costs
   more than the step's distances on CPU.
@@ -95,11 +91,12 @@ def _sample_proportional(key: jax.Array, w: jnp.ndarray, num: int) -> jnp.ndarra
   wb = jnp.pad(w, (0, blocks * group - n)).reshape(blocks, group)
   block_sum = jnp.sum(wb, axis=1)
   cdf = jnp.cumsum(block_sum)
-  u = jax.random.uniform(key, (num,)) * cdf[-1]
-  b = jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, blocks - 1)
+  u = u * cdf[-1]
+  # Counting entries <= u is searchsorted(side="right"): ~√n comparisons per draw, and quick to compile.
+  b = jnp.minimum(jnp.sum(cdf[None, :] <= u[:, None], axis=1), blocks - 1)
   within = jnp.cumsum(wb[b], axis=1)
-  i = jax.vmap(lambda c, v: jnp.searchsorted(c, v, side="right"))(within, u - (cdf[b] - block_sum[b]))
-  i = jnp.clip(i, 0, group - 1)
+  i = jnp.sum(within <= (u - (cdf[b] - block_sum[b]))[:, None], axis=1)
+  i = jnp.minimum(i, group - 1)
   # Rounding can step past the block's last positive weight; fall back to its heaviest point.
   i = jnp.where(wb[b, i] > 0, i, jnp.argmax(wb[b], axis=1))
   return jnp.minimum(b * group + i, n - 1).astype(jnp.int32)
@@ -111,14 +108,17 @@ def _kmeanspp(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, trials: int)
   most (trials=1 is plain k-means++). `x: f32[n, d]` -> f32[num_clusters, d]."""
   n = x.shape[0]
   x_sq = jnp.sum(x * x, -1)
-  first = x[jax.random.randint(jax.random.fold_in(key, 0), (), 0, n)]
+  k_first, k_draw = jax.random.split(key)
+  first = x[jax.random.randint(k_first, (), 0, n)]
   c = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(first)
+  # All draws up front: random bits inside the loop body would triple its compile time.
+  draws = jax.random.uniform(k_draw, (num_clusters, trials))
 
   def body(k, carry):
     c, dmin = carry
     # All-zero distances (fewer distinct points than clusters) fall back to uniform draws.
     weights = jnp.where(jnp.sum(dmin) > 0, dmin, 1.0)
-    cand = _sample_proportional(jax.random.fold_in(key, k), weights, trials)
+    cand = _sample_proportional(draws[k], weights)
     dc = _sq_dist_to(x, x_sq, x[cand])
     best = jnp.argmin(jnp.sum(jnp.minimum(dmin[:, None], dc), axis=0))
     return c.at[k].set(x[cand[best]]), jnp.minimum(dmin, dc[:, best])
@@ -133,15 +133,17 @@ def _afkmc2(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, chain_length: 
   pass. `x: f32[n, d]` -> f32[num_clusters, d]."""
   n, dim = x.shape
   x_sq = jnp.sum(x * x, -1)
-  first = x[jax.random.randint(jax.random.fold_in(key, 0), (), 0, n)]
+  k_first, k_prop, k_acc = jax.random.split(key, 3)
+  first = x[jax.random.randint(k_first, (), 0, n)]
+  proposals = jax.random.uniform(k_prop, (num_clusters, chain_length))
+  accepts = jax.random.uniform(k_acc, (num_clusters, chain_length - 1))
   d1 = _sq_dist_to(x, x_sq, first[None])[:, 0]
   q = 0.5 * d1 / jnp.maximum(jnp.sum(d1), 1e-30) + 0.5 / n
   cdf = jnp.cumsum(q)
   c = jnp.zeros((num_clusters, dim), x.dtype).at[0].set(first)
 
   def body(k, c):
-    k_prop, k_acc = jax.random.split(jax.random.fold_in(key, k))
-    cand = jnp.clip(jnp.searchsorted(cdf, jax.random.uniform(k_prop, (chain_length,)) * cdf[-1],
+    cand = jnp.clip(jnp.searchsorted(cdf, proposals[k] * cdf[-1],
                                      side="right"), 0, n - 1)
     rows = x[cand]
     dc = _sq_dist_to(rows, x_sq[cand], c)
@@ -155,7 +157,7 @@ def _afkmc2(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, chain_length: 
       take = (w > u * cur_w) | (cur_w <= 0.0)
       return (jnp.where(take, w, cur_w), jnp.where(take, i, cur_i)), None
 
-    inputs = (ratio[1:], jnp.arange(1, chain_length), jax.random.uniform(k_acc, (chain_length - 1,)))
+    inputs = (ratio[1:], jnp.arange(1, chain_length), accepts[k])
     (_, pick), _ = lax.scan(step, (ratio[0], jnp.int32(0)), inputs)
     return c.at[k].set(rows[pick])
 
@@ -227,13 +229,26 @@ def _reseed(plan: _Plan, c, starved, top):
   return jnp.where(moved[:, None], far_rows[slot], c), moved
 
 
+def _block_index(seed: jnp.ndarray, i: jnp.ndarray, num_blocks: int) -> jnp.ndarray:
+  """Mini-batch of step `i`: a hash (murmur3's finaliser) of (seed, i), uniform over blocks.
+
+  A hash rather than jax.random inside the loop: threefry in a loop body triples the compile time.
+  """
+  h = seed + i.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
+  for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
+    h = h ^ (h >> shift)
+    if mult is not None:
+      h = h * jnp.uint32(mult)
+  return (h % jnp.uint32(num_blocks)).astype(jnp.int32)
+
+
 def _minibatch(plan: _Plan, x, w, c, key, num_iters, reseed_every, reseed_ratio):
   """`num_iters` mini-batch steps (per-centre learning rate 1/count, Sculley 2010); every `reseed_every`
   steps, clusters that got less than `reseed_ratio` × the mean count since the last check are re-seeded."""
 
   def step(i, carry):
     c, v, got, _ = carry
-    b = jax.random.randint(jax.random.fold_in(key, i), (), 0, plan.num_blocks)
+    b = _block_index(seed, i, plan.num_blocks)
     xb, wb, pos = _block(plan, x, w, b)
     _, dist, sums, counts, _ = _stats(plan, xb, wb, c)
     sums, counts = lax.psum((sums, counts), parallel.AXIS)
@@ -247,6 +262,7 @@ def _minibatch(plan: _Plan, x, w, c, key, num_iters, reseed_every, reseed_ratio)
     return c, jnp.where(moved, 0.0, v)  # a moved centre starts a fresh running mean
 
   k, dim = c.shape
+  seed = jax.random.bits(key, dtype=jnp.uint32)
   dummy = (jnp.zeros((plan.block,)), jnp.zeros((plan.block,)), jnp.zeros((plan.block,), jnp.int32),
            jnp.zeros((plan.block, dim)))
 
@@ -311,7 +327,7 @@ def _fit_fn(plan: _Plan, devices: tuple[jax.Device, ...] | None):
 
 def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100, batch_size: int = 4096,
            init="kmeans++", init_size: int | None = None, init_trials: int | None = None,
-           chain_length: int = 200, refine_iters: int = 0, tol: float = 1e-4, reseed_every: int = 10,
+           chain_length: int = 200, refine_iters: int = 10, tol: float = 1e-4, reseed_every: int = 10,
            reseed_ratio: float = 0.01, chunk_size: int = 2048,
            devices: Sequence[jax.Device] | None = None) -> np.ndarray:
   """Mini-batch k-means over features sharded across devices, optionally refined by full-batch Lloyd steps.
@@ -327,7 +343,8 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
     batch_size: global mini-batch size B (rounded up to a multiple of the device count, capped at N).
     init: "kmeans++" (greedy, `init_trials` candidates per centre), "afkmc2" (AFK-MC², the authors'
       choice) or initial centroids f32[K, d].
-    init_size: size of the random seeding subset (default min(N, max(16 K, B)) for k-means++, N for AFK-MC²).
+    init_size: size of the random seeding subset (default min(N, max(64 K, B)) for k-means++, N for AFK-MC²);
+      the seeding decides which local optimum Lloyd ends in, and a larger subset finds better ones.
     init_trials: k-means++ candidates per centre (default 2 + ⌊ln K⌋, as scikit-learn; 1 = plain k-means++).
     chain_length: AFK-MC² Markov-chain length per centre.
     refine_iters: at most this many full-batch Lloyd steps after the mini-batch phase.
@@ -356,7 +373,7 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
   x = (x - mean).astype(np.float32)
   k_perm, k_init, k_fit = jax.random.split(key, 3)
   perm = np.asarray(jax.random.permutation(k_perm, n))
-  batch = min(_round_up(batch_size, shards), _round_up(n, shards))
+  batch = shards * min(-(-batch_size // shards), -(-n // shards))
   num_blocks = -(-n // batch)
   xp = np.zeros((num_blocks * batch, dim), np.float32)
   xp[:n] = x[perm]
@@ -389,7 +406,7 @@ def _seed(key, x, num_clusters, *, init, init_size, init_trials, chain_length, b
   if init not in ("kmeans++", "afkmc2"):
     raise ValueError(f"init={init!r} must be 'kmeans++', 'afkmc2' or an array of centroids")
   if init_size is None:
-    init_size = n if init == "afkmc2" else max(16 * num_clusters, batch)
+    init_size = n if init == "afkmc2" else max(64 * num_clusters, batch)
   if not isinstance(init_size, (int, np.integer)) or init_size < num_clusters:
     raise ValueError(f"init_size={init_size!r} must be an integer >= num_clusters={num_clusters}")
   # x is shuffled, so its first rows are a uniform random subset, the same on every device count.
@@ -447,6 +464,5 @@ def assign(features, centroids, *, chunk_size: int = 2048,
   plan = _Plan(num_clusters=c.shape[0], shards=shards, block=block, num_blocks=num_blocks, chunk=block)
   labels, inertia = _assign_fn(plan, devices)(parallel.shard_strided(xp, shards, devices),
                                               jnp.asarray((c - mean).astype(np.float32)), np.int32(n))
-  labels = np.asarray(labels[0]).swapaxes(0, 1).reshape(-1)
-  inertia = float(np.asarray(inertia)[0])
-  return labels[:n].astype(np.int32), inertia
+  labels, inertia = parallel.unreplicate((labels, inertia))
+  return np.asarray(labels).swapaxes(0, 1).reshape(-1)[:n].astype(np.int32), float(inertia)

@@ -1,0 +1,167 @@
+"""Benchmark: vqddm_jax.refit.kmeans against scikit-learn KMeans / MiniBatchKMeans (and faiss-cpu if present).
+
+Prints, per data set, wall time and final inertia of every method and the two ratios of issue 5: inertia /
+inertia of scikit-learn KMeans (Lloyd, one k-means++ init; target <= 1.01) and time / time of MiniBatchKMeans
+(target <= 0.5). All inertias are measured the same way (`refit.assign`, exact per-point distances), on the
+full data set, and averaged over the timed runs. `kmeans` is timed twice: its first call in the process
+(compile included) and the best of `--repeats` later calls with other keys (compile excluded). The
+scikit-learn numbers are also the best of `--repeats` runs with different seeds, except KMeans, which runs once
+because it is slow. Wall and CPU seconds are both printed: on a shared machine the CPU seconds of a process
+pinned to one core (`--threads=1`) are the robust measure (OpenMP thread teams stall on busy cores).
+
+  python benchmarks/kmeans.py                               # synthetic mixtures, 200,000 x 64, K = 512
+  python benchmarks/kmeans.py --threads=1 --presets=fast    # one pinned core, for a busy machine
+  python benchmarks/kmeans.py --features=workdir/refit/features.npy --no-synthetic
+
+scikit-learn and faiss are benchmark-only dependencies (scikit-learn comes with mlxtend).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+
+# Settings of vqddm_jax.refit.kmeans under test ("default": the function's own defaults).
+PRESETS = {
+    "fast": dict(init_size=8192, num_iters=50, refine_iters=2),
+    "default": dict(),
+    "balanced": dict(init_size=65536, num_iters=25, refine_iters=1),  # 8 greedy trials per centre
+    "accurate": dict(init_size=65536, num_iters=50, refine_iters=10),
+}
+
+
+def _args():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--features", action="append", default=[], help=".npy file f32[N, d] (repeatable)")
+  p.add_argument("--no-synthetic", dest="synthetic", action="store_false", help="skip the Gaussian mixtures")
+  p.add_argument("--num_points", type=int, default=200_000)
+  p.add_argument("--dim", type=int, default=64)
+  p.add_argument("--num_clusters", type=int, default=512)
+  p.add_argument("--repeats", type=int, default=3, help="timed runs of the fast methods (best is reported)")
+  p.add_argument("--host_devices", type=int, default=0, help="fake CPU devices for jax (0: jax's default)")
+  p.add_argument("--threads", type=int, default=0,
+                 help="CPU threads for every method (0: library defaults); 1 makes timings robust on a "
+                      "shared machine, where OpenMP thread teams stall when cores are oversubscribed")
+  p.add_argument("--skip_kmeans", action="store_true", help="skip scikit-learn KMeans (slow)")
+  p.add_argument("--presets", default="fast,balanced,default,accurate",
+                  help=f"comma-separated settings of refit.kmeans to time, from {sorted(PRESETS)}")
+  return p.parse_args()
+
+
+def gaussian_mixture(seed: int, n: int, dim: int, components: int, std: tuple[float, float]) -> np.ndarray:
+  """`components` Gaussians with N(0, I) centres and isotropic std drawn from U(std), equal weights."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(components, dim))
+  scale = rng.uniform(*std, size=components)
+  labels = rng.integers(0, components, n)
+  return (centres[labels] + rng.normal(size=(n, dim)) * scale[labels, None]).astype(np.float32)
+
+
+def _load_features(path: str) -> np.ndarray:
+  """f32[N, d] from a .npy of shape [..., d] (e.g. [B, h, w, d] feature maps)."""
+  x = np.load(path)
+  return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), np.float32)
+
+
+def _best_of(fn, repeats: int):
+  """Best (wall, CPU) seconds of `repeats` calls fn(0), fn(1), ... and all their outputs."""
+  best, outs = np.array([np.inf, np.inf]), []
+  for r in range(repeats):
+    t = np.array([time.perf_counter(), time.process_time()])
+    outs.append(fn(r))
+    best = np.minimum(best, np.array([time.perf_counter(), time.process_time()]) - t)
+  return tuple(best), outs
+
+
+def bench(name: str, x: np.ndarray, args) -> list[tuple[str, float, float]]:
+  """Runs every method on `x`; returns rows (method, (wall s, CPU s), inertia)."""
+  import jax
+  from sklearn.cluster import KMeans, MiniBatchKMeans
+  from vqddm_jax import refit
+
+  k = args.num_clusters
+
+  def inertia(centroids):  # mean over runs: seeds matter as much as the method
+    return float(np.mean([refit.assign(x, np.asarray(c))[1] for c in centroids]))
+
+  rows = []
+  for preset in args.presets.split(","):
+    kw = PRESETS[preset]
+    sec, c = _best_of(lambda r, kw=kw: refit.kmeans(jax.random.key(0), x, k, **kw), 1)
+    rows.append((f"vqddm kmeans [{preset}], 1st call (compile)", sec, inertia(c)))
+    sec, c = _best_of(lambda r, kw=kw: refit.kmeans(jax.random.key(r + 1), x, k, **kw), args.repeats)
+    rows.append((f"vqddm kmeans [{preset}]", sec, inertia(c)))
+    print(f"  [{name}] vqddm kmeans [{preset}] done", flush=True)
+
+  sec, m = _best_of(lambda r: MiniBatchKMeans(k, n_init=1, random_state=r).fit(x), args.repeats)
+  rows.append(("sklearn MiniBatchKMeans", sec, inertia([mm.cluster_centers_ for mm in m])))
+  print(f"  [{name}] MiniBatchKMeans done", flush=True)
+  if not args.skip_kmeans:
+    sec, m = _best_of(lambda r: KMeans(k, n_init=1, algorithm="lloyd", random_state=r).fit(x), 1)
+    rows.append(("sklearn KMeans (lloyd, n_init=1)", sec, inertia([m[0].cluster_centers_])))
+    print(f"  [{name}] KMeans done ({m[0].n_iter_} iterations)", flush=True)
+  try:
+    import faiss  # pytype: disable=import-error
+  except ImportError:
+    print(f"  [{name}] faiss-cpu is not installed: skipped", flush=True)
+  else:
+    def run_faiss(r):
+      km = faiss.Kmeans(x.shape[1], k, niter=20, seed=r + 1)
+      km.train(x)
+      return km.centroids
+    sec, cs = _best_of(run_faiss, args.repeats)
+    rows.append(("faiss Kmeans (20 iterations)", sec, inertia(cs)))
+  return rows
+
+
+def report(name: str, x: np.ndarray, rows) -> None:
+  ref_inertia = dict((r[0], r[2]) for r in rows).get("sklearn KMeans (lloyd, n_init=1)")
+  ref_wall, ref_cpu = dict((r[0], r[1]) for r in rows)["sklearn MiniBatchKMeans"]
+  load = os.getloadavg()[0]
+  print(f"\n{name}: N = {x.shape[0]:,}, d = {x.shape[1]} (load average now {load:.1f})")
+  print(f"| {'method':44s} | {'wall s':>7s} | {'CPU s':>7s} | {'inertia':>12s} | {'inertia / KMeans':>16s} |"
+        f" {'wall / MiniBatch':>16s} | {'CPU / MiniBatch':>15s} |")
+  print(f"|{'-' * 46}|{'-' * 8}:|{'-' * 8}:|{'-' * 13}:|{'-' * 17}:|{'-' * 17}:|{'-' * 16}:|")
+  for method, (wall, cpu), e in rows:
+    ratio = f"{e / ref_inertia:.4f}" if ref_inertia else "n/a"
+    print(f"| {method:44s} | {wall:7.2f} | {cpu:7.2f} | {e:12.6g} | {ratio:>16s} | {wall / ref_wall:16.3f} |"
+          f" {cpu / ref_cpu:15.3f} |")
+  sys.stdout.flush()
+
+
+def main():
+  args = _args()
+  flags = os.environ.get("XLA_FLAGS", "")
+  if args.host_devices:
+    flags += f" --xla_force_host_platform_device_count={args.host_devices}"
+  if args.threads:  # pin the process to that many cores, before any thread pool starts
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+      os.environ[var] = str(args.threads)
+  os.environ["XLA_FLAGS"] = flags.strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax
+  print(f"jax {jax.__version__}, devices: {jax.devices()}; {os.cpu_count()} CPUs; kmeans presets: "
+        + "; ".join(f"{p} {PRESETS[p]}" for p in args.presets.split(",")), flush=True)
+  sets = []
+  if args.synthetic:
+    n, d = args.num_points, args.dim
+    comps = 2 * args.num_clusters
+    sets.append((f"mixture of {comps} separated Gaussians (std 0.1-0.5)",
+                 lambda: gaussian_mixture(0, n, d, comps, (0.1, 0.5))))
+    sets.append((f"mixture of {comps} overlapping Gaussians (std 1.0)",
+                 lambda: gaussian_mixture(1, n, d, comps, (1.0, 1.0))))
+  for path in args.features:
+    sets.append((path, lambda path=path: _load_features(path)))
+  for name, make in sets:
+    x = make()
+    report(name, x, bench(name, x, args))
+
+
+if __name__ == "__main__":
+  main()
