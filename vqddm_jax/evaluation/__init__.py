@@ -1,0 +1,26 @@
+"""Evaluation toolkit: feature-space sample-quality metrics and the networks that give the features.
+
+Public API:
+  feature_statistics(features) -> (mu f64[F], sigma f64[F, F])
+  frechet_distance(mu1, sigma1, mu2, sigma2) -> float
+  kid(features_a, features_b, *, num_subsets=100, subset_size=None, seed=0) -> (mean, std)
+  precision_recall(real, fake, *, k=3, chunk_size=1024) -> (precision, recall)
+  train_classifier(images, labels, *, seed, num_steps, batch_size, ...) -> (params, meta)
+  load_or_train(cache_dir, images, labels, *, seed, num_steps, batch_size, ...) -> (params, meta)
+  classifier_features(params, images) -> f32[N, 128];  accuracy(params, images, labels) -> float
+  labelled_split(data_config, split) -> (images f32[N, S, S, C], labels i32[N])
+  load_inception(path) -> variables;  inception_features(variables, images) -> f32[N, 2048]
+  convert_pytorch_fid_weights(state_dict_path, out_path) -> out_path
+"""
+from vqddm_jax.evaluation.classifier import (accuracy, classifier_features, labelled_split, load_or_train,
+                                             train_classifier)
+from vqddm_jax.evaluation.feature_metrics import (feature_statistics, frechet_distance, kid, knn_radii,
+                                                  precision_recall)
+from vqddm_jax.evaluation.inception import inception_features, load_inception
+from vqddm_jax.evaluation.inception_weights import convert_pytorch_fid_weights
+
+__all__ = [
+    "accuracy", "classifier_features", "convert_pytorch_fid_weights", "feature_statistics",
+    "frechet_distance", "inception_features", "kid", "knn_radii", "labelled_split", "load_inception",
+    "load_or_train", "precision_recall", "train_classifier",
+]
