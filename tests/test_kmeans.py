@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from vqddm_jax import refit
+from vqddm_jax import kmeans_seeding, refit
 
 N, DIM, K = 1003, 3, 7
 FIT = dict(batch_size=64, chunk_size=16)
@@ -139,7 +139,7 @@ def test_bad_arguments_raise(overlapping):
 def test_proportional_sampling_follows_the_weights():
   w = np.array([0, 1, 2, 0, 5, 0, 0, 3, 1, 0, 4], np.float32)  # n = 11: the last block is padded
   u = jax.random.uniform(jax.random.key(0), (40_000,))
-  idx = np.asarray(jax.jit(refit._sample_proportional)(u, w))
+  idx = np.asarray(jax.jit(kmeans_seeding.sample_proportional)(u, w))
   freq = np.bincount(idx, minlength=w.size) / idx.size
   assert freq[w == 0].sum() == 0
   np.testing.assert_allclose(freq, w / w.sum(), atol=0.01)

@@ -1,4 +1,4 @@
-"""ReFiT's k-means: k-means++ / AFK-MC² seeding, sharded mini-batch k-means, full-batch Lloyd refinement.
+"""ReFiT's k-means: sharded mini-batch k-means and full-batch Lloyd refinement (seeding: kmeans_seeding.py).
 
 Layout. The features are centred (float32 distances through ||x||² + ||c||² − 2x·cᵀ lose digits far from the
 origin), shuffled by a permutation drawn from the key, padded with zero-weight rows to a multiple of the global
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vqddm_jax import parallel
+from vqddm_jax import kmeans_seeding, parallel
 
 _HIGHEST = lax.Precision.HIGHEST  # TPUs otherwise multiply f32 in bf16 passes, which flips close assignments.
 
@@ -67,101 +67,6 @@ def _nearest_chunked(x: jnp.ndarray, c: jnp.ndarray, chunk: int) -> tuple[jnp.nd
   xp = jnp.pad(x, ((0, num * chunk - n), (0, 0))).reshape(num, chunk, d)
   labels, dist = lax.map(lambda xc: _nearest(xc, c, c_sq), xp)
   return labels.reshape(-1)[:n], dist.reshape(-1)[:n]
-
-
-def _sq_dist_to(x: jnp.ndarray, x_sq: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
-  """Squared distances f32[n, m] between `x: f32[n, d]` (with `x_sq = ||x||²`) and `rows: f32[m, d]`."""
-  d = x_sq[:, None] + jnp.sum(rows * rows, -1)[None, :] - 2.0 * jnp.dot(x, rows.T, precision=_HIGHEST)
-  return jnp.maximum(d, 0.0)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Seeding: one device, on the seeding set (identical on any device count).
-
-
-def _sample_proportional(u: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-  """Indices i32[m] drawn with probability ∝ `w: f32[n]` (w >= 0, not all 0), given `u: f32[m]` ~ U[0, 1).
-
-  Inverse-CDF in two levels (blocks of ~√n, then within the block): a full cumsum per k-means++ step costs
-  more than the step's distances on CPU.
-  """
-  n = w.shape[0]
-  group = max(1, math.isqrt(n))
-  blocks = -(-n // group)
-  wb = jnp.pad(w, (0, blocks * group - n)).reshape(blocks, group)
-  block_sum = jnp.sum(wb, axis=1)
-  cdf = jnp.cumsum(block_sum)
-  u = u * cdf[-1]
-  # Counting entries <= u is searchsorted(side="right"): ~√n comparisons per draw, and quick to compile.
-  b = jnp.minimum(jnp.sum(cdf[None, :] <= u[:, None], axis=1), blocks - 1)
-  within = jnp.cumsum(wb[b], axis=1)
-  i = jnp.sum(within <= (u - (cdf[b] - block_sum[b]))[:, None], axis=1)
-  i = jnp.minimum(i, group - 1)
-  # Rounding can step past the block's last positive weight; fall back to its heaviest point.
-  i = jnp.where(wb[b, i] > 0, i, jnp.argmax(wb[b], axis=1))
-  return jnp.minimum(b * group + i, n - 1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("num_clusters", "trials"))
-def _kmeanspp(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, trials: int) -> jnp.ndarray:
-  """Greedy k-means++: each step draws `trials` candidates by D² and keeps the one that lowers the potential
-  most (trials=1 is plain k-means++). `x: f32[n, d]` -> f32[num_clusters, d]."""
-  n = x.shape[0]
-  x_sq = jnp.sum(x * x, -1)
-  k_first, k_draw = jax.random.split(key)
-  first = x[jax.random.randint(k_first, (), 0, n)]
-  c = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(first)
-  # All draws up front: random bits inside the loop body would triple its compile time.
-  draws = jax.random.uniform(k_draw, (num_clusters, trials))
-
-  def body(k, carry):
-    c, dmin = carry
-    # All-zero distances (fewer distinct points than clusters) fall back to uniform draws.
-    weights = jnp.where(jnp.sum(dmin) > 0, dmin, 1.0)
-    cand = _sample_proportional(draws[k], weights)
-    dc = _sq_dist_to(x, x_sq, x[cand])
-    best = jnp.argmin(jnp.sum(jnp.minimum(dmin[:, None], dc), axis=0))
-    return c.at[k].set(x[cand[best]]), jnp.minimum(dmin, dc[:, best])
-
-  return lax.fori_loop(1, num_clusters, body, (c, _sq_dist_to(x, x_sq, first[None])[:, 0]))[0]
-
-
-@functools.partial(jax.jit, static_argnames=("num_clusters", "chain_length"))
-def _afkmc2(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, chain_length: int) -> jnp.ndarray:
-  """AFK-MC² (Bachem et al., NeurIPS 2016): k-means++ approximated by one Metropolis-Hastings chain of
-  `chain_length` per centre with the proposal q(x) = ½ d(x, c₁)²/Σd² + ½/n; cost O(chain · K² · d) after one
-  pass. `x: f32[n, d]` -> f32[num_clusters, d]."""
-  n, dim = x.shape
-  x_sq = jnp.sum(x * x, -1)
-  k_first, k_prop, k_acc = jax.random.split(key, 3)
-  first = x[jax.random.randint(k_first, (), 0, n)]
-  proposals = jax.random.uniform(k_prop, (num_clusters, chain_length))
-  accepts = jax.random.uniform(k_acc, (num_clusters, chain_length - 1))
-  d1 = _sq_dist_to(x, x_sq, first[None])[:, 0]
-  q = 0.5 * d1 / jnp.maximum(jnp.sum(d1), 1e-30) + 0.5 / n
-  cdf = jnp.cumsum(q)
-  c = jnp.zeros((num_clusters, dim), x.dtype).at[0].set(first)
-
-  def body(k, c):
-    cand = jnp.clip(jnp.searchsorted(cdf, proposals[k] * cdf[-1],
-                                     side="right"), 0, n - 1)
-    rows = x[cand]
-    dc = _sq_dist_to(rows, x_sq[cand], c)
-    dc = jnp.min(jnp.where(jnp.arange(num_clusters)[None, :] < k, dc, jnp.inf), axis=1)
-    # Target ∝ D², proposal q: accept y over x when D²(y)/q(y) > u · D²(x)/q(x).
-    ratio = dc / q[cand]
-
-    def step(state, inp):
-      cur_w, cur_i = state
-      w, i, u = inp
-      take = (w > u * cur_w) | (cur_w <= 0.0)
-      return (jnp.where(take, w, cur_w), jnp.where(take, i, cur_i)), None
-
-    inputs = (ratio[1:], jnp.arange(1, chain_length), accepts[k])
-    (_, pick), _ = lax.scan(step, (ratio[0], jnp.int32(0)), inputs)
-    return c.at[k].set(rows[pick])
-
-  return lax.fori_loop(1, num_clusters, body, c)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -232,7 +137,7 @@ def _reseed(plan: _Plan, c, starved, top):
 def _block_index(seed: jnp.ndarray, i: jnp.ndarray, num_blocks: int) -> jnp.ndarray:
   """Mini-batch of step `i`: a hash (murmur3's finaliser) of (seed, i), uniform over blocks.
 
-  A hash rather than jax.random inside the loop: threefry in a loop body triples the compile time.
+  A hash rather than jax.random keeps threefry out of the loop body (smaller program, faster compile).
   """
   h = seed + i.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)
   for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
@@ -412,11 +317,11 @@ def _seed(key, x, num_clusters, *, init, init_size, init_trials, chain_length, b
   # x is shuffled, so its first rows are a uniform random subset, the same on every device count.
   xs = jnp.asarray(x[:min(init_size, n)])
   if init == "afkmc2":
-    return _afkmc2(key, xs, num_clusters=num_clusters, chain_length=chain_length)
+    return kmeans_seeding.afkmc2(key, xs, num_clusters=num_clusters, chain_length=chain_length)
   trials = 2 + int(math.log(num_clusters)) if init_trials is None else init_trials
   if not isinstance(trials, (int, np.integer)) or trials < 1:
     raise ValueError(f"init_trials={init_trials!r} must be an integer >= 1")
-  return _kmeanspp(key, xs, num_clusters=num_clusters, trials=trials)
+  return kmeans_seeding.kmeanspp(key, xs, num_clusters=num_clusters, trials=trials)
 
 
 @functools.lru_cache(maxsize=None)
