@@ -2,7 +2,6 @@
 import json
 import os
 
-import pytest
 
 from vqddm_jax import main as entry
 

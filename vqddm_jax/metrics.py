@@ -47,14 +47,6 @@ def format_eta(seconds: float) -> str:
   return f"{seconds // 3600:d}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
-  """Averages a list of per-step metric dicts (device arrays are fetched once, here)."""
-  if not history:
-    return {}
-  history = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-
-
 def all_finite(tree: Any) -> jnp.ndarray:
   """`bool[]`: every leaf of `tree` is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]

@@ -24,7 +24,6 @@ import os
 import threading
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
 from PIL import Image
 

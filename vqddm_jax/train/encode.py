@@ -6,7 +6,6 @@ the same checkpoint; a missing or mismatching checkpoint fails with a message na
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import time
