@@ -7,7 +7,7 @@
 4. Fine-tune decoder, codebook and post_quant_conv with encoder and quant_conv frozen (their updates are
    zero, so they stay bit-identical), with the stage-1 reconstruction loss plus the codebook term.
 Layout under `workdir/refit/`: `checkpoints/`, `tensorboard/`, `images/`, `rebuild.json` (metrics before and
-right after the rebuild, written once), `report.json` and `report.md` (before / rebuilt / fine-tuned).
+right after the rebuild, written once), `features.npy` (the k-means input), `report.json` and `report.md` (before / rebuilt / fine-tuned).
 """
 from __future__ import annotations
 
@@ -91,6 +91,9 @@ def rebuild_codebook(config: Any, workdir: str) -> tuple[Any, Any, dict]:
                              seed=config.seed)
   logging.info("ReFiT: k-means with K' = %d on %d feature vectors of dimension %d", rcfg.num_codes,
                *features.shape)
+  if parallel.is_main_process():  # Kept for inspection and benchmarks/kmeans.py --features.
+    os.makedirs(os.path.join(workdir, STAGE), exist_ok=True)
+    np.save(os.path.join(workdir, STAGE, "features.npy"), features)
   centroids = refit.kmeans(jax.random.key(config.seed), features, rcfg.num_codes,
                            num_iters=rcfg.kmeans_iters, batch_size=rcfg.kmeans_batch_size,
                            init=rcfg.kmeans_init, refine_iters=rcfg.kmeans_refine_iters)
