@@ -125,3 +125,42 @@ def global_example_index(per_device: int) -> jnp.ndarray:
   # Under multi-host pmap, axis_index already counts devices across all hosts.
   base = jax.lax.axis_index(AXIS) * per_device
   return base + jnp.arange(per_device, dtype=jnp.int32)
+
+
+# Used by refit.kmeans: features dealt round-robin to shards, mapped with some arguments broadcast.
+
+
+def num_shards(devices: Sequence[jax.Device] | None = None) -> int:
+  """How many shards a mapped computation over `devices` has (default: all devices of all hosts)."""
+  return len(devices) if devices is not None else jax.device_count()
+
+
+def shard_strided(host_array: np.ndarray, shards: int,
+                  devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+  """Deals host rows round-robin to shards: row `i` goes to shard `i % shards`, local row `i // shards`.
+
+  Args:
+    host_array: `[shards * n, ...]`, the same full array on every host.
+    shards: the global number of shards (`num_shards(devices)`).
+    devices: explicit devices (single process); None maps over every host's local devices.
+
+  Returns:
+    `[local shards, n, ...]`: this process's shards (all of them when `devices` is given or on one host).
+    Any contiguous block of `shards * b` rows lands as `b` contiguous local rows on every shard, so
+    block-sampled mini-batches are the same whatever the device count.
+  """
+  x = np.asarray(host_array)
+  if x.shape[0] % shards:
+    raise ValueError(f"leading axis {x.shape[0]} is not divisible by {shards} shards")
+  x = np.swapaxes(x.reshape((x.shape[0] // shards, shards) + x.shape[1:]), 0, 1)
+  if devices is None and jax.process_count() > 1:
+    local = jax.local_device_count()
+    x = x[jax.process_index() * local:(jax.process_index() + 1) * local]
+  return x
+
+
+def pmap_with_axes(fn: Callable[..., Any], *, in_axes: Sequence[int | None],
+                   devices: Sequence[jax.Device] | None = None) -> Callable[..., Any]:
+  """Maps `fn` over `devices` (default: local devices) on axis `AXIS`; `None` in `in_axes` broadcasts."""
+  return jax.pmap(fn, axis_name=AXIS, in_axes=tuple(in_axes),
+                  devices=None if devices is None else list(devices))
