@@ -109,6 +109,23 @@ def main(argv):
       logging.warning("stopped during %s (SIGTERM); rerun the same command to resume", mode)
       return
   logging.info("done: %s", workdir)
+  if _MODE.value == "all" and parallel.is_main_process():
+    print(where_results_are(workdir))
+
+
+def where_results_are(workdir: str) -> str:
+  """The lines printed at the end of a pipeline run: where the samples and the report are."""
+  import glob
+  samples = sorted(glob.glob(os.path.join(workdir, "samples", "*", "samples_S*.png")),
+                   key=os.path.getmtime)
+  lines = [f"vqddm_jax: pipeline finished in {workdir}"]
+  if samples:
+    lines.append(f"  samples: {samples[-1]}")
+  for name, path in (("evaluation report", "eval/report.md"), ("ReFiT report", "refit/report.md")):
+    if os.path.exists(os.path.join(workdir, path)):
+      lines.append(f"  {name}: {os.path.join(workdir, path)}")
+  lines.append(f"  TensorBoard: tensorboard --logdir {workdir}")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
