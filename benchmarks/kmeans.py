@@ -3,10 +3,10 @@
 Prints, per data set, wall time and final inertia of every method and the two ratios of issue 5: inertia /
 inertia of scikit-learn KMeans (Lloyd, one k-means++ init; target <= 1.01) and time / time of MiniBatchKMeans
 (target <= 0.5). All inertias are measured the same way (`refit.assign`, exact per-point distances), on the
-full data set, and averaged over the timed runs. `kmeans` is timed twice: its first call in the process
-(compile included) and the best of `--repeats` later calls with other keys (compile excluded). The
-scikit-learn numbers are also the best of `--repeats` runs with different seeds, except KMeans, which runs once
-because it is slow. Wall and CPU seconds are both printed: on a shared machine the CPU seconds of a process
+full data set, and averaged over the timed runs. `kmeans` is timed twice: its first call from cold caches
+(compile included) and the best of `--repeats` later calls with other keys (compile excluded). The fast
+methods run in interleaved rounds (same load for all) and report the best of `--repeats` runs with different
+seeds; scikit-learn KMeans runs once because it is slow. Wall and CPU seconds are both printed: on a shared machine the CPU seconds of a process
 pinned to one core (`--threads=1`) are the robust measure (OpenMP thread teams stall on busy cores).
 
   python benchmarks/kmeans.py                               # synthetic mixtures, 200,000 x 64, K = 512
@@ -67,45 +67,25 @@ def _load_features(path: str) -> np.ndarray:
   return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), np.float32)
 
 
-def _best_of(fn, repeats: int):
-  """Best (wall, CPU) seconds of `repeats` calls fn(0), fn(1), ... and all their outputs."""
-  best, outs = np.array([np.inf, np.inf]), []
-  for r in range(repeats):
-    t = np.array([time.perf_counter(), time.process_time()])
-    outs.append(fn(r))
-    best = np.minimum(best, np.array([time.perf_counter(), time.process_time()]) - t)
-  return tuple(best), outs
+def _timed(fn):
+  """(wall s, CPU s) of one call, and its output."""
+  t = np.array([time.perf_counter(), time.process_time()])
+  out = fn()
+  return tuple(np.array([time.perf_counter(), time.process_time()]) - t), out
 
 
-def bench(name: str, x: np.ndarray, args) -> list[tuple[str, float, float]]:
-  """Runs every method on `x`; returns rows (method, (wall s, CPU s), inertia)."""
+def bench(name: str, x: np.ndarray, args) -> list[tuple[str, tuple[float, float], float]]:
+  """Runs every method on `x`; returns rows (method, best (wall s, CPU s), mean inertia)."""
   import jax
   from sklearn.cluster import KMeans, MiniBatchKMeans
   from vqddm_jax import refit
 
   k = args.num_clusters
-
-  def inertia(centroids):  # mean over runs: seeds matter as much as the method
-    return float(np.mean([refit.assign(x, np.asarray(c))[1] for c in centroids]))
-
-  rows = []
-  for preset in args.presets.split(","):
-    kw = PRESETS[preset]
-    jax.clear_caches()  # so that every preset's first call pays its whole compile
-    refit._fit_fn.cache_clear()  # pylint: disable=protected-access
-    sec, c = _best_of(lambda r, kw=kw: refit.kmeans(jax.random.key(0), x, k, **kw), 1)
-    rows.append((f"vqddm kmeans [{preset}], 1st call (compile)", sec, inertia(c)))
-    sec, c = _best_of(lambda r, kw=kw: refit.kmeans(jax.random.key(r + 1), x, k, **kw), args.repeats)
-    rows.append((f"vqddm kmeans [{preset}]", sec, inertia(c)))
-    print(f"  [{name}] vqddm kmeans [{preset}] done", flush=True)
-
-  sec, m = _best_of(lambda r: MiniBatchKMeans(k, n_init=1, random_state=r).fit(x), args.repeats)
-  rows.append(("sklearn MiniBatchKMeans", sec, inertia([mm.cluster_centers_ for mm in m])))
-  print(f"  [{name}] MiniBatchKMeans done", flush=True)
-  if not args.skip_kmeans:
-    sec, m = _best_of(lambda r: KMeans(k, n_init=1, algorithm="lloyd", random_state=r).fit(x), 1)
-    rows.append(("sklearn KMeans (lloyd, n_init=1)", sec, inertia([m[0].cluster_centers_])))
-    print(f"  [{name}] KMeans done ({m[0].n_iter_} iterations)", flush=True)
+  presets = args.presets.split(",")
+  fast = {f"vqddm kmeans [{p}]": (lambda r, kw=PRESETS[p]: refit.kmeans(jax.random.key(r + 1), x, k, **kw))
+          for p in presets}
+  fast["sklearn MiniBatchKMeans"] = (
+      lambda r: MiniBatchKMeans(k, n_init=1, random_state=r).fit(x).cluster_centers_)
   try:
     import faiss  # pytype: disable=import-error
   except ImportError:
@@ -115,8 +95,32 @@ def bench(name: str, x: np.ndarray, args) -> list[tuple[str, float, float]]:
       km = faiss.Kmeans(x.shape[1], k, niter=20, seed=r + 1)
       km.train(x)
       return km.centroids
-    sec, cs = _best_of(run_faiss, args.repeats)
-    rows.append(("faiss Kmeans (20 iterations)", sec, inertia(cs)))
+    fast["faiss Kmeans (20 iterations)"] = run_faiss
+
+  def inertia(centroids):  # mean over runs: the seed matters as much as the method
+    return float(np.mean([refit.assign(x, np.asarray(c))[1] for c in centroids]))
+
+  rows = []
+  for p in presets:
+    jax.clear_caches()  # so that every preset's first call pays its whole compile
+    refit._fit_fn.cache_clear()  # pylint: disable=protected-access
+    sec, c = _timed(lambda p=p: refit.kmeans(jax.random.key(0), x, k, **PRESETS[p]))
+    rows.append((f"vqddm kmeans [{p}], 1st call (compile)", sec, inertia([c])))
+  # Interleaved rounds, so that every method meets the same load on a shared machine.
+  times = {m: [] for m in fast}
+  outs = {m: [] for m in fast}
+  for r in range(args.repeats):
+    for method, fn in fast.items():
+      sec, c = _timed(lambda fn=fn: fn(r))
+      times[method].append(sec)
+      outs[method].append(c)
+    print(f"  [{name}] round {r + 1} of {args.repeats} done", flush=True)
+  for method in fast:
+    rows.append((method, tuple(np.min(times[method], axis=0)), inertia(outs[method])))
+  if not args.skip_kmeans:
+    sec, m = _timed(lambda: KMeans(k, n_init=1, algorithm="lloyd", random_state=0).fit(x))
+    rows.append(("sklearn KMeans (lloyd, n_init=1)", sec, inertia([m.cluster_centers_])))
+    print(f"  [{name}] KMeans done ({m.n_iter_} iterations)", flush=True)
   return rows
 
 
