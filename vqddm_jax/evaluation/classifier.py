@@ -3,8 +3,12 @@
 No FID weights can be downloaded where this project is built (see OFFLINE.md), so on the embedded MNIST-5k
 set sample quality is measured in the feature space of this network, trained by the project on the training
 split (4,500 digits) and checked on the held-out split (500). Training is one jitted `lax.scan` over all
-steps on one device (the network is tiny; pmap would only add transfers) and takes well under a minute on two
-CPU cores; `load_or_train` caches the result so an evaluation pays it once per workdir.
+steps on one device (the network is tiny; pmap would only add transfers); `load_or_train` caches the result
+so an evaluation pays it once per workdir.
+
+Measured with the defaults (800 steps of 64, AdamW 3e-3 cosine-decayed, weight decay 1e-2, ±2 px shifts):
+held-out accuracy 97.6 / 98.4 / 98.8 % for seeds 0 / 1 / 2, in 70-80 s of process CPU time, about 40 s of
+wall time on two otherwise idle cores (several times more under XLA's fake multi-device test flags).
 """
 from __future__ import annotations
 
@@ -89,11 +93,11 @@ def _shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
 
 @functools.lru_cache(maxsize=8)
 def _train_fn(*, image_shape: tuple[int, ...], widths: tuple[int, ...], num_classes: int, num_steps: int,
-              batch_size: int, learning_rate: float, max_shift: int):
+              batch_size: int, learning_rate: float, weight_decay: float, max_shift: int):
   """The whole training run as one jitted function of (seed, images, labels); cached per static setting
   so that retraining with the same shapes (tests, cache misses) does not compile again."""
   model = SmallCNN(num_classes=num_classes, widths=widths)
-  tx = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps))
+  tx = optax.adamw(optax.cosine_decay_schedule(learning_rate, num_steps), weight_decay=weight_decay)
 
   def loss_fn(p, x, y):
     logits, _ = model.apply({"params": p}, x)
@@ -120,12 +124,14 @@ def _train_fn(*, image_shape: tuple[int, ...], widths: tuple[int, ...], num_clas
 
 
 def train_classifier(images, labels, *, seed: int = 0, num_steps: int = NUM_STEPS,
-                     batch_size: int = BATCH_SIZE, learning_rate: float = 3e-3, max_shift: int = 2,
-                     widths: tuple[int, ...] = WIDTHS, num_classes: int = 10) -> tuple[Any, dict[str, Any]]:
-  """Trains SmallCNN with Adam (cosine-decayed learning rate) and cross-entropy.
+                     batch_size: int = BATCH_SIZE, learning_rate: float = 3e-3, weight_decay: float = 1e-2,
+                     max_shift: int = 2, widths: tuple[int, ...] = WIDTHS,
+                     num_classes: int = 10) -> tuple[Any, dict[str, Any]]:
+  """Trains SmallCNN with AdamW (cosine-decayed learning rate) and cross-entropy.
 
   Each step draws `batch_size` training examples uniformly with replacement (key `fold_in(seed, step)`)
-  and shifts them randomly; the result is a deterministic function of the arguments.
+  and shifts them randomly; the result is a deterministic function of the arguments on a given machine and
+  XLA configuration (float rounding may differ across them).
 
   Args:
     images: f32[N, H, W, C] in [-1, 1], H and W divisible by 8 (MNIST-5k: [4500, 32, 32, 1]).
@@ -133,7 +139,8 @@ def train_classifier(images, labels, *, seed: int = 0, num_steps: int = NUM_STEP
     seed: seed of initialisation and batches.
     num_steps: optimiser steps.
     batch_size: examples per step.
-    learning_rate: peak Adam learning rate.
+    learning_rate: peak learning rate.
+    weight_decay: AdamW's decoupled weight decay.
     max_shift: augmentation shift in pixels (0 disables it).
     widths: channels of the three conv stages.
     num_classes: output classes.
@@ -149,10 +156,11 @@ def train_classifier(images, labels, *, seed: int = 0, num_steps: int = NUM_STEP
   start, cpu_start = time.perf_counter(), time.process_time()
   run = _train_fn(image_shape=tuple(images.shape[1:]), widths=tuple(widths), num_classes=num_classes,
                   num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
-                  max_shift=max_shift)
+                  weight_decay=weight_decay, max_shift=max_shift)
   params, losses = jax.device_get(run(seed, images, labels))
   meta = dict(arch=_ARCH, seed=seed, num_steps=num_steps, batch_size=batch_size,
-              learning_rate=learning_rate, max_shift=max_shift, widths=list(widths), num_classes=num_classes,
+              learning_rate=learning_rate, weight_decay=weight_decay, max_shift=max_shift,
+              widths=list(widths), num_classes=num_classes,
               image_shape=list(images.shape[1:]), num_train=int(images.shape[0]),
               final_loss=float(losses[-max(1, num_steps // 20):].mean()),
               train_seconds=time.perf_counter() - start, train_cpu_seconds=time.process_time() - cpu_start)
