@@ -10,8 +10,16 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402  (must follow the flag above)
 import pytest  # noqa: E402
+
+# Stages rebuild their jitted steps on every call (resume tests run a stage twice, sampling tests sample
+# several times): a persistent compilation cache for the session turns those repeats into cache hits.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="vqddm_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

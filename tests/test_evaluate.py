@@ -1,6 +1,7 @@
 """The evaluation report of the shared tiny pipeline run: every field present, reference rows ordered."""
 import json
 import os
+import pathlib
 
 
 from vqddm_jax import main as entry
@@ -33,7 +34,7 @@ def test_report_holds_every_field_and_references_order(pipeline_run):
   assert all(r["seconds"] > 0 and "fd" in r for r in report["steps_vs_quality"])
   assert report["heldout_nelbo"]["uniform_bits_per_code"] > 0
   assert set(report["codebook"]) >= {"usage", "usage_10", "perplexity", "mse"}
-  md = open(os.path.join(workdir, "eval", "report.md")).read()
+  md = pathlib.Path(workdir, "eval", "report.md").read_text()
   assert "![samples](samples.png)" in md and "bits per code" in md
   assert os.path.exists(os.path.join(workdir, "eval", "samples.png"))
 

@@ -1,6 +1,7 @@
 """ReFiT stage on the shared tiny pipeline run: frozen encoder, changed decoder, report, encode skip."""
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
@@ -34,7 +35,7 @@ def test_report_has_three_rows_and_encode_used_the_rebuilt_codebook(pipeline_run
     report = json.load(f)
   for key in ("before", "rebuilt", "finetuned"):
     assert set(report[key]) >= {"usage", "usage_10", "perplexity", "mse"}
-  assert "after fine-tune" in open(os.path.join(workdir, "refit", "report.md")).read()
+  assert "after fine-tune" in pathlib.Path(workdir, "refit", "report.md").read_text()
   meta = codes_lib.read_meta(codes_lib.codes_dir(workdir, 0, 1))
   assert meta["codebook_size"] == config.refit.num_codes and meta["source"].endswith("refit/checkpoints")
   codes = codes_lib.load_codes(codes_lib.codes_dir(workdir, 0, 1), config.data.train_split)

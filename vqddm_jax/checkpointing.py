@@ -121,4 +121,4 @@ def _check_shapes(restored: Any, abstract: Any, where: str) -> None:
   got = jax.tree_util.tree_map(np.shape, restored)
   want = jax.tree_util.tree_map(np.shape, abstract)
   if got != want:
-    raise ValueError(f"checkpoint {where} has array shapes that differ from the current config")
+    raise ValueError(f"checkpoint {where} does not match the current config (its array shapes differ)")
