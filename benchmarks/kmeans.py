@@ -22,7 +22,21 @@ import os
 import sys
 import time
 
-import numpy as np
+
+def _pin_threads() -> None:
+  """`--threads=n`: pins the process to n cores and sizes every thread pool, before numpy starts BLAS."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--threads", type=int, default=0)
+  n = pre.parse_known_args()[0].threads
+  if n:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+      os.environ[var] = str(n)
+
+
+_pin_threads()
+
+import numpy as np  # noqa: E402  (after _pin_threads)
 
 
 # Settings of vqddm_jax.refit.kmeans under test ("default": the function's own defaults).
@@ -144,10 +158,6 @@ def main():
   flags = os.environ.get("XLA_FLAGS", "")
   if args.host_devices:
     flags += f" --xla_force_host_platform_device_count={args.host_devices}"
-  if args.threads:  # pin the process to that many cores, before any thread pool starts
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-      os.environ[var] = str(args.threads)
   os.environ["XLA_FLAGS"] = flags.strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
