@@ -141,10 +141,9 @@ def run_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                                    if k not in ("steps", "fraction")}
     inp_cfg = config.copy_and_resolve_references()
     inp_cfg.inpaint.num_images = min(ecfg.inpaint_images, num)
-    inp = run_inpaint(inp_cfg, workdir)
+    inp = dict(np.load(run_inpaint(inp_cfg, workdir)["npz"]))
     rows[f"inpainting completions ({inp_cfg.inpaint.mask})"] = quality_row(
-        feats_fn(first_images(config, config.data.eval_split, len(np.load(inp["npz"])["mask"]))),
-        feats_fn(np.load(inp["npz"])["images"]), ecfg.seed)
+        feats_fn(inp["originals"]), feats_fn(inp["images"]), ecfg.seed)
   grid = metrics.save_png(os.path.join(out_dir, "samples.png"), metrics.image_grid(samples[:64]))
   prior_eval = _load_json(os.path.join(workdir, "prior", "eval.json")) or {}
   refit_report = _load_json(os.path.join(workdir, "refit", "report.json"))

@@ -21,7 +21,7 @@ from PIL import Image
 
 from vqddm_jax import data, diffusion, metrics, parallel
 from vqddm_jax.data import codes as codes_lib
-from vqddm_jax.sample import decode_codes, device_indices, restore_prior, run_chunks
+from vqddm_jax.sample import decode_codes, device_indices, device_key, restore_prior, run_chunks
 from vqddm_jax.train import encode
 from vqddm_jax.train import prior as stage2
 
@@ -71,9 +71,6 @@ def inpaint_code_maps(model: Any, rparams: Any, sched: diffusion.Schedule, *, pa
   """Completes `known: i32[N, h, w]` outside `mask: bool[N, h, w]` on all local devices (N divisible)."""
   ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
   mask_d, known_d = parallel.to_devices(parallel.shard(mask)), parallel.to_devices(parallel.shard(known))
-
-  def device_key(key):
-    return jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
 
   @functools.partial(jax.pmap, axis_name=parallel.AXIS, in_axes=(0, 0, 0, 0, None))
   def p_chunk(params, z, m, z0, key_ts):

@@ -33,7 +33,8 @@ def restore_prior(config: Any, workdir: str, num_classes: int, code_shape: tuple
   return model, params, step
 
 
-def _device_keys_fn(key: jax.Array) -> jax.Array:
+def device_key(key: jax.Array) -> jax.Array:
+  """Inside pmap: this device's sampling key, fold_in(key, global device index)."""
   return jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
 
 
@@ -67,7 +68,7 @@ def sample_code_maps(model: Any, rparams: Any, sched: diffusion.Schedule, *, par
   @functools.partial(jax.pmap, axis_name=parallel.AXIS, in_axes=(0, 0, None, None))
   def p_chunk(params, z, key, ts_chunk):
     logits_fn = stage2.logits_fn_for(model, params, parametrization)
-    return diffusion.reverse_chunk(_device_keys_fn(key), z, ts_chunk, logits_fn, sched)
+    return diffusion.reverse_chunk(device_key(key), z, ts_chunk, logits_fn, sched)
 
   # z_T per device from fold_in(fold_in(key, global device index), 0), as `diffusion.sample` draws it.
   z = parallel.to_devices(np.asarray(jax.vmap(lambda d: diffusion.uniform_codes(

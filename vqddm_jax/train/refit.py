@@ -53,7 +53,7 @@ def sample_features(model: Any, rparams: Any, cfg_data: Any, *, num_features: in
                       axis_name=parallel.AXIS)
   n = data.num_examples(cfg_data, cfg_data.train_split) // parallel.process_count()
   rng = np.random.default_rng([seed, parallel.process_index()])
-  chosen, offset = [], 0
+  chosen = []
   for batch in data.eval_batches(cfg_data, split=cfg_data.train_split, global_batch_size=batch_size,
                                  num_shards=parallel.local_device_count()):
     feats = parallel.unshard(p_encode(rparams, parallel.to_devices(batch["image"])))
@@ -63,7 +63,6 @@ def sample_features(model: Any, rparams: Any, cfg_data: Any, *, num_features: in
     # Distinct positions per image: the first `per_image` of a random permutation of the h·w positions.
     pos = np.argsort(rng.random((b, h * w)), axis=1)[:, :per_image]
     chosen.append(feats.reshape(b, h * w, d)[np.arange(b)[:, None], pos].reshape(-1, d))
-    offset += b
   features = np.concatenate(chosen)
   if len(features) > num_features:  # P random images (or positions) out of those visited.
     features = features[np.sort(rng.choice(len(features), num_features, replace=False))]
