@@ -56,9 +56,35 @@ def test_separated_blobs_are_recovered_exactly(separated, init):
   assert inertia == pytest.approx(_brute_force(x, c)[1], rel=1e-5)
 
 
-def test_same_centroids_on_8_devices_and_on_1(overlapping, num_devices):
+def test_nested_levels_recover_separated_blobs(separated):
+  x, truth = separated
+  c = refit.kmeans(jax.random.key(0), x, K, num_iters=0, nested=((128, 5), (512, 3)), refine_iters=2,
+                   overrelax=1.5, **FIT)
+  labels, _ = refit.assign(x, c, chunk_size=16)
+  assert _same_partition(labels, truth)
+
+
+def test_a_nested_level_over_all_points_is_full_batch_lloyd(overlapping):
+  kw = dict(num_iters=5, overrelax=1.3, **FIT)
+  full = refit.kmeans(jax.random.key(2), overlapping, K, refine_iters=3, tol=0.0, **kw)
+  nested = refit.kmeans(jax.random.key(2), overlapping, K, nested=((N, 3),), refine_iters=0, tol=0.0, **kw)
+  np.testing.assert_array_equal(full, nested)
+  # A prefix of a few mini-batches sees fewer points, and ends elsewhere.
+  part = refit.kmeans(jax.random.key(2), overlapping, K, nested=((128, 3),), refine_iters=0, tol=0.0, **kw)
+  assert not np.allclose(part, full)
+
+
+def test_argmin_rows_is_argmin_with_first_index_on_ties():
+  s = np.random.default_rng(0).integers(0, 4, size=(64, 9)).astype(np.float32)  # many ties
+  np.testing.assert_array_equal(refit._argmin_rows(s), np.argmin(s, axis=-1))  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("schedule", ["minibatch_lloyd", "nested_overrelaxed"])
+def test_same_centroids_on_8_devices_and_on_1(overlapping, num_devices, schedule):
   # reseed_ratio 0.3 makes the mini-batch phase re-seed clusters, so that path is compared too.
   kw = dict(num_iters=37, refine_iters=4, reseed_ratio=0.3, **FIT)
+  if schedule == "nested_overrelaxed":
+    kw.update(nested=((200, 3), (600, 2)), overrelax=1.5)
   key = jax.random.key(3)
   c8 = refit.kmeans(key, overlapping, K, **kw)
   c1 = refit.kmeans(key, overlapping, K, devices=jax.local_devices()[:1], **kw)
@@ -127,7 +153,9 @@ def test_bad_arguments_raise(overlapping):
   key = jax.random.key(0)
   for kwargs, match in [(dict(init="random"), "init="), (dict(batch_size=0), "batch_size="),
                         (dict(init=np.zeros((3, 3))), "init centroids"),
-                        (dict(init_size=2), "init_size=")]:
+                        (dict(init_size=2), "init_size="), (dict(nested=((0, 2),)), r"nested\[0\]="),
+                        (dict(nested=((64,),)), r"nested\[0\]="), (dict(nested=((64, 1),) * 17), "levels"),
+                        (dict(overrelax=2.0), "overrelax="), (dict(overrelax=0.0), "overrelax=")]:
     with pytest.raises(ValueError, match=match):
       refit.kmeans(key, overlapping, 4, **kwargs)
   with pytest.raises(ValueError, match="centroids"):

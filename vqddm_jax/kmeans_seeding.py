@@ -1,4 +1,5 @@
-"""k-means seeding for ReFiT (`refit.kmeans`): greedy k-means++ and AFK-MC², jitted, on one device.
+"""k-means seeding for ReFiT (`refit.kmeans`): greedy k-means++ and AFK-MC², jitted, on one device, and
+`initial_centroids`, which picks one by the arguments of `refit.kmeans`.
 
 The seeding set is small next to the data (a random subset), and seeding on one device makes the initial
 centroids the same whatever the number of devices that run the k-means iterations afterwards.
@@ -10,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -102,3 +104,30 @@ def afkmc2(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, chain_length: i
     return c.at[k].set(rows[pick])
 
   return lax.fori_loop(1, num_clusters, body, c)
+
+
+def initial_centroids(key, x, num_clusters, *, init, init_size, init_trials, chain_length, batch, mean):
+  """Initial centroids f32[K, d] for `refit.kmeans` (its arguments of the same names), centred by `mean`.
+
+  `x: f32[N, d]` are the shuffled, centred features; `batch` is the global mini-batch size.
+  """
+  n, dim = x.shape
+  if not isinstance(init, str):
+    c = np.asarray(init, np.float32)
+    if c.shape != (num_clusters, dim):
+      raise ValueError(f"init centroids must have shape {(num_clusters, dim)}, got {c.shape}")
+    return jnp.asarray((c - mean).astype(np.float32))
+  if init not in ("kmeans++", "afkmc2"):
+    raise ValueError(f"init={init!r} must be 'kmeans++', 'afkmc2' or an array of centroids")
+  if init_size is None:
+    init_size = n if init == "afkmc2" else max(64 * num_clusters, batch)
+  if not isinstance(init_size, (int, np.integer)) or init_size < num_clusters:
+    raise ValueError(f"init_size={init_size!r} must be an integer >= num_clusters={num_clusters}")
+  # x is shuffled, so its first rows are a uniform random subset, the same on every device count.
+  xs = jnp.asarray(x[:min(init_size, n)])
+  if init == "afkmc2":
+    return afkmc2(key, xs, num_clusters=num_clusters, chain_length=chain_length)
+  trials = 2 + int(math.log(num_clusters)) if init_trials is None else init_trials
+  if not isinstance(trials, (int, np.integer)) or trials < 1:
+    raise ValueError(f"init_trials={init_trials!r} must be an integer >= 1")
+  return kmeanspp(key, xs, num_clusters=num_clusters, trials=trials)

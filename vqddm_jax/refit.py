@@ -8,6 +8,10 @@ shard, and the seeding set is the first `init_size` positions (a uniform random 
 alone, so the centroids do not depend on the device count (up to float rounding in the cross-device sums)
 whenever `batch_size` is a multiple of both device counts.
 
+Phases, each optional: seeding on a random subset; Sculley's mini-batch steps (per-centre learning rates);
+nested mini-batches (Lloyd steps on growing prefixes of the shuffled points, which are uniform subsets nested
+in one another); full-batch Lloyd refinement. Lloyd steps may be over-relaxed (`overrelax`).
+
 Every step computes distances chunk by chunk (`chunk_size` rows × K at a time): no N×K×d tensor, and N×K only
 in bounded chunks. Per-cluster sums, counts and inertia are reduced with `lax.psum` over `parallel.AXIS`.
 """
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -53,8 +56,20 @@ def _nearest(x: jnp.ndarray, c: jnp.ndarray, c_sq: jnp.ndarray) -> tuple[jnp.nda
   # argmin needs only ||c||² − 2x·c. The winner's distance is recomputed directly (O(n·d)): the expanded
   # form cancels digits when ||x|| ≫ ||x − c||, and inertia and re-seeding read these distances.
   s = c_sq[None, :] - 2.0 * jnp.dot(x, c.T, precision=_HIGHEST)
-  labels = jnp.argmin(s, axis=-1).astype(jnp.int32)
+  labels = _argmin_rows(s)
   return labels, jnp.sum(jnp.square(x - c[labels]), axis=-1)
+
+
+def _argmin_rows(s: jnp.ndarray) -> jnp.ndarray:
+  """`jnp.argmin(s, axis=-1)` (first index of the minimum) for `s: f32[n, K]`, as i32[n].
+
+  Two plain reductions (min, then the largest K − k among the minima) vectorise on XLA:CPU; argmin's
+  (value, index) reduction does not, and made a whole Lloyd pass 1.4× slower on one CPU core.
+  """
+  k = s.shape[-1]
+  low = jnp.min(s, axis=-1, keepdims=True)
+  rev = jnp.max(jnp.where(s <= low, k - jnp.arange(k, dtype=jnp.int32), 0), axis=-1)
+  return k - rev
 
 
 def _nearest_chunked(x: jnp.ndarray, c: jnp.ndarray, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -182,25 +197,31 @@ def _minibatch(plan: _Plan, x, w, c, key, num_iters, reseed_every, reseed_ratio)
   return lax.fori_loop(0, -(-num_iters // reseed_every), round_, (c, jnp.zeros(k)))[0]
 
 
-def _full_pass(plan: _Plan, x, w, c):
-  """One pass over all blocks: psum'd sums, counts, inertia, and this shard's running farthest points."""
-  dim = c.shape[1]
-  top0 = (jnp.full((plan.far,), -1.0), jnp.zeros((plan.far,), jnp.int32), jnp.zeros((plan.far, dim)))
+def _full_pass(plan: _Plan, x, w, c, num_blocks):
+  """One pass over blocks [0, num_blocks): psum'd sums f32[K, d], counts f32[K], inertia, and this shard's
+  distance of every row to its centroid f32[rows] (−1 for rows outside the pass), read only to re-seed."""
 
   def body(b, carry):
-    sums, counts, inertia, top = carry
-    xb, wb, pos = _block(plan, x, w, b)
+    sums, counts, inertia, dist_all = carry
+    xb, wb, _ = _block(plan, x, w, b)
     _, dist, s, n, e = _stats(plan, xb, wb, c)
-    return sums + s, counts + n, inertia + e, _top_far(plan, dist, wb, pos, xb, prev=top)
+    dist_all = lax.dynamic_update_slice_in_dim(dist_all, dist, b * plan.block, 0)
+    return sums + s, counts + n, inertia + e, dist_all
 
-  init = (jnp.zeros_like(c), jnp.zeros(c.shape[0]), jnp.zeros(()), top0)
-  sums, counts, inertia, top = lax.fori_loop(0, plan.num_blocks, body, init)
+  init = (jnp.zeros_like(c), jnp.zeros(c.shape[0]), jnp.zeros(()), jnp.full(x.shape[:1], -1.0))
+  sums, counts, inertia, dist_all = lax.fori_loop(0, num_blocks, body, init)
   sums, counts, inertia = lax.psum((sums, counts, inertia), parallel.AXIS)
-  return sums, counts, inertia, top
+  return sums, counts, inertia, dist_all
 
 
-def _lloyd(plan: _Plan, x, w, c, refine_iters, tol):
-  """Up to `refine_iters` full-batch Lloyd steps; stops once Σ‖Δc‖² <= tol. Empty clusters are re-seeded."""
+def _lloyd(plan: _Plan, x, w, c, refine_iters, tol, num_blocks, overrelax):
+  """Up to `refine_iters` Lloyd steps over the points of blocks [0, num_blocks) (all of them: full-batch);
+  stops once Σ‖Δc‖² <= tol. Empty clusters are re-seeded.
+
+  Each step but the last moves a centre by `overrelax` × (mean of its points − centre): Lloyd's fixed-point
+  iteration creeps along shallow directions, and over-relaxation (1 < α < 2) takes longer strides along them.
+  The last step is a plain Lloyd step, so the result is the mean of its own partition.
+  """
 
   def cond(carry):
     i, _, shift = carry
@@ -208,9 +229,15 @@ def _lloyd(plan: _Plan, x, w, c, refine_iters, tol):
 
   def body(carry):
     i, c, _ = carry
-    sums, counts, _, top = _full_pass(plan, x, w, c)
-    new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], c)
-    new, _ = _reseed(plan, new, counts == 0, top)
+    sums, counts, _, dist = _full_pass(plan, x, w, c, num_blocks)
+    mean = sums / jnp.maximum(counts, 1.0)[:, None]
+    alpha = jnp.where(i == refine_iters - 1, 1.0, overrelax)
+    new = jnp.where(counts[:, None] > 0, c + alpha * (mean - c), c)
+    empty = counts == 0
+    # Counts are psum'd, so every device takes the same branch; the sort over all rows runs only when needed.
+    pos = jnp.arange(x.shape[0], dtype=jnp.int32) * plan.shards + lax.axis_index(parallel.AXIS)
+    new = lax.cond(jnp.any(empty), lambda: _reseed(plan, new, empty, _top_far(plan, dist, w, pos, x))[0],
+                   lambda: new)
     return i + 1, new, jnp.sum((new - c) ** 2)
 
   return lax.while_loop(cond, body, (0, c, jnp.inf))[1]
@@ -218,12 +245,17 @@ def _lloyd(plan: _Plan, x, w, c, refine_iters, tol):
 
 @functools.lru_cache(maxsize=None)
 def _fit_fn(plan: _Plan, devices: tuple[jax.Device, ...] | None):
-  def fit(x, w, c, key, loops, reseed_ratio, tol):
+  def fit(x, w, c, key, loops, nested, reseed_ratio, tol, overrelax):
     num_iters, reseed_every, refine_iters = loops
     c = _minibatch(plan, x, w, c, key, num_iters, reseed_every, reseed_ratio)
-    return _lloyd(plan, x, w, c, refine_iters, tol)
 
-  return parallel.pmap_with_axes(fit, in_axes=(0, 0, None, None, None, None, None), devices=devices)
+    def level(i, c):  # nested mini-batches: Lloyd steps on growing prefixes of the shuffled points
+      return _lloyd(plan, x, w, c, nested[i, 1], tol, nested[i, 0], overrelax)
+
+    c = lax.fori_loop(0, nested.shape[0], level, c)
+    return _lloyd(plan, x, w, c, refine_iters, tol, plan.num_blocks, overrelax)
+
+  return parallel.pmap_with_axes(fit, in_axes=(0, 0) + (None,) * 7, devices=devices)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -233,7 +265,8 @@ def _fit_fn(plan: _Plan, devices: tuple[jax.Device, ...] | None):
 def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100, batch_size: int = 4096,
            init="kmeans++", init_size: int | None = None, init_trials: int | None = None,
            chain_length: int = 200, refine_iters: int = 10, tol: float = 1e-4, reseed_every: int = 10,
-           reseed_ratio: float = 0.01, chunk_size: int = 2048,
+           reseed_ratio: float = 0.01, chunk_size: int = 1024,
+           nested: Sequence[tuple[int, int]] = (), overrelax: float = 1.0,
            devices: Sequence[jax.Device] | None = None) -> np.ndarray:
   """Mini-batch k-means over features sharded across devices, optionally refined by full-batch Lloyd steps.
 
@@ -258,6 +291,11 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
     reseed_ratio: a cluster is starved when it got less than this × the mean count since the last check;
       starved (and, in Lloyd steps, empty) clusters move onto the points farthest from their centroids.
     chunk_size: rows per distance matmul: memory holds chunk_size × K distances per device.
+    nested: (num_points, steps) pairs, run between the mini-batch phase and the full-batch refinement:
+      `steps` Lloyd steps on the first `num_points` shuffled points (rounded up to whole mini-batches), each
+      prefix a uniform subset nested in the next (nested mini-batch k-means, Newling & Fleuret, NeurIPS
+      2016). Steps on small prefixes are cheap and do most of the moving; e.g. ((16384, 8), (65536, 3)).
+    overrelax: α of the Lloyd steps (see `_lloyd`); 1 is plain Lloyd, 1.5 converges about twice as fast.
     devices: devices to shard over (one process); default all devices of all hosts.
 
   Returns:
@@ -271,6 +309,8 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
                            ("chunk_size", chunk_size, 1), ("chain_length", chain_length, 1)):
     if not isinstance(value, (int, np.integer)) or value < low:
       raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+  if not 0.0 < overrelax < 2.0:  # α >= 2 overshoots the mean by more than the step it corrects
+    raise ValueError(f"overrelax={overrelax!r} must be in (0, 2); 1 is plain Lloyd")
   devices = None if devices is None else tuple(devices)
   shards = parallel.num_shards(devices)
 
@@ -285,9 +325,11 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
   wp = np.zeros((num_blocks * batch,), np.float32)
   wp[:n] = 1.0
 
-  c0 = _seed(k_init, xp[:n], num_clusters, init=init, init_size=init_size, init_trials=init_trials,
-             chain_length=chain_length, batch=batch, mean=mean)
-  if num_iters == 0 and refine_iters == 0:
+  levels = _nested_levels(nested, batch, num_blocks)
+  c0 = kmeans_seeding.initial_centroids(k_init, xp[:n], num_clusters, init=init, init_size=init_size,
+                                        init_trials=init_trials, chain_length=chain_length, batch=batch,
+                                        mean=mean)
+  if num_iters == 0 and refine_iters == 0 and not levels[:, 1].any():
     return (np.asarray(c0, np.float64) + mean).astype(np.float32)
   plan = _Plan(num_clusters=num_clusters, shards=shards, block=batch // shards, num_blocks=num_blocks,
                chunk=chunk_size)
@@ -295,33 +337,27 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
   flat = x.reshape(-1)
   tol_abs = float(tol * np.dot(flat, flat) / flat.size)  # x is centred: mean per-feature variance
   out = _fit_fn(plan, devices)(parallel.shard_strided(xp, shards, devices),
-                               parallel.shard_strided(wp, shards, devices), c0, k_fit, loops,
-                               np.float32(reseed_ratio), np.float32(tol_abs))
+                               parallel.shard_strided(wp, shards, devices), c0, k_fit, loops, levels,
+                               np.float32(reseed_ratio), np.float32(tol_abs), np.float32(overrelax))
   return (np.asarray(parallel.unreplicate(out), np.float64) + mean).astype(np.float32)
 
 
-def _seed(key, x, num_clusters, *, init, init_size, init_trials, chain_length, batch, mean):
-  """Initial centroids f32[K, d] (centred) from the shuffled, centred features `x: f32[N, d]`."""
-  n, dim = x.shape
-  if not isinstance(init, str):
-    c = np.asarray(init, np.float32)
-    if c.shape != (num_clusters, dim):
-      raise ValueError(f"init centroids must have shape {(num_clusters, dim)}, got {c.shape}")
-    return jnp.asarray((c - mean).astype(np.float32))
-  if init not in ("kmeans++", "afkmc2"):
-    raise ValueError(f"init={init!r} must be 'kmeans++', 'afkmc2' or an array of centroids")
-  if init_size is None:
-    init_size = n if init == "afkmc2" else max(64 * num_clusters, batch)
-  if not isinstance(init_size, (int, np.integer)) or init_size < num_clusters:
-    raise ValueError(f"init_size={init_size!r} must be an integer >= num_clusters={num_clusters}")
-  # x is shuffled, so its first rows are a uniform random subset, the same on every device count.
-  xs = jnp.asarray(x[:min(init_size, n)])
-  if init == "afkmc2":
-    return kmeans_seeding.afkmc2(key, xs, num_clusters=num_clusters, chain_length=chain_length)
-  trials = 2 + int(math.log(num_clusters)) if init_trials is None else init_trials
-  if not isinstance(trials, (int, np.integer)) or trials < 1:
-    raise ValueError(f"init_trials={init_trials!r} must be an integer >= 1")
-  return kmeans_seeding.kmeanspp(key, xs, num_clusters=num_clusters, trials=trials)
+_MAX_LEVELS = 16  # nested levels are padded to this many (0 steps), so level lists share one program
+
+
+def _nested_levels(nested, batch: int, num_blocks: int) -> np.ndarray:
+  """i32[_MAX_LEVELS, 2] of (blocks in the prefix, Lloyd steps) from `nested` (num_points, steps) pairs."""
+  levels = np.zeros((_MAX_LEVELS, 2), np.int32)
+  nested = tuple(nested)
+  if len(nested) > _MAX_LEVELS:
+    raise ValueError(f"nested has {len(nested)} levels; at most {_MAX_LEVELS} are allowed")
+  for i, level in enumerate(nested):
+    if (len(level) != 2 or not all(isinstance(v, (int, np.integer)) for v in level) or level[0] < 1
+        or level[1] < 0):
+      raise ValueError(f"nested[{i}]={level!r} must be a pair (num_points >= 1, steps >= 0)")
+    # A prefix is whole mini-batches of the shuffled points, and never more than all of them.
+    levels[i] = (min(-(-level[0] // batch), num_blocks), level[1])
+  return levels
 
 
 @functools.lru_cache(maxsize=None)
