@@ -8,7 +8,6 @@ original) and `inpaint.npz` (mask, known codes, completed codes, images).
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 from typing import Any
@@ -72,11 +71,12 @@ def inpaint_code_maps(model: Any, rparams: Any, sched: diffusion.Schedule, *, pa
   ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
   mask_d, known_d = parallel.to_devices(parallel.shard(mask)), parallel.to_devices(parallel.shard(known))
 
-  @functools.partial(jax.pmap, axis_name=parallel.AXIS, in_axes=(0, 0, 0, 0, None))
-  def p_chunk(params, z, m, z0, key_ts):
+  def chunk_fn(params, z, m, z0, key_ts):
     key, ts_chunk = key_ts
     return diffusion.inpaint_chunk(device_key(key), z, ts_chunk,
                                    stage2.logits_fn_for(model, params, parametrization), sched, m, z0)
+
+  p_chunk = parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, 0, 0, None))
 
   z = parallel.to_devices(np.asarray(jax.vmap(
       lambda d, m, z0: diffusion.inpaint_init(jax.random.fold_in(key, d), m, z0, sched))(

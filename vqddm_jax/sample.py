@@ -6,7 +6,6 @@ chunks of reverse steps with a progress line per chunk; the same seed gives the 
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
 from typing import Any
@@ -65,10 +64,11 @@ def sample_code_maps(model: Any, rparams: Any, sched: diffusion.Schedule, *, par
   k = sched.num_classes
   ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
 
-  @functools.partial(jax.pmap, axis_name=parallel.AXIS, in_axes=(0, 0, None, None))
-  def p_chunk(params, z, key, ts_chunk):
+  def chunk_fn(params, z, key, ts_chunk):
     logits_fn = stage2.logits_fn_for(model, params, parametrization)
     return diffusion.reverse_chunk(device_key(key), z, ts_chunk, logits_fn, sched)
+
+  p_chunk = parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, None, None))
 
   # z_T per device from fold_in(fold_in(key, global device index), 0), as `diffusion.sample` draws it.
   z = parallel.to_devices(np.asarray(jax.vmap(lambda d: diffusion.uniform_codes(

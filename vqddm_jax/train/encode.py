@@ -11,7 +11,6 @@ import shutil
 import time
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -37,8 +36,8 @@ def restore_tokenizer(config: Any, workdir: str) -> tuple[Any, Any, int, str]:
 
 def encode_split(model: Any, rparams: Any, cfg_data: Any, split: str, batch_size: int) -> np.ndarray:
   """All code maps of `split` on this host, in the pipeline's deterministic order: `i32[N, h, w]`."""
-  p_encode = jax.pmap(lambda p, x: model.apply({"params": p}, x, method=type(model).encode_to_indices),
-                      axis_name=parallel.AXIS)
+  p_encode = parallel.pmap_eval(
+      lambda p, x: model.apply({"params": p}, x, method=type(model).encode_to_indices))
   total = -(-data.num_examples(cfg_data, split) // parallel.process_count())
   out, done, t0, last_log = [], 0, time.perf_counter(), 0.0
   for batch in data.eval_batches(cfg_data, split=split, global_batch_size=batch_size,

@@ -192,10 +192,10 @@ def train_prior(config: Any, workdir: str) -> tuple[PriorState | None, bool]:
       parametrization=config.diffusion.parametrization,
       use_importance=config.diffusion.importance_sampling, ema_decay=tcfg.ema_decay,
       t_buckets=tcfg.t_buckets))
-  p_eval = jax.pmap(functools.partial(eval_step, model=model, sched=sched,
-                                      parametrization=config.diffusion.parametrization,
-                                      t_samples=tcfg.eval_t_samples),
-                    axis_name=parallel.AXIS, in_axes=(0, 0, None))
+  p_eval = parallel.pmap_with_axes(functools.partial(eval_step, model=model, sched=sched,
+                                                     parametrization=config.diffusion.parametrization,
+                                                     t_samples=tcfg.eval_t_samples),
+                                   in_axes=(0, 0, None))
   writer = metrics.make_writer(dirs["tensorboard"], is_main=parallel.is_main_process())
   ndev = parallel.local_device_count()
   per_device = parallel.per_device_batch_size(tcfg.batch_size)

@@ -49,8 +49,7 @@ def sample_features(model: Any, rparams: Any, cfg_data: Any, *, num_features: in
                     seed: int) -> np.ndarray:
   """P feature vectors `f32[P, d]`: one random position of each of P random training images (more distinct
   positions per image when P > N), streamed in batches so only the sampled vectors are kept."""
-  p_encode = jax.pmap(lambda p, x: model.apply({"params": p}, x, method=type(model).encode),
-                      axis_name=parallel.AXIS)
+  p_encode = parallel.pmap_eval(lambda p, x: model.apply({"params": p}, x, method=type(model).encode))
   n = data.num_examples(cfg_data, cfg_data.train_split) // parallel.process_count()
   rng = np.random.default_rng([seed, parallel.process_index()])
   chosen = []
