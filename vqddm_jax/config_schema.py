@@ -38,15 +38,15 @@ def base_config() -> ml_collections.ConfigDict:
       optim=optim_defaults(5e-4), ema_decay=0.99, log_every=50, checkpoint_every=200, image_every=200,
       eval_every=200, eval_examples=0, keep_checkpoints=2)
   c.encode = dict(batch_size=256)
-  c.diffusion = dict(num_steps=500, schedule="cosine", parametrization="residual",
+  c.diffusion = dict(num_steps=250, schedule="cosine", parametrization="residual",
                      importance_sampling=True)
   c.prior = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attention=True, mid_attention=True,
                  groups=8, dropout=0.0, softmax_q=True, time_scale=1.0, dtype="float32")
   c.prior_train = dict(
-      batch_size=32, num_steps=1500, optim=optim_defaults(1e-3), ema_decay=0.995, log_every=50,
-      checkpoint_every=500, eval_every=1500, eval_examples=0, eval_t_samples=16, t_buckets=4,
+      batch_size=32, num_steps=2000, optim=optim_defaults(1e-3), ema_decay=0.995, log_every=50,
+      checkpoint_every=1000, eval_every=2000, eval_examples=0, eval_t_samples=16, t_buckets=4,
       keep_checkpoints=2)
-  c.sample = dict(num_samples=64, steps=0, chunk_steps=100, seed=1, decode_batch_size=256)
+  c.sample = dict(num_samples=64, steps=0, chunk_steps=125, seed=1, decode_batch_size=256)
   c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
   c.eval = dict(num_samples=256, step_fractions=(1, 4, 10, 40), classifier_steps=600, inpaint_images=64,
                 inception_weights="", seed=3)
