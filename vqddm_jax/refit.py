@@ -377,7 +377,7 @@ def _assign_fn(plan: _Plan, devices: tuple[jax.Device, ...] | None):
   return parallel.pmap_with_axes(run, in_axes=(0, None, None), devices=devices)
 
 
-def assign(features, centroids, *, chunk_size: int = 2048,
+def assign(features, centroids, *, chunk_size: int = 1024,
            devices: Sequence[jax.Device] | None = None) -> tuple[np.ndarray, float]:
   """Nearest centroid of every feature vector, sharded over devices.
 
