@@ -122,11 +122,9 @@ def _stats(plan: _Plan, x, w, c):
   return labels, dist, sums, counts, jnp.sum(w * dist)
 
 
-def _top_far(plan: _Plan, dist, w, pos, x, prev=None):
-  """This shard's `far` real points farthest from their centroid (merged with `prev`, a running top)."""
+def _top_far(plan: _Plan, dist, w, pos, x):
+  """This shard's `far` real points farthest from their centroid: (distances, global positions, rows)."""
   vals = jnp.where(w > 0, dist, -1.0)  # padding rows never re-seed a cluster
-  if prev is not None:
-    vals, pos, x = (jnp.concatenate([a, b]) for a, b in zip((vals, pos, x), prev))
   # Sorting by (−distance, position) breaks ties by global position, whatever the device count.
   _, _, idx = lax.sort((-vals, pos, jnp.arange(vals.shape[0])), num_keys=2)
   idx = idx[:plan.far]
@@ -198,20 +196,20 @@ def _minibatch(plan: _Plan, x, w, c, key, num_iters, reseed_every, reseed_ratio)
 
 
 def _full_pass(plan: _Plan, x, w, c, num_blocks):
-  """One pass over blocks [0, num_blocks): psum'd sums f32[K, d], counts f32[K], inertia, and this shard's
+  """One pass over blocks [0, num_blocks): psum'd sums f32[K, d] and counts f32[K], and this shard's
   distance of every row to its centroid f32[rows] (−1 for rows outside the pass), read only to re-seed."""
 
   def body(b, carry):
-    sums, counts, inertia, dist_all = carry
+    sums, counts, dist_all = carry
     xb, wb, _ = _block(plan, x, w, b)
-    _, dist, s, n, e = _stats(plan, xb, wb, c)
+    _, dist, s, n, _ = _stats(plan, xb, wb, c)
     dist_all = lax.dynamic_update_slice_in_dim(dist_all, dist, b * plan.block, 0)
-    return sums + s, counts + n, inertia + e, dist_all
+    return sums + s, counts + n, dist_all
 
-  init = (jnp.zeros_like(c), jnp.zeros(c.shape[0]), jnp.zeros(()), jnp.full(x.shape[:1], -1.0))
-  sums, counts, inertia, dist_all = lax.fori_loop(0, num_blocks, body, init)
-  sums, counts, inertia = lax.psum((sums, counts, inertia), parallel.AXIS)
-  return sums, counts, inertia, dist_all
+  init = (jnp.zeros_like(c), jnp.zeros(c.shape[0]), jnp.full(x.shape[:1], -1.0))
+  sums, counts, dist_all = lax.fori_loop(0, num_blocks, body, init)
+  sums, counts = lax.psum((sums, counts), parallel.AXIS)
+  return sums, counts, dist_all
 
 
 def _lloyd(plan: _Plan, x, w, c, refine_iters, tol, num_blocks, overrelax):
@@ -220,7 +218,8 @@ def _lloyd(plan: _Plan, x, w, c, refine_iters, tol, num_blocks, overrelax):
 
   Each step but the last moves a centre by `overrelax` × (mean of its points − centre): Lloyd's fixed-point
   iteration creeps along shallow directions, and over-relaxation (1 < α < 2) takes longer strides along them.
-  The last step is a plain Lloyd step, so the result is the mean of its own partition.
+  Step `refine_iters` (the last, unless `tol` stops the loop earlier) is a plain Lloyd step, so a full run
+  ends on the means of the points assigned in its last pass.
   """
 
   def cond(carry):
@@ -229,15 +228,18 @@ def _lloyd(plan: _Plan, x, w, c, refine_iters, tol, num_blocks, overrelax):
 
   def body(carry):
     i, c, _ = carry
-    sums, counts, _, dist = _full_pass(plan, x, w, c, num_blocks)
+    sums, counts, dist = _full_pass(plan, x, w, c, num_blocks)
     mean = sums / jnp.maximum(counts, 1.0)[:, None]
     alpha = jnp.where(i == refine_iters - 1, 1.0, overrelax)
     new = jnp.where(counts[:, None] > 0, c + alpha * (mean - c), c)
     empty = counts == 0
+
+    def reseed_empty():
+      pos = jnp.arange(x.shape[0], dtype=jnp.int32) * plan.shards + lax.axis_index(parallel.AXIS)
+      return _reseed(plan, new, empty, _top_far(plan, dist, w, pos, x))[0]
+
     # Counts are psum'd, so every device takes the same branch; the sort over all rows runs only when needed.
-    pos = jnp.arange(x.shape[0], dtype=jnp.int32) * plan.shards + lax.axis_index(parallel.AXIS)
-    new = lax.cond(jnp.any(empty), lambda: _reseed(plan, new, empty, _top_far(plan, dist, w, pos, x))[0],
-                   lambda: new)
+    new = lax.cond(jnp.any(empty), reseed_empty, lambda: new)
     return i + 1, new, jnp.sum((new - c) ** 2)
 
   return lax.while_loop(cond, body, (0, c, jnp.inf))[1]
