@@ -86,13 +86,16 @@ def reverse_chunk(key: jax.Array, z: jnp.ndarray, ts_chunk: jnp.ndarray, logits_
   Returns:
     i32[B, h, w], the codes at step ts_chunk[-1].
   """
+  return _scan_transitions(
+      lambda z_t, t, s: reverse_step(jax.random.fold_in(key, t), z_t, t, s, logits_fn, sched), z, ts_chunk)
+
+
+def _scan_transitions(step: Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray], z: jnp.ndarray,
+                      ts_chunk: jnp.ndarray) -> jnp.ndarray:
+  """`z = step(z, t, s)` for the consecutive pairs (t, s) of `ts_chunk: i32[C+1]`, as one `lax.scan`."""
   ts_chunk = jnp.asarray(ts_chunk, jnp.int32)
-
-  def body(z_t, ts):
-    t, s = ts
-    return reverse_step(jax.random.fold_in(key, t), z_t, t, s, logits_fn, sched), None
-
-  z, _ = jax.lax.scan(body, jnp.asarray(z, jnp.int32), (ts_chunk[:-1], ts_chunk[1:]))
+  z, _ = jax.lax.scan(lambda z_t, ts: (step(z_t, *ts), None), jnp.asarray(z, jnp.int32),
+                      (ts_chunk[:-1], ts_chunk[1:]))
   return z
 
 
@@ -156,20 +159,17 @@ def inpaint_chunk(key: jax.Array, z: jnp.ndarray, ts_chunk: jnp.ndarray, logits_
   Returns:
     i32[B, h, w], the codes at step ts_chunk[-1].
   """
-  ts_chunk = jnp.asarray(ts_chunk, jnp.int32)
   z0_known = jnp.asarray(z0_known, jnp.int32)
 
-  def body(z_t, ts):
-    t, s = ts
+  def step(z_t, t, s):
     key_model, key_known = jax.random.split(jax.random.fold_in(key, t))
     log_p = model_log_posterior(z_t, t, s, logits_fn, sched)
     z_s = categorical(key_model, log_p)
     # q(z_s | z_0) is the keep-or-resample mixture, so q_sample draws it in O(1); at s = 0 it keeps z_0.
     known = q_sample(key_known, z0_known, s, sched, log_p.shape[-1])
-    return jnp.where(mask, known, z_s), None
+    return jnp.where(mask, known, z_s)
 
-  z, _ = jax.lax.scan(body, jnp.asarray(z, jnp.int32), (ts_chunk[:-1], ts_chunk[1:]))
-  return z
+  return _scan_transitions(step, z, ts_chunk)
 
 
 def inpaint(key: jax.Array, logits_fn: LogitsFn, sched: Schedule, mask: jnp.ndarray, z0_known: jnp.ndarray,
