@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from vqddm_jax import kmeans_seeding, refit
+from vqddm_jax import kmeans_distances, kmeans_seeding, refit
 
 N, DIM, K = 1003, 3, 7
 FIT = dict(batch_size=64, chunk_size=16)
@@ -44,7 +44,7 @@ def overlapping():
   return _blobs(spread=3.0, seed=1)[0]
 
 
-@pytest.mark.parametrize("init", ["kmeans++", "afkmc2"])
+@pytest.mark.parametrize("init", ["kmeans++", "kmeans||", "afkmc2"])
 def test_separated_blobs_are_recovered_exactly(separated, init):
   x, truth = separated
   c = refit.kmeans(jax.random.key(0), x, K, init=init, num_iters=20, refine_iters=5, chain_length=50, **FIT)
@@ -74,9 +74,9 @@ def test_a_nested_level_over_all_points_is_full_batch_lloyd(overlapping):
   assert not np.allclose(part, full)
 
 
-def test_argmin_rows_is_argmin_with_first_index_on_ties():
-  s = np.random.default_rng(0).integers(0, 4, size=(64, 9)).astype(np.float32)  # many ties
-  np.testing.assert_array_equal(refit._argmin_rows(s), np.argmin(s, axis=-1))  # pylint: disable=protected-access
+def test_argmin_columns_is_argmin_with_first_index_on_ties():
+  s = np.random.default_rng(0).integers(0, 4, size=(9, 64)).astype(np.float32)  # many ties
+  np.testing.assert_array_equal(kmeans_distances.argmin_columns(s), np.argmin(s, axis=0))
 
 
 @pytest.mark.parametrize("schedule", ["minibatch_lloyd", "nested_overrelaxed"])
@@ -84,7 +84,7 @@ def test_same_centroids_on_8_devices_and_on_1(overlapping, num_devices, schedule
   # reseed_ratio 0.3 makes the mini-batch phase re-seed clusters, so that path is compared too.
   kw = dict(num_iters=37, refine_iters=4, reseed_ratio=0.3, **FIT)
   if schedule == "nested_overrelaxed":
-    kw.update(nested=((200, 3), (600, 2)), overrelax=1.5)
+    kw.update(nested=((200, 3), (600, 2)), overrelax=1.5, init="kmeans||")
   key = jax.random.key(3)
   c8 = refit.kmeans(key, overlapping, K, **kw)
   c1 = refit.kmeans(key, overlapping, K, devices=jax.local_devices()[:1], **kw)
@@ -128,7 +128,7 @@ def test_assign_matches_brute_force(overlapping):
   assert inertia == pytest.approx(want_inertia, rel=1e-5)
 
 
-@pytest.mark.parametrize("init", ["kmeans++", "afkmc2"])
+@pytest.mark.parametrize("init", ["kmeans++", "kmeans||", "afkmc2"])
 def test_seeds_are_distinct_data_points(overlapping, init):
   c = refit.kmeans(jax.random.key(5), overlapping, K, init=init, num_iters=0, refine_iters=0,
                    chain_length=50, **FIT)
@@ -155,7 +155,10 @@ def test_bad_arguments_raise(overlapping):
                         (dict(init=np.zeros((3, 3))), "init centroids"),
                         (dict(init_size=2), "init_size="), (dict(nested=((0, 2),)), r"nested\[0\]="),
                         (dict(nested=((64,),)), r"nested\[0\]="), (dict(nested=((64, 1),) * 17), "levels"),
-                        (dict(overrelax=2.0), "overrelax="), (dict(overrelax=0.0), "overrelax=")]:
+                        (dict(overrelax=2.0), "overrelax="), (dict(overrelax=0.0), "overrelax="),
+                        (dict(init="kmeans||", init_rounds=0), "init_rounds="),
+                        (dict(init="kmeans||", init_oversample=0), "init_oversample="),
+                        (dict(init="kmeans||", init_rounds=1, init_oversample=2), "fewer than num_clusters")]:
     with pytest.raises(ValueError, match=match):
       refit.kmeans(key, overlapping, 4, **kwargs)
   with pytest.raises(ValueError, match="centroids"):
@@ -171,3 +174,22 @@ def test_proportional_sampling_follows_the_weights():
   freq = np.bincount(idx, minlength=w.size) / idx.size
   assert freq[w == 0].sum() == 0
   np.testing.assert_allclose(freq, w / w.sum(), atol=0.01)
+
+
+def test_kmeans_parallel_candidates_weigh_the_points_nearest_to_them(overlapping):
+  x = overlapping - overlapping.mean(0)
+  cand, w = kmeans_seeding.oversample_candidates(jax.random.key(0), x, rounds=3, oversample=5, chunk=16)
+  cand, w = np.asarray(cand), np.asarray(w)
+  assert cand.shape == (16, DIM) and w.shape == (16,)
+  d = ((x[:, None, :].astype(np.float64) - cand[None].astype(np.float64)) ** 2).sum(-1)
+  # Exact ties (a candidate drawn twice) go to the first copy, as np.argmin does.
+  np.testing.assert_array_equal(w, np.bincount(d.argmin(1), minlength=len(cand)))
+  assert w.sum() == len(x)
+
+
+def test_weighted_kmeanspp_never_picks_a_point_of_weight_zero(overlapping):
+  weights = np.zeros(N, np.float32)
+  weights[::3] = 1.0 + np.arange(len(weights[::3])) % 4
+  c = np.asarray(kmeans_seeding.kmeanspp(jax.random.key(1), overlapping, weights, num_clusters=K, trials=3))
+  picked = ((c[:, None, :] - overlapping[None]) ** 2).sum(-1).argmin(1)
+  assert (weights[picked] > 0).all() and len(set(picked.tolist())) == K

@@ -187,7 +187,8 @@ def validate_refit(config) -> None:
   check_int(config, "refit.num_codes", 1, config.refit.num_features)
   check_int(config, "refit.kmeans_iters", 0)
   check_int(config, "refit.kmeans_batch_size", 1)
-  check_choice(config, "refit.kmeans_init", ("kmeans++", "afkmc2"))
+  # kmeans_seeding.INITS, spelled out: this module stays free of jax.
+  check_choice(config, "refit.kmeans_init", ("kmeans++", "kmeans||", "afkmc2"))
   check_int(config, "refit.kmeans_refine_iters", 0)
   check_loop(config, "refit")
   for name in ("image_every", "eval_every"):
