@@ -6,12 +6,17 @@ inertia of scikit-learn KMeans (Lloyd, one k-means++ init; target <= 1.01) and t
 full data set, and averaged over the timed runs. `kmeans` is timed twice: its first call from cold caches
 (compile included) and the best of `--repeats` later calls with other keys (compile excluded). The fast
 methods run in interleaved rounds (same load for all) and report the best of `--repeats` runs with different
-seeds; scikit-learn KMeans runs once because it is slow. Wall and CPU seconds are both printed: on a shared machine the CPU seconds of a process
-pinned to one core (`--threads=1`) are the robust measure (OpenMP thread teams stall on busy cores).
+seeds; scikit-learn KMeans runs once because it is slow. Wall and CPU seconds are both printed: on a shared
+machine the CPU seconds of a process pinned to one core (`--threads=1`) are the robust measure (OpenMP thread
+teams stall on busy cores).
 
-  python benchmarks/kmeans.py                               # synthetic mixtures, 200,000 x 64, K = 512
+On a CPU host, `--host_devices=n` (n = cores) shards `kmeans` over n XLA:CPU devices, as it is sharded over
+accelerators: one XLA:CPU device keeps a second core only partly busy in this loop-heavy program, while
+scikit-learn uses every core through OpenMP.
+
+  python benchmarks/kmeans.py --host_devices=2              # synthetic mixtures, 200,000 x 64, K = 512
   python benchmarks/kmeans.py --threads=1 --presets=fast    # one pinned core, for a busy machine
-  python benchmarks/kmeans.py --features=workdir/refit/features.npy --no-synthetic
+  python benchmarks/kmeans.py --host_devices=2 --features=workdir/refit/features.npy
 
 scikit-learn and faiss are benchmark-only dependencies (scikit-learn comes with mlxtend).
 """
