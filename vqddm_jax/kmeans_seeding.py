@@ -178,7 +178,7 @@ def initial_centroids(key, x, num_clusters, *, init, init_size, init_trials, ini
     c = np.asarray(init, np.float32)
     if c.shape != (num_clusters, dim):
       raise ValueError(f"init centroids must have shape {(num_clusters, dim)}, got {c.shape}")
-    return jnp.asarray((c - mean).astype(np.float32))
+    return jnp.asarray(c - mean)  # both float32
   if init not in INITS:
     raise ValueError(f"init={init!r} must be one of {INITS} or an array of centroids")
   if init_size is None:

@@ -281,17 +281,16 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
   x = _as_features(features)
   n, dim = x.shape
   check_num_clusters(num_clusters, n)
+  devices = None if devices is None else tuple(devices)
+  chunk_size = default_chunk_size(devices) if chunk_size is None else chunk_size
   for name, value, low in (("num_iters", num_iters, 0), ("batch_size", batch_size, 1),
                            ("refine_iters", refine_iters, 0), ("reseed_every", reseed_every, 1),
-                           ("chunk_size", 1 if chunk_size is None else chunk_size, 1),
-                           ("chain_length", chain_length, 1)):
+                           ("chunk_size", chunk_size, 1), ("chain_length", chain_length, 1)):
     if not isinstance(value, (int, np.integer)) or value < low:
       raise ValueError(f"{name}={value!r} must be an integer >= {low}")
   if not 0.0 < overrelax < 2.0:  # α >= 2 overshoots the mean by more than the step it corrects
     raise ValueError(f"overrelax={overrelax!r} must be in (0, 2); 1 is plain Lloyd")
-  devices = None if devices is None else tuple(devices)
   shards = parallel.num_shards(devices)
-  chunk_size = default_chunk_size(devices) if chunk_size is None else chunk_size
 
   mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
   k_perm, k_init, k_fit = jax.random.split(key, 3)
