@@ -1,8 +1,8 @@
-"""Benchmark: vqddm_jax.refit.kmeans against scikit-learn KMeans / MiniBatchKMeans (and faiss-cpu if present).
+"""Benchmark: vqddm_jax.kmeans.kmeans against scikit-learn KMeans / MiniBatchKMeans (and faiss-cpu if present).
 
-Prints, per data set, wall time and final inertia of every method and the two ratios of issue 5: inertia /
+Prints, per data set, wall time and final inertia of every method and the two target ratios: inertia /
 inertia of scikit-learn KMeans (Lloyd, one k-means++ init; target <= 1.01) and time / time of MiniBatchKMeans
-(target <= 0.5). All inertias are measured the same way (`refit.assign`, exact per-point distances), on the
+(target <= 0.5). All inertias are measured the same way (`kmeans.assign`, exact per-point distances), on the
 full data set, and averaged over the timed runs. `kmeans` is timed twice: its first call from cold caches
 (compile included) and the best of `--repeats` later calls with other keys (compile excluded). The fast
 methods run in interleaved rounds (same load for all) and report the best of `--repeats` runs with different
@@ -44,7 +44,7 @@ _pin_threads()
 import numpy as np  # noqa: E402  (after _pin_threads)
 
 
-# Settings of vqddm_jax.refit.kmeans under test ("default": the function's own defaults).
+# Settings of vqddm_jax.kmeans.kmeans under test ("default": the function's own defaults).
 PRESETS = {
     "fast": dict(init_size=8192, num_iters=50, refine_iters=2),
     "balanced": dict(init_size=65536, num_iters=25, refine_iters=1),
@@ -79,7 +79,7 @@ def _args():
                       "shared machine, where OpenMP thread teams stall when cores are oversubscribed")
   p.add_argument("--skip_kmeans", action="store_true", help="skip scikit-learn KMeans (slow)")
   p.add_argument("--presets", default="fast,nested,default,accurate",
-                  help=f"comma-separated settings of refit.kmeans to time, from {sorted(PRESETS)}")
+                  help=f"comma-separated settings of kmeans.kmeans to time, from {sorted(PRESETS)}")
   return p.parse_args()
 
 
@@ -109,12 +109,13 @@ def bench(name: str, x: np.ndarray, args) -> list[tuple[str, tuple[float, float]
   """Runs every method on `x`; returns rows (method, best (wall s, CPU s), mean inertia)."""
   import jax
   from sklearn.cluster import KMeans, MiniBatchKMeans
-  from vqddm_jax import refit
+  from vqddm_jax import kmeans as km
+  from vqddm_jax.kmeans import fit as km_fit
 
   k = args.num_clusters
   presets = args.presets.split(",")
   settings = {p: _preset_for(PRESETS[p], x.shape[0]) for p in presets}
-  fast = {f"vqddm kmeans [{p}]": (lambda r, kw=settings[p]: refit.kmeans(jax.random.key(r + 1), x, k, **kw))
+  fast = {f"vqddm kmeans [{p}]": (lambda r, kw=settings[p]: km.kmeans(jax.random.key(r + 1), x, k, **kw))
           for p in presets}
   fast["sklearn MiniBatchKMeans"] = (
       lambda r: MiniBatchKMeans(k, n_init=1, random_state=r).fit(x).cluster_centers_)
@@ -124,19 +125,19 @@ def bench(name: str, x: np.ndarray, args) -> list[tuple[str, tuple[float, float]
     print(f"  [{name}] faiss-cpu is not installed: skipped", flush=True)
   else:
     def run_faiss(r):
-      km = faiss.Kmeans(x.shape[1], k, niter=20, seed=r + 1)
-      km.train(x)
-      return km.centroids
+      model = faiss.Kmeans(x.shape[1], k, niter=20, seed=r + 1)
+      model.train(x)
+      return model.centroids
     fast["faiss Kmeans (20 iterations)"] = run_faiss
 
   def inertia(centroids):  # mean over runs: the seed matters as much as the method
-    return float(np.mean([refit.assign(x, np.asarray(c))[1] for c in centroids]))
+    return float(np.mean([km.assign(x, np.asarray(c))[1] for c in centroids]))
 
   rows = []
   for p in presets:
     jax.clear_caches()  # so that every preset's first call pays its whole compile
-    refit._fit_fn.cache_clear()  # pylint: disable=protected-access
-    sec, c = _timed(lambda p=p: refit.kmeans(jax.random.key(0), x, k, **settings[p]))
+    km_fit._fit_fn.cache_clear()  # pylint: disable=protected-access
+    sec, c = _timed(lambda p=p: km.kmeans(jax.random.key(0), x, k, **settings[p]))
     rows.append((f"vqddm kmeans [{p}], 1st call (compile)", sec, inertia([c])))
   # Interleaved rounds, so that every method meets the same load on a shared machine.
   times = {m: [] for m in fast}

@@ -1,4 +1,4 @@
-"""CelebA-HQ 256 as in the paper (METHOD.md §2): f16 VQGAN-style stage 1, 16×16 codes, K = 1024.
+"""CelebA-HQ 256 as in the paper (docs/method.md §2): f16 VQGAN-style stage 1, 16×16 codes, K = 1024.
 
 Data: the TFDS `celeb_a_hq/256` builder, which reads the files a user prepared (see README: "Real data");
 `:celeb_a` uses TFDS `celeb_a` (aligned 178×218 faces, centre-cropped) instead, and `:folder` a folder of

@@ -1,4 +1,4 @@
-"""LSUN church_outdoor 256 (METHOD.md §2, §5): the same f16 stage 1 as CelebA-HQ, K = 1024.
+"""LSUN church_outdoor 256 (docs/method.md §2, §5): the same f16 stage 1 as CelebA-HQ, K = 1024.
 
 Data: the TFDS `lsun/church_outdoor` builder prepared by the user (see README: "Real data"); `:folder` reads a
 folder of images given by `--config.data.image_folder=...` instead.

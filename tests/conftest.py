@@ -66,12 +66,14 @@ def pipeline_run(tmp_path_factory):
   """The whole pipeline (stage 1 → ReFiT → encode → stage 2 → sample) once on configs/mnist.py:tiny.
 
   Shared by the tests that check each stage's outputs, so the suite compiles and trains each stage once.
-  Returns (config, workdir).
+  Returns (config, workdir: vqddm_jax.workdir.Workdir).
   """
-  from vqddm_jax import main as entry
+  from vqddm_jax import stages
+  from vqddm_jax.workdir import Workdir
   config = load_config("configs/mnist.py:tiny")
   config.data.data_dir = str(_session_data_dir())
-  workdir = str(tmp_path_factory.mktemp("pipeline"))
-  for mode in entry.pipeline_modes():
-    assert entry.run_mode(mode, config, workdir), mode
+  workdir = Workdir(tmp_path_factory.mktemp("pipeline"))
+  for stage in stages.PIPELINE:
+    result = stages.run_stage(stage, config, workdir)
+    assert result.completed and not result.skipped, stage.name
   return config, workdir

@@ -44,6 +44,10 @@ def test_unknown_config_argument_raises():
     ("vqvae_train.recon_loss", "l2", "one of"),
     ("data.image_size", 30, "multiple"),
     ("seed", -1, "integer in"),
+    ("refit.kmeans_overrelax", 2.0, "number in"),
+    ("refit.kmeans_nested", ((0, 3),), "num_points >= 1"),
+    ("distributed.local_device_ids", "a,b", "comma-separated"),
+    ("distributed.coordinator_address", "host", "HOST:PORT"),
 ])
 def test_bad_value_names_the_field(field, value, words):
   config = load_config("configs/mnist.py")
@@ -75,3 +79,24 @@ def test_cli_rejects_unknown_mode_and_bad_value_before_any_work(tmp_path):
 def test_cli_help_lists_the_modes():
   out = _main("--help")
   assert "train_vqvae" in out.stdout and "--workdir" in out.stdout
+
+
+def test_distributed_fields_go_together_and_devices_must_divide_batches():
+  config = load_config("configs/mnist.py")
+  config.distributed.update(enabled=True, coordinator_address="10.0.0.1:1234")
+  with pytest.raises(ValueError, match="go together.*num_processes, config.distributed.process_id"):
+    config_schema.validate_config(config)
+  config.distributed.update(num_processes=2, process_id=2)
+  with pytest.raises(ValueError, match=r"config\.distributed\.process_id = 2 .*\[0, 1\]"):
+    config_schema.validate_config(config)
+  config.distributed.process_id = 1
+  config_schema.validate_config(config)
+  config_schema.validate_for_devices(config, num_devices=16, num_hosts=2)
+  with pytest.raises(ValueError, match=r"config\.vqvae_train\.batch_size = 16 .*multiple of the 32 devices"):
+    config_schema.validate_for_devices(config, num_devices=32, num_hosts=4)
+
+
+def test_kmeans_options_reach_the_config():
+  config = load_config("configs/mnist.py")
+  config.refit.update(kmeans_nested=((16384, 6), (65536, 2)), kmeans_overrelax=1.5)
+  config_schema.validate_config(config)

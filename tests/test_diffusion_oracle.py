@@ -1,6 +1,6 @@
 """Float64 brute-force Bayes oracle for the diffusion tests (explicit K×K transition matrices, small K).
 
-The schedule is recomputed here from METHOD.md §3.2 independently of `vqddm_jax.diffusion.schedule`.
+The schedule is recomputed here from docs/method.md §3.2 independently of `vqddm_jax.diffusion.schedule`.
 """
 from __future__ import annotations
 

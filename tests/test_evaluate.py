@@ -1,20 +1,20 @@
 """The evaluation report of the shared tiny pipeline run: every field present, reference rows ordered."""
 import json
-import os
-import pathlib
 
-
-from vqddm_jax import main as entry
+from vqddm_jax import stages
+from vqddm_jax.stages import evaluate
+from vqddm_jax.workdir import Workdir
 
 
 def test_pipeline_runs_evaluate_last():
-  assert entry.pipeline_modes()[-1] == "evaluate" and "inpaint" not in entry.pipeline_modes()
+  names = [s.name for s in stages.PIPELINE]
+  assert names == ["train_vqvae", "refit", "encode", "train_prior", "sample", "evaluate"]
+  assert "inpaint" in stages.BY_NAME and "inpaint" not in names
 
 
 def test_report_holds_every_field_and_references_order(pipeline_run):
   config, workdir = pipeline_run
-  with open(os.path.join(workdir, "eval", "report.json")) as f:
-    report = json.load(f)
+  report = json.loads(workdir.eval_report("json").read_text())
   assert 0.0 <= report["classifier_heldout_accuracy"] <= 1.0
   rows = report["quality"]
   names = list(rows)
@@ -34,14 +34,16 @@ def test_report_holds_every_field_and_references_order(pipeline_run):
   assert all(r["seconds"] > 0 and "fd" in r for r in report["steps_vs_quality"])
   assert report["heldout_nelbo"]["uniform_bits_per_code"] > 0
   assert set(report["codebook"]) >= {"usage", "usage_10", "perplexity", "mse"}
-  md = pathlib.Path(workdir, "eval", "report.md").read_text()
+  md = workdir.eval_report("md").read_text()
   assert "![samples](samples.png)" in md and "bits per code" in md
-  assert os.path.exists(os.path.join(workdir, "eval", "samples.png"))
+  assert workdir.eval_samples_grid.exists()
+  # Evaluate keeps its completions in eval/, never in inpaint/ where --mode=inpaint writes.
+  assert workdir.eval_inpaint(config.inpaint.mask).npz.exists()
+  assert evaluate.is_done(config, workdir)
 
 
 def test_quality_metrics_are_skipped_with_a_note_without_inception_weights(tmp_path):
   from conftest import load_config
-  from vqddm_jax.evaluate import feature_extractor
   config = load_config("configs/celeba.py")
-  fn, facts = feature_extractor(config, str(tmp_path))
+  fn, facts = evaluate.feature_extractor(config, Workdir(tmp_path))
   assert fn is None and "inception_weights" in facts["note"]

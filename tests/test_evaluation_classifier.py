@@ -65,9 +65,9 @@ def test_rejects_bad_inputs(trained):
 
 def test_load_or_train_caches_and_invalidates(tmp_path, trained):
   params, _, x, y = trained
-  cache = str(tmp_path / "eval")
+  cache = str(tmp_path / "eval" / "classifier.msgpack")
   first, meta1 = classifier.load_or_train(cache, x, y, seed=0, **TINY)
-  assert not meta1["cached"] and os.path.exists(os.path.join(cache, "classifier.msgpack"))
+  assert not meta1["cached"] and os.path.exists(cache)
   np.testing.assert_array_equal(first["Dense_4"]["kernel"], params["Dense_4"]["kernel"])
   second, meta2 = classifier.load_or_train(cache, x, y, seed=0, **TINY)
   assert meta2["cached"] and meta2["cache_key"] == meta1["cache_key"]

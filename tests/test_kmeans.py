@@ -1,4 +1,4 @@
-"""Tests of ReFiT's k-means (vqddm_jax/refit.py): recovery, device-count independence, re-seeding, errors.
+"""Tests of the k-means package (vqddm_jax/kmeans/): recovery, device-count independence, re-seeding, errors.
 
 Every fit uses the same shapes (N = 1,003 points in 3-D, K = 7, batch 64, chunks of 16 rows) so that the
 tests share compiled programs; N is not a multiple of 8 or of the batch, which exercises the padding.
@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from vqddm_jax import kmeans_distances, kmeans_seeding, refit
+from vqddm_jax import kmeans
+from vqddm_jax.kmeans import distances, seeding
 
 N, DIM, K = 1003, 3, 7
 FIT = dict(batch_size=64, chunk_size=16)
@@ -47,8 +48,8 @@ def overlapping():
 @pytest.mark.parametrize("init", ["kmeans++", "kmeans||", "afkmc2"])
 def test_separated_blobs_are_recovered_exactly(separated, init):
   x, truth = separated
-  c = refit.kmeans(jax.random.key(0), x, K, init=init, num_iters=20, refine_iters=5, chain_length=50, **FIT)
-  labels, inertia = refit.assign(x, c, chunk_size=16)
+  c = kmeans.kmeans(jax.random.key(0), x, K, init=init, num_iters=20, refine_iters=5, chain_length=50, **FIT)
+  labels, inertia = kmeans.assign(x, c, chunk_size=16)
   assert _same_partition(labels, truth)
   means = np.stack([x[truth == k].mean(0) for k in range(K)])
   order = [labels[truth == k][0] for k in range(K)]
@@ -58,25 +59,25 @@ def test_separated_blobs_are_recovered_exactly(separated, init):
 
 def test_nested_levels_recover_separated_blobs(separated):
   x, truth = separated
-  c = refit.kmeans(jax.random.key(0), x, K, num_iters=0, nested=((128, 5), (512, 3)), refine_iters=2,
+  c = kmeans.kmeans(jax.random.key(0), x, K, num_iters=0, nested=((128, 5), (512, 3)), refine_iters=2,
                    overrelax=1.5, **FIT)
-  labels, _ = refit.assign(x, c, chunk_size=16)
+  labels, _ = kmeans.assign(x, c, chunk_size=16)
   assert _same_partition(labels, truth)
 
 
 def test_a_nested_level_over_all_points_is_full_batch_lloyd(overlapping):
   kw = dict(num_iters=5, overrelax=1.3, **FIT)
-  full = refit.kmeans(jax.random.key(2), overlapping, K, refine_iters=3, tol=0.0, **kw)
-  nested = refit.kmeans(jax.random.key(2), overlapping, K, nested=((N, 3),), refine_iters=0, tol=0.0, **kw)
+  full = kmeans.kmeans(jax.random.key(2), overlapping, K, refine_iters=3, tol=0.0, **kw)
+  nested = kmeans.kmeans(jax.random.key(2), overlapping, K, nested=((N, 3),), refine_iters=0, tol=0.0, **kw)
   np.testing.assert_array_equal(full, nested)
   # A prefix of a few mini-batches sees fewer points, and ends elsewhere.
-  part = refit.kmeans(jax.random.key(2), overlapping, K, nested=((128, 3),), refine_iters=0, tol=0.0, **kw)
+  part = kmeans.kmeans(jax.random.key(2), overlapping, K, nested=((128, 3),), refine_iters=0, tol=0.0, **kw)
   assert not np.allclose(part, full)
 
 
 def test_argmin_columns_is_argmin_with_first_index_on_ties():
   s = np.random.default_rng(0).integers(0, 4, size=(9, 64)).astype(np.float32)  # many ties
-  np.testing.assert_array_equal(kmeans_distances.argmin_columns(s), np.argmin(s, axis=0))
+  np.testing.assert_array_equal(distances.argmin_columns(s), np.argmin(s, axis=0))
 
 
 @pytest.mark.parametrize("schedule", ["minibatch_lloyd", "nested_overrelaxed"])
@@ -86,20 +87,20 @@ def test_same_centroids_on_8_devices_and_on_1(overlapping, num_devices, schedule
   if schedule == "nested_overrelaxed":
     kw.update(nested=((200, 3), (600, 2)), overrelax=1.5, init="kmeans||")
   key = jax.random.key(3)
-  c8 = refit.kmeans(key, overlapping, K, **kw)
-  c1 = refit.kmeans(key, overlapping, K, devices=jax.local_devices()[:1], **kw)
+  c8 = kmeans.kmeans(key, overlapping, K, **kw)
+  c1 = kmeans.kmeans(key, overlapping, K, devices=jax.local_devices()[:1], **kw)
   np.testing.assert_allclose(c8, c1, rtol=1e-5, atol=1e-5)
-  l8, e8 = refit.assign(overlapping, c8, chunk_size=16)
-  l1, e1 = refit.assign(overlapping, c8, chunk_size=16, devices=jax.local_devices()[:1])
+  l8, e8 = kmeans.assign(overlapping, c8, chunk_size=16)
+  l1, e1 = kmeans.assign(overlapping, c8, chunk_size=16, devices=jax.local_devices()[:1])
   np.testing.assert_array_equal(l8, l1)
   assert e8 == pytest.approx(e1, rel=1e-6)
 
 
 def test_deterministic_for_a_key(overlapping):
   kw = dict(num_iters=37, refine_iters=4, reseed_ratio=0.3, **FIT)
-  a = refit.kmeans(jax.random.key(3), overlapping, K, **kw)
-  b = refit.kmeans(jax.random.key(3), overlapping, K, **kw)
-  c = refit.kmeans(jax.random.key(4), overlapping, K, **kw)
+  a = kmeans.kmeans(jax.random.key(3), overlapping, K, **kw)
+  b = kmeans.kmeans(jax.random.key(3), overlapping, K, **kw)
+  c = kmeans.kmeans(jax.random.key(4), overlapping, K, **kw)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
 
@@ -112,16 +113,16 @@ def test_dead_clusters_are_reseeded(overlapping, num_iters, refine_iters, start)
   else:  # one sensible centre, the others far outside the data
     init = np.concatenate([overlapping[:1], 1e3 * np.ones((K - 1, DIM), np.float32)
                            + np.arange(K - 1, dtype=np.float32)[:, None]])
-  c = refit.kmeans(jax.random.key(0), overlapping, K, init=init, num_iters=num_iters,
+  c = kmeans.kmeans(jax.random.key(0), overlapping, K, init=init, num_iters=num_iters,
                    refine_iters=refine_iters, **FIT)
-  labels, _ = refit.assign(overlapping, c, chunk_size=16)
+  labels, _ = kmeans.assign(overlapping, c, chunk_size=16)
   assert np.bincount(labels, minlength=K).min() > 0
   assert np.abs(c).max() < 100.0
 
 
 def test_assign_matches_brute_force(overlapping):
   c = overlapping[::150][:K] + 0.5
-  labels, inertia = refit.assign(overlapping, c, chunk_size=16)
+  labels, inertia = kmeans.assign(overlapping, c, chunk_size=16)
   want_labels, want_inertia = _brute_force(overlapping, c)
   np.testing.assert_array_equal(labels, want_labels)
   assert labels.dtype == np.int32 and labels.shape == (N,)
@@ -130,7 +131,7 @@ def test_assign_matches_brute_force(overlapping):
 
 @pytest.mark.parametrize("init", ["kmeans++", "kmeans||", "afkmc2"])
 def test_seeds_are_distinct_data_points(overlapping, init):
-  c = refit.kmeans(jax.random.key(5), overlapping, K, init=init, num_iters=0, refine_iters=0,
+  c = kmeans.kmeans(jax.random.key(5), overlapping, K, init=init, num_iters=0, refine_iters=0,
                    chain_length=50, **FIT)
   dist = ((c[:, None, :] - overlapping[None, :, :]) ** 2).sum(-1).min(1)
   np.testing.assert_allclose(dist, 0.0, atol=1e-8)
@@ -139,14 +140,14 @@ def test_seeds_are_distinct_data_points(overlapping, init):
 
 def test_as_many_clusters_as_points():
   x = np.random.default_rng(0).normal(size=(12, DIM)).astype(np.float32)
-  c = refit.kmeans(jax.random.key(0), x, len(x), num_iters=0, refine_iters=2)
+  c = kmeans.kmeans(jax.random.key(0), x, len(x), num_iters=0, refine_iters=2)
   assert sorted(map(tuple, np.round(c, 4))) == sorted(map(tuple, np.round(x, 4)))
 
 
 @pytest.mark.parametrize("k", [0, -1, N + 1, 2.0])
 def test_bad_num_clusters_raises(overlapping, k):
   with pytest.raises(ValueError, match=rf"num_clusters=.* must be an integer in \[1, {N}\]"):
-    refit.kmeans(jax.random.key(0), overlapping, k)
+    kmeans.kmeans(jax.random.key(0), overlapping, k)
 
 
 def test_bad_arguments_raise(overlapping):
@@ -160,17 +161,17 @@ def test_bad_arguments_raise(overlapping):
                         (dict(init="kmeans||", init_oversample=0), "init_oversample="),
                         (dict(init="kmeans||", init_rounds=1, init_oversample=2), "fewer than num_clusters")]:
     with pytest.raises(ValueError, match=match):
-      refit.kmeans(key, overlapping, 4, **kwargs)
+      kmeans.kmeans(key, overlapping, 4, **kwargs)
   with pytest.raises(ValueError, match="centroids"):
-    refit.assign(overlapping, np.zeros((4, 2), np.float32))
+    kmeans.assign(overlapping, np.zeros((4, 2), np.float32))
   with pytest.raises(ValueError, match="features"):
-    refit.kmeans(key, np.zeros((5,), np.float32), 1)
+    kmeans.kmeans(key, np.zeros((5,), np.float32), 1)
 
 
 def test_proportional_sampling_follows_the_weights():
   w = np.array([0, 1, 2, 0, 5, 0, 0, 3, 1, 0, 4], np.float32)  # n = 11: the last block is padded
   u = jax.random.uniform(jax.random.key(0), (40_000,))
-  idx = np.asarray(jax.jit(kmeans_seeding.sample_proportional)(u, w))
+  idx = np.asarray(jax.jit(seeding.sample_proportional)(u, w))
   freq = np.bincount(idx, minlength=w.size) / idx.size
   assert freq[w == 0].sum() == 0
   np.testing.assert_allclose(freq, w / w.sum(), atol=0.01)
@@ -178,7 +179,7 @@ def test_proportional_sampling_follows_the_weights():
 
 def test_kmeans_parallel_candidates_weigh_the_points_nearest_to_them(overlapping):
   x = overlapping - overlapping.mean(0)
-  cand, w = kmeans_seeding.oversample_candidates(jax.random.key(0), x, rounds=3, oversample=5, chunk=16)
+  cand, w = seeding.oversample_candidates(jax.random.key(0), x, rounds=3, oversample=5, chunk=16)
   cand, w = np.asarray(cand), np.asarray(w)
   assert cand.shape == (16, DIM) and w.shape == (16,)
   d = ((x[:, None, :].astype(np.float64) - cand[None].astype(np.float64)) ** 2).sum(-1)
@@ -190,6 +191,6 @@ def test_kmeans_parallel_candidates_weigh_the_points_nearest_to_them(overlapping
 def test_weighted_kmeanspp_never_picks_a_point_of_weight_zero(overlapping):
   weights = np.zeros(N, np.float32)
   weights[::3] = 1.0 + np.arange(len(weights[::3])) % 4
-  c = np.asarray(kmeans_seeding.kmeanspp(jax.random.key(1), overlapping, weights, num_clusters=K, trials=3))
+  c = np.asarray(seeding.kmeanspp(jax.random.key(1), overlapping, weights, num_clusters=K, trials=3))
   picked = ((c[:, None, :] - overlapping[None]) ** 2).sum(-1).argmin(1)
   assert (weights[picked] > 0).all() and len(set(picked.tolist())) == K

@@ -10,11 +10,14 @@ import optax
 import pytest
 
 from vqddm_jax import checkpointing, diffusion, parallel
+from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.data import codes as codes_lib
+from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.models.unet import UNet
-from vqddm_jax.sample import run_sample
-from vqddm_jax.train import loop, optim
-from vqddm_jax.train import prior as stage2
+from vqddm_jax.stages import inpaint, sample, train_prior
+from vqddm_jax.training import loop, optim
+from vqddm_jax.training import prior_step as stage2
+from vqddm_jax.workdir import Workdir
 
 
 def test_prior_step_on_8_devices_equals_1_device(num_devices):
@@ -46,13 +49,13 @@ def test_prior_step_on_8_devices_equals_1_device(num_devices):
 
 
 def _prior_state(config, workdir):
-  meta = codes_lib.read_meta(codes_lib.codes_dir(workdir, 0, 1))
+  meta = codes_lib.read_meta(workdir.code_store(0, 1))
   k = int(meta["codebook_size"])
-  model = stage2.build_denoiser(config, k)
+  model = prior_lib.build_denoiser(config, k)
   optimizer = optim.make_optimizer(config.prior_train.optim, config.prior_train.num_steps)
   abstract = jax.eval_shape(lambda: stage2.init_state(model, optimizer, jax.random.key(0), (8, 8),
                                                       config.diffusion.num_steps))
-  ckpt = checkpointing.Checkpointer(stage2.stage_dirs(workdir)["checkpoints"], read_only=True)
+  ckpt = checkpointing.Checkpointer(workdir.train("prior").checkpoints, read_only=True)
   try:
     return ckpt.restore(abstract)[0]
   finally:
@@ -62,21 +65,22 @@ def _prior_state(config, workdir):
 def test_prior_resume_after_sigterm_is_exact(pipeline_run, monkeypatch, tmp_path):
   config, workdir = pipeline_run
   reference = _prior_state(config, workdir)
-  fresh = str(tmp_path / "w")
-  shutil.copytree(os.path.join(workdir, "codes"), os.path.join(fresh, "codes"))
+  fresh = Workdir(tmp_path / "w")
+  shutil.copytree(workdir.root / "codes", fresh.root / "codes")
   real_run = loop.run
 
   def with_sigterm(spec, **kwargs):
     kill = lambda step, _: step == 2 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
-    kwargs["periodic"] = list(kwargs["periodic"]) + [loop.Periodic(1, kill)]
+    kwargs["periodic"] = list(kwargs["periodic"]) + [(1, kill)]
     return real_run(spec, **kwargs)
 
   monkeypatch.setattr(loop, "run", with_sigterm)
-  _, completed = stage2.train_prior(config, fresh)
-  assert not completed
+  assert not train_prior.run(config, fresh).completed
+  assert not train_prior.is_done(config, fresh)
   monkeypatch.setattr(loop, "run", real_run)
-  state, completed = stage2.train_prior(config, fresh)
-  assert completed and int(state.step) == config.prior_train.num_steps
+  assert train_prior.run(config, fresh).completed and train_prior.is_done(config, fresh)
+  state = _prior_state(config, fresh)
+  assert int(state.step) == config.prior_train.num_steps
   for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(reference)):
     np.testing.assert_array_equal(a, b)
   assert int(state.importance.count.sum()) == config.prior_train.num_steps * config.prior_train.batch_size
@@ -85,44 +89,55 @@ def test_prior_resume_after_sigterm_is_exact(pipeline_run, monkeypatch, tmp_path
 def test_prior_eval_reports_bits_per_code_against_uniform(pipeline_run):
   import json
   _, workdir = pipeline_run
-  with open(os.path.join(workdir, "prior", "eval.json")) as f:
-    ev = json.load(f)
+  ev = json.loads(workdir.train("prior").eval_json.read_text())
   assert ev["num_maps"] == 32 and ev["stderr"] > 0 and np.isfinite(ev["nelbo_bits_per_code"])
-  k = codes_lib.read_meta(codes_lib.codes_dir(workdir, 0, 1))["codebook_size"]
+  k = codes_lib.read_meta(workdir.code_store(0, 1))["codebook_size"]
   assert ev["uniform_bits_per_code"] == pytest.approx(np.log2(k))
+
+
+def _npz(result):
+  return workdir_lib.read_npz(workdir_lib.as_path(next(p for p in result.outputs if p.endswith(".npz"))))
 
 
 def test_sampling_is_deterministic_per_key_and_strided_sampling_runs(pipeline_run):
   config, workdir = pipeline_run
-  first = run_sample(config, workdir)
-  load = lambda path: dict(np.load(path))  # Eagerly: later runs overwrite the same file.  # noqa: E731
-  a = load(first["npz"])
-  b = load(run_sample(config, workdir)["npz"])
-  np.testing.assert_array_equal(a["codes"], b["codes"])
+  assert sample.is_done(config, workdir)  # The pipeline sampled with these settings already.
+  first = sample.run(config, workdir)
+  a = _npz(first)  # Read eagerly: later runs overwrite the same file.
   assert a["codes"].shape == (config.sample.num_samples, 8, 8)
   assert a["images"].shape == (config.sample.num_samples, 32, 32, 1)
-  assert os.path.exists(first["grid"])
-  strided = run_sample(config, workdir, sample_steps=5)
-  assert strided["steps"] == 5 and strided["npz"].endswith("_S5.npz")
+  assert os.path.exists(first.outputs[0]) and first.outputs[0].endswith("samples_S20.png")
+  strided_config = config.copy_and_resolve_references()
+  strided_config.sample.steps = 5
+  assert not sample.is_done(strided_config, workdir)
+  strided = sample.run(strided_config, workdir)
+  assert strided.outputs[1].endswith("_S5.npz") and sample.is_done(strided_config, workdir)
   config2 = config.copy_and_resolve_references()
   config2.sample.seed = 99
-  c = load(run_sample(config2, workdir)["npz"])
+  assert not sample.is_done(config2, workdir)
+  c = _npz(sample.run(config2, workdir))
   assert not np.array_equal(a["codes"], c["codes"])
+  # Last, the pipeline's own settings again (other tests read the shared run's samples).
+  b = _npz(sample.run(config, workdir))
+  np.testing.assert_array_equal(a["codes"], b["codes"])
+  assert sample.is_done(config, workdir)
 
 
 @pytest.mark.parametrize("mask", ["left_half", "random:0.5"])
 def test_inpainting_keeps_every_known_code_and_fills_the_rest(pipeline_run, mask):
-  from vqddm_jax.inpaint import run_inpaint
   config, workdir = pipeline_run
   config = config.copy_and_resolve_references()
-  config.inpaint.mask = mask
-  out = run_inpaint(config, workdir, sample_steps=5)
-  res = dict(np.load(out["npz"]))
+  config.inpaint.update(mask=mask, steps=5)
+  assert not inpaint.is_done(config, workdir)
+  out = inpaint.run(config, workdir)
+  assert inpaint.is_done(config, workdir)
+  res = _npz(out)
   m = res["mask"]
-  assert 0 < m.mean() < 1 and out["known_codes_kept"]
+  assert 0 < m.mean() < 1
   np.testing.assert_array_equal(res["codes"][m], res["known"][m])
+  assert not np.array_equal(res["codes"][~m], res["known"][~m])
   assert res["codes"].shape == res["known"].shape and res["codes"].max() < config.refit.num_codes
-  assert res["images"].shape == res["originals"].shape and os.path.exists(out["grid"])
+  assert res["images"].shape == res["originals"].shape and os.path.exists(out.outputs[0])
 
 
 def test_bad_inpaint_mask_is_rejected():

@@ -1,7 +1,5 @@
 """ReFiT stage on the shared tiny pipeline run: frozen encoder, changed decoder, report, encode skip."""
 import json
-import os
-import pathlib
 
 import jax
 import numpy as np
@@ -10,17 +8,20 @@ import pytest
 from conftest import load_config
 from vqddm_jax import config_schema
 from vqddm_jax.data import codes as codes_lib
-from vqddm_jax.train import encode
-from vqddm_jax.train import refit as refit_stage
-from vqddm_jax.train import vqvae as stage1
+from vqddm_jax.errors import MissingInputError
+from vqddm_jax.models import loaders
+from vqddm_jax.stages import encode
+from vqddm_jax.stages import refit as refit_stage
+from vqddm_jax.workdir import Workdir
 
 
 def test_finetune_keeps_encoder_bit_identical_and_changes_decoder(pipeline_run):
   config, workdir = pipeline_run
-  _, before, _ = stage1.restore_ema_params(config, stage1.stage_dirs(workdir)["checkpoints"])
-  model, after, step = stage1.restore_ema_params(
-      config, refit_stage.stage_dirs(workdir)["checkpoints"], codebook_size=config.refit.num_codes)
-  assert step == config.refit.num_steps and after["codebook"].shape[0] == config.refit.num_codes
+  before = loaders.restore_vqvae(config, workdir, "vqvae").params
+  restored = loaders.restore_tokenizer(config, workdir)
+  after, step = restored.params, restored.step
+  assert restored.stage == "refit" and step == config.refit.num_steps
+  assert after["codebook"].shape[0] == config.refit.num_codes
   for name in refit_stage.FROZEN:
     for a, b in zip(jax.tree_util.tree_leaves(before[name]), jax.tree_util.tree_leaves(after[name])):
       np.testing.assert_array_equal(a, b)
@@ -31,19 +32,21 @@ def test_finetune_keeps_encoder_bit_identical_and_changes_decoder(pipeline_run):
 
 def test_report_has_three_rows_and_encode_used_the_rebuilt_codebook(pipeline_run):
   config, workdir = pipeline_run
-  with open(os.path.join(workdir, "refit", "report.json")) as f:
-    report = json.load(f)
+  report = json.loads(workdir.refit_report("json").read_text())
   for key in ("before", "rebuilt", "finetuned"):
     assert set(report[key]) >= {"usage", "usage_10", "perplexity", "mse"}
-  assert "after fine-tune" in pathlib.Path(workdir, "refit", "report.md").read_text()
-  meta = codes_lib.read_meta(codes_lib.codes_dir(workdir, 0, 1))
-  assert meta["codebook_size"] == config.refit.num_codes and meta["source"].endswith("refit/checkpoints")
-  codes = codes_lib.load_codes(codes_lib.codes_dir(workdir, 0, 1), config.data.train_split)
+  assert "after fine-tune" in workdir.refit_report("md").read_text()
+  store = workdir.code_store(0, 1)
+  meta = codes_lib.read_meta(store)
+  assert meta["codebook_size"] == config.refit.num_codes
+  assert (meta["tokenizer"], meta["step"]) == ("refit", config.refit.num_steps)
+  codes = codes_lib.load_codes(store, config.data.train_split)
   assert codes.shape == (4500, 8, 8) and codes.max() < config.refit.num_codes
-  # Re-running encode skips: the store is left as it is.
-  stamp = os.path.getmtime(os.path.join(codes_lib.codes_dir(workdir, 0, 1), codes_lib.META_FILE))
-  assert encode.encode_dataset(config, workdir)
-  assert os.path.getmtime(os.path.join(codes_lib.codes_dir(workdir, 0, 1), codes_lib.META_FILE)) == stamp
+  # The store was made from the latest ReFiT checkpoint: encode is done; with ReFiT off it is not.
+  assert encode.is_done(config, workdir)
+  no_refit = config.copy_and_resolve_references()
+  no_refit.refit.enabled = False
+  assert not encode.is_done(no_refit, workdir)
 
 
 @pytest.mark.parametrize("value", [0, 10**9])
@@ -56,8 +59,10 @@ def test_bad_number_of_codes_fails_clearly(value):
 
 def test_encode_without_a_stage1_checkpoint_names_what_is_missing(tmp_path):
   config = load_config("configs/mnist.py:tiny")
-  with pytest.raises(FileNotFoundError, match="refit/checkpoints"):
-    encode.encode_dataset(config, str(tmp_path))
+  workdir = Workdir(tmp_path)
+  assert not encode.is_done(config, workdir)
+  with pytest.raises(MissingInputError, match="refit/checkpoints.*--mode=refit"):
+    encode.run(config, workdir)
   config.refit.enabled = False
-  with pytest.raises(FileNotFoundError, match="vqvae/checkpoints.*train_vqvae"):
-    encode.encode_dataset(config, str(tmp_path))
+  with pytest.raises(MissingInputError, match="vqvae/checkpoints.*--mode=train_vqvae"):
+    encode.run(config, workdir)

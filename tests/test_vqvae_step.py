@@ -10,7 +10,7 @@ import pytest
 from conftest import load_config
 from vqddm_jax import parallel
 from vqddm_jax.models.vqvae import build_vqvae
-from vqddm_jax.train import vqvae as stage1
+from vqddm_jax.training import vqvae_step as stage1
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +64,11 @@ def test_non_finite_loss_skips_update(setup):
 
 
 def test_encode_decode_indices_shapes(setup):
-  from vqddm_jax.models.vqvae import make_tokenizer
   model, state, _, images = setup
-  tok = make_tokenizer(model)
-  codes = tok.encode_to_indices(state.params, jnp.asarray(images[:2]))
+  variables = {"params": state.params}
+  codes = model.apply(variables, jnp.asarray(images[:2]), method=type(model).encode_to_indices)
   assert codes.shape == (2, 8, 8) and codes.dtype == jnp.int32
   assert int(codes.max()) < model.codebook_size
-  out = tok.decode_indices(state.params, codes)
+  out = model.apply(variables, codes, method=type(model).decode_indices)
   assert out.shape == (2, 32, 32, 1)
   assert float(jnp.abs(out).max()) <= 1.0

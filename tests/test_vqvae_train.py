@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from vqddm_jax import checkpointing
-from vqddm_jax.train import loop
-from vqddm_jax.train import vqvae as stage1
+from vqddm_jax.errors import MismatchError
+from vqddm_jax.stages import train_vqvae
+from vqddm_jax.training import loop, vqvae_step
+from vqddm_jax.workdir import Workdir
 
 
 def _leaves(state):
@@ -18,11 +20,11 @@ def _leaves(state):
 
 def _restore(workdir, config):
   from vqddm_jax.models.vqvae import build_vqvae
-  from vqddm_jax.train import optim
+  from vqddm_jax.training import optim
   model = build_vqvae(config.vqvae, 1)
   optimizer = optim.make_optimizer(config.vqvae_train.optim, config.vqvae_train.num_steps)
-  abstract = jax.eval_shape(lambda: stage1.init_state(model, optimizer, jax.random.key(0), (32, 32, 1)))
-  ckpt = checkpointing.Checkpointer(stage1.stage_dirs(workdir)["checkpoints"], read_only=True)
+  abstract = jax.eval_shape(lambda: vqvae_step.init_state(model, optimizer, jax.random.key(0), (32, 32, 1)))
+  ckpt = checkpointing.Checkpointer(workdir.train("vqvae").checkpoints, read_only=True)
   try:
     return ckpt.restore(abstract)
   finally:
@@ -39,13 +41,12 @@ def uninterrupted(pipeline_run):
 
 def test_run_writes_checkpoints_events_grid_and_eval(uninterrupted):
   config, workdir, state = uninterrupted
-  dirs = stage1.stage_dirs(workdir)
+  paths = workdir.train("vqvae")
   assert int(state.step) == config.vqvae_train.num_steps
-  assert sorted(int(s) for s in os.listdir(dirs["checkpoints"]) if s.isdigit()) == [2, 4]
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(dirs["tensorboard"]))
-  assert os.listdir(dirs["images"]) == ["recon_0000004.png"]
-  with open(os.path.join(workdir, "vqvae", "eval.json")) as f:
-    results = json.load(f)
+  assert sorted(int(p.name) for p in paths.checkpoints.iterdir() if p.name.isdigit()) == [2, 4]
+  assert any(p.name.startswith("events.out.tfevents") for p in paths.tensorboard.iterdir())
+  assert [p.name for p in paths.image(4).parent.iterdir()] == ["recon_0000004.png"]
+  results = json.loads(paths.eval_json.read_text())
   assert results["num_images"] == config.vqvae_train.eval_examples
   assert 0 < results["usage"] <= 1 and results["perplexity"] >= 1 and results["mse"] > 0
   _, meta = _restore(workdir, config)
@@ -64,32 +65,30 @@ def test_checkpoint_round_trip(uninterrupted, tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(state.ema_params)):
     np.testing.assert_array_equal(a, b)
   wrong = jax.tree_util.tree_map(lambda x: np.zeros((3,) + np.shape(x), np.float32), state.ema_params)
-  with pytest.raises(ValueError, match="does not match"):
+  with pytest.raises(MismatchError, match="does not match.*another config"):
     ckpt.restore_item("ema_params", wrong)
   ckpt.close()
 
 
 def test_sigterm_saves_and_resume_is_exact(uninterrupted, monkeypatch, tmp_path):
   config, _, reference = uninterrupted
-  workdir = str(tmp_path)
+  workdir = Workdir(tmp_path)
   real_run = loop.run
 
   def run_with_sigterm_at_step_2(spec, **kwargs):
     def kill(step, rstate):
       if step == 2:
         os.kill(os.getpid(), signal.SIGTERM)
-    kwargs["periodic"] = list(kwargs["periodic"]) + [loop.Periodic(1, kill)]
+    kwargs["periodic"] = list(kwargs["periodic"]) + [(1, kill)]
     return real_run(spec, **kwargs)
 
   monkeypatch.setattr(loop, "run", run_with_sigterm_at_step_2)
-  state, completed = stage1.train_vqvae(config, workdir)
-  assert not completed and int(state.step) == 2
-  assert stage1.stage_dirs(workdir)["checkpoints"] and not loop.stage_finished(
-      stage1.stage_dirs(workdir)["checkpoints"], config.vqvae_train.num_steps)
+  result = train_vqvae.run(config, workdir)
+  assert not result.completed and checkpointing.latest_step(workdir.train("vqvae").checkpoints) == 2
+  assert not train_vqvae.is_done(config, workdir)
   monkeypatch.setattr(loop, "run", real_run)
-  state, completed = stage1.train_vqvae(config, workdir)  # Resumes from step 2.
-  assert completed and int(state.step) == 4
+  assert train_vqvae.run(config, workdir).completed  # Resumes from step 2.
+  state, _ = _restore(workdir, config)
+  assert int(state.step) == 4 and train_vqvae.is_done(config, workdir)
   for a, b in zip(_leaves(state), _leaves(reference)):
     np.testing.assert_array_equal(a, b)
-  # A finished stage is skipped.
-  assert stage1.train_vqvae(config, workdir) == (None, True)

@@ -4,6 +4,9 @@ A checkpoint holds one Orbax item per field of a train-state dataclass (`step`, 
 `opt_state`, and stage extras such as the importance-sampling history), plus a JSON item `meta` (the input
 iterator's position, the number of skipped non-finite steps, the config it was written with). Storing fields
 as separate items lets sampling and later stages restore `ema_params` alone, read-only.
+
+Directories are `etils.epath.Path`s (local or `gs://`); on multi-host jobs every process calls `save` and
+Orbax writes each array from the process that holds it.
 """
 from __future__ import annotations
 
@@ -15,8 +18,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from vqddm_jax.errors import MismatchError, MissingInputError
 
 META = "meta"
+_MISMATCH_HINT = ("the work directory was made with another config: use a new --workdir, or the config "
+                  "(and --config overrides) it was made with")
 
 
 def _field_names(state: Any) -> list[str]:
@@ -26,8 +34,8 @@ def _field_names(state: Any) -> list[str]:
 class Checkpointer:
   """Saves and restores a stage's train state under `directory` (one sub-folder per step)."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 2, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, read_only: bool = False):
+    self.directory = epath.Path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                            read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -51,8 +59,8 @@ class Checkpointer:
     """Restores every field of `abstract_state` (a state of `jax.ShapeDtypeStruct`s or arrays) and `meta`.
 
     Raises:
-      FileNotFoundError: no checkpoint under the directory.
-      ValueError: the stored arrays do not match the shapes of `abstract_state` (config mismatch).
+      MissingInputError: no checkpoint under the directory.
+      MismatchError: the stored arrays do not match the shapes of `abstract_state` (config mismatch).
     """
     step = self._require_step(step)
     names = _field_names(abstract_state)
@@ -61,8 +69,8 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"checkpoint {self.directory}/{step} does not match the model of the current "
-                       f"config ({type(e).__name__}: {e})") from e
+      raise MismatchError(f"checkpoint {self.directory}/{step} does not match the model of the current "
+                          f"config ({type(e).__name__}: {_first_line(e)}); {_MISMATCH_HINT}") from e
     state = abstract_state.replace(**{n: restored[n][n] for n in names})
     _check_shapes(state, abstract_state, f"{self.directory}/{step}")
     return state, dict(restored[META] or {})
@@ -75,8 +83,8 @@ class Checkpointer:
           step, args=ocp.args.Composite(
               **{name: ocp.args.StandardRestore({name: _as_abstract(abstract)})}))[name][name]
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"item '{name}' of checkpoint {self.directory}/{step} does not match the current "
-                       f"config ({type(e).__name__}: {e})") from e
+      raise MismatchError(f"item '{name}' of checkpoint {self.directory}/{step} does not match the current "
+                          f"config ({type(e).__name__}: {_first_line(e)}); {_MISMATCH_HINT}") from e
     _check_shapes(restored, abstract, f"{self.directory}/{step}/{name}")
     return restored
 
@@ -91,25 +99,41 @@ class Checkpointer:
   def _require_step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint found under {self.directory}")
+      raise MissingInputError(f"no checkpoint found under {self.directory}")
     return step
 
 
-def restore_latest_ema(directory: str, abstract: Any, *, missing_hint: str) -> tuple[Any, int]:
+def latest_step(directory: str | os.PathLike) -> int | None:
+  """The newest checkpoint step under `directory`, or None (read-only; nothing is created)."""
+  if not epath.Path(directory).exists():
+    return None
+  ckpt = Checkpointer(directory, read_only=True)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def restore_latest_ema(directory: str | os.PathLike, abstract: Any, *,
+                       missing_hint: str) -> tuple[Any, int]:
   """Read-only restore of `ema_params` from the latest checkpoint under `directory`: (params, step).
 
   Raises:
-    FileNotFoundError: no checkpoint there (the message ends with `missing_hint`, e.g. which mode makes it).
-    ValueError: the stored arrays do not fit `abstract`.
+    MissingInputError: no checkpoint there (the message ends with `missing_hint`, e.g. which mode makes it).
+    MismatchError: the stored arrays do not fit `abstract`.
   """
+  step = latest_step(directory)
+  if step is None:
+    raise MissingInputError(f"no checkpoint under {directory}: {missing_hint}")
   ckpt = Checkpointer(directory, read_only=True)
   try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {directory}: {missing_hint}")
     return ckpt.restore_item("ema_params", abstract, step), int(step)
   finally:
     ckpt.close()
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
 def _as_abstract(tree: Any) -> Any:
@@ -121,4 +145,5 @@ def _check_shapes(restored: Any, abstract: Any, where: str) -> None:
   got = jax.tree_util.tree_map(np.shape, restored)
   want = jax.tree_util.tree_map(np.shape, abstract)
   if got != want:
-    raise ValueError(f"checkpoint {where} does not match the current config (its array shapes differ)")
+    raise MismatchError(f"checkpoint {where} does not match the current config (its array shapes differ); "
+                        f"{_MISMATCH_HINT}")

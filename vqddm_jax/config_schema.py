@@ -2,14 +2,20 @@
 
 Experiment files under `configs/` start from `base_config()` and override what differs; `validate_config` is
 called by `main` after command-line overrides and before any work, so a bad value stops the run at once with a
-`ValueError` that names the field, the value and what is allowed.
+`ConfigError` (a `ValueError`) that names the field, the value and what is allowed. Validation needs no
+device: this module imports neither JAX nor TensorFlow. The checks that depend on the number of devices run
+after `jax.distributed` has started (`validate_for_devices`).
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterable
 
 import ml_collections
+from etils import epath
+
+from vqddm_jax import masks
+from vqddm_jax.data.config import validate_data_config
+from vqddm_jax.errors import ConfigError
 
 
 def optim_defaults(lr: float) -> dict:
@@ -20,7 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
   """All fields with defaults sized for the embedded MNIST-5k set; experiment files override them."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.distributed = False  # jax.distributed.initialize() on multi-host TPU / GPU jobs.
+  # Multi-host jobs (TPU pods, GPU clusters): jax.distributed.initialize(). Empty fields (""/0/-1) are
+  # auto-detected on Cloud TPU and SLURM; elsewhere give coordinator_address, num_processes and process_id.
+  c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1,
+                       local_device_ids="", initialization_timeout=300)
   c.data = dict(
       source="mnist5k", tfds_name="", data_dir="", manual_dir="", image_folder="", image_key="image",
       train_split="train", eval_split="test", image_size=32, channels=1, resize="pad",
@@ -34,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2)
   c.refit = dict(
       enabled=True, num_codes=128, num_features=20_000, kmeans_iters=300, kmeans_batch_size=4096,
-      kmeans_init="kmeans++", kmeans_refine_iters=20, batch_size=16, num_steps=200,
+      kmeans_init="kmeans++", kmeans_refine_iters=20, kmeans_nested=(), kmeans_overrelax=1.0,
+      batch_size=16, num_steps=200,
       optim=optim_defaults(5e-4), ema_decay=0.99, log_every=50, checkpoint_every=200, image_every=200,
       eval_every=200, eval_examples=0, keep_checkpoints=2)
   c.encode = dict(batch_size=256)
@@ -66,7 +76,7 @@ def paper_stage1_256(config: ml_collections.ConfigDict, *, num_steps: int, eval_
 
 def paper_stage2(config: ml_collections.ConfigDict, *, num_codes: int, batch_size: int,
                  num_steps: int) -> None:
-  """ReFiT and stage 2 as in the authors' configs (METHOD.md §4, §5): k-means on 20,000 features to K'
+  """ReFiT and stage 2 as in the authors' configs (docs/method.md §4, §5): k-means on 20,000 features to K'
   codes, T = 4000, the 117 M-parameter denoiser, Adam 1e-4 with cosine decay, global batch `batch_size`."""
   config.refit.update(num_codes=num_codes, num_features=20_000, kmeans_iters=300, batch_size=64,
                       num_steps=20_000, optim=optim_defaults(2e-6), ema_decay=0.999, log_every=100,
@@ -85,14 +95,14 @@ def paper_stage2(config: ml_collections.ConfigDict, *, num_codes: int, batch_siz
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"config.{field} = {value!r} is not allowed: {allowed}")
+  raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
   node = config
   for part in field.split("."):
     if part not in node:
-      raise ValueError(f"config.{field} is missing (the config file must define it)")
+      raise ConfigError(f"config.{field} is missing (the config file must define it)")
     node = node[part]
   return node
 
@@ -190,6 +200,17 @@ def validate_refit(config) -> None:
   # kmeans_seeding.INITS, spelled out: this module stays free of jax.
   check_choice(config, "refit.kmeans_init", ("kmeans++", "kmeans||", "afkmc2"))
   check_int(config, "refit.kmeans_refine_iters", 0)
+  check_float(config, "refit.kmeans_overrelax", 0.0, 2.0, low_open=True)
+  if config.refit.kmeans_overrelax >= 2.0:  # α >= 2 overshoots the mean by more than the step it corrects
+    _fail("refit.kmeans_overrelax", config.refit.kmeans_overrelax, "a number in (0, 2); 1 is plain Lloyd")
+  nested = config.refit.kmeans_nested
+  ok = isinstance(nested, (tuple, list)) and len(nested) <= 16 and all(
+      isinstance(level, (tuple, list)) and len(level) == 2
+      and all(isinstance(v, int) and not isinstance(v, bool) for v in level)
+      and level[0] >= 1 and level[1] >= 0 for level in nested)
+  if not ok:
+    _fail("refit.kmeans_nested", nested, "a tuple of at most 16 (num_points >= 1, lloyd_steps >= 0) "
+          "pairs, e.g. ((16384, 6), (65536, 2)); () for none")
   check_loop(config, "refit")
   for name in ("image_every", "eval_every"):
     check_int(config, f"refit.{name}", 1)
@@ -227,8 +248,7 @@ def validate_prior(config) -> None:
   check_int(config, "sample.chunk_steps", 1)
   check_int(config, "sample.seed", 0)
   check_int(config, "sample.decode_batch_size", 1)
-  from vqddm_jax.inpaint import check_mask_spec  # Imported here: it pulls in the whole sampler.
-  check_mask_spec(config.inpaint.mask)
+  masks.check_mask_spec(config.inpaint.mask)
   check_int(config, "inpaint.num_images", 1)
   check_int(config, "inpaint.steps", 0, config.diffusion.num_steps)
   check_int(config, "inpaint.seed", 0)
@@ -238,20 +258,56 @@ def validate_prior(config) -> None:
   check_int(config, "eval.inpaint_images", 1)
   check_int(config, "eval.seed", 0)
   weights = config.eval.inception_weights
-  if weights and not os.path.isfile(weights):
+  if weights and not epath.Path(weights).is_file():
     _fail("eval.inception_weights", weights, "'' (skip FID) or the path of an existing weights file")
 
 
-# Sections are validated in this order; later issues append theirs.
+def validate_distributed(config) -> None:
+  d = _get(config, "distributed")
+  if not isinstance(d.enabled, bool):
+    _fail("distributed.enabled", d.enabled, "True or False")
+  if not isinstance(d.coordinator_address, str):
+    _fail("distributed.coordinator_address", d.coordinator_address, "'' (auto) or 'HOST:PORT'")
+  if d.coordinator_address and not d.coordinator_address.rpartition(":")[2].isdigit():
+    _fail("distributed.coordinator_address", d.coordinator_address, "'' (auto) or 'HOST:PORT'")
+  check_int(config, "distributed.num_processes", 0)
+  check_int(config, "distributed.process_id", -1)
+  check_int(config, "distributed.initialization_timeout", 1)
+  ids = d.local_device_ids
+  if not isinstance(ids, str) or (ids and not all(p.strip().isdigit() for p in ids.split(","))):
+    _fail("distributed.local_device_ids", ids, "'' (auto) or comma-separated device ids such as '0,1,2,3'")
+  given = {"coordinator_address": bool(d.coordinator_address), "num_processes": d.num_processes > 0,
+           "process_id": d.process_id >= 0}
+  if any(given.values()) and not all(given.values()):
+    missing = ", ".join(f"config.distributed.{k}" for k, v in given.items() if not v)
+    raise ConfigError(f"config.distributed: coordinator_address, num_processes and process_id go together "
+                      f"(all set, or all empty for auto-detection on Cloud TPU / SLURM); missing {missing}")
+  if given["process_id"] and d.process_id >= d.num_processes:
+    _fail("distributed.process_id", d.process_id, f"an integer in [0, {d.num_processes - 1}] "
+          "(config.distributed.num_processes - 1)")
+
+
+# Sections are validated in this order.
 VALIDATORS: list[Callable[[ml_collections.ConfigDict], None]] = [
-    validate_vqvae, validate_vqvae_train, validate_refit, validate_prior]
+    validate_distributed, validate_vqvae, validate_vqvae_train, validate_refit, validate_prior]
+
+# Global batch sizes, each split evenly over every device of every host.
+BATCH_FIELDS = ("vqvae_train.batch_size", "refit.batch_size", "encode.batch_size", "prior_train.batch_size")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks every section; returns the config unchanged or raises ValueError naming the field."""
-  from vqddm_jax import data  # Imported here: the data package pulls in TensorFlow.
+  """Checks every section; returns the config unchanged or raises ConfigError naming the field."""
   check_int(config, "seed", 0)
-  data.validate_data_config(config.data)
+  validate_data_config(config.data)
   for validator in VALIDATORS:
     validator(config)
   return config
+
+
+def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int) -> None:
+  """The checks that need the device count: every global batch size divides over all devices."""
+  for field in BATCH_FIELDS:
+    value = _get(config, field)
+    if value % num_devices:
+      _fail(field, value, f"a multiple of the {num_devices} devices ({num_hosts} host(s) x "
+            f"{num_devices // num_hosts} local): each device takes an equal share of the global batch")

@@ -1,8 +1,6 @@
-"""Metric writers, progress reporting, image grids and the non-finite guard."""
+"""Metric writers, image grids, parameter counts and the non-finite guard."""
 from __future__ import annotations
 
-import os
-import time
 from typing import Any, Mapping
 
 import jax
@@ -10,41 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers
-from PIL import Image
 
 
-def make_writer(logdir: str, *, is_main: bool) -> metric_writers.MetricWriter:
-  """TensorBoard event files plus absl log lines on process 0; log lines only elsewhere."""
-  return metric_writers.create_default_writer(logdir, just_logging=not is_main,
+def make_writer(logdir: Any, *, is_main: bool) -> metric_writers.MetricWriter:
+  """TensorBoard event files under `logdir` (a local or `gs://` path) plus absl log lines on process 0;
+  log lines only elsewhere."""
+  return metric_writers.create_default_writer(str(logdir), just_logging=not is_main,
                                               asynchronous=False)
-
-
-class Progress:
-  """Steps/s and ETA over the steps run in this process (a resumed run restarts the clock)."""
-
-  def __init__(self, first_step: int, num_steps: int):
-    self.first_step = first_step
-    self.num_steps = num_steps
-    self._t0 = time.perf_counter()
-    self._last_step = first_step
-    self._last_t = self._t0
-
-  def report(self, step: int) -> dict[str, float]:
-    """Scalars for `step` (steps completed so far): steps/s since the last report, and the ETA in s."""
-    now = time.perf_counter()
-    rate = (step - self._last_step) / max(now - self._last_t, 1e-9)
-    overall = (step - self.first_step) / max(now - self._t0, 1e-9)
-    self._last_step, self._last_t = step, now
-    eta = (self.num_steps - step) / max(overall, 1e-9)
-    return {"steps_per_sec": rate, "eta_seconds": eta}
-
-  def elapsed(self) -> float:
-    return time.perf_counter() - self._t0
-
-
-def format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600:d}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
 def all_finite(tree: Any) -> jnp.ndarray:
@@ -80,13 +50,6 @@ def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.
     y, x = pad + r * (h + pad), pad + col * (w + pad)
     grid[y:y + h, x:x + w] = pixels[i]
   return grid
-
-
-def save_png(path: str, grid: np.ndarray) -> str:
-  """Writes a `u8[H, W, C]` picture (C = 1 or 3) as PNG, creating parent folders."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-  return path
 
 
 def log_param_count(name: str, params: Any) -> int:

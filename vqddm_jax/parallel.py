@@ -33,13 +33,38 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Starts `jax.distributed` on multi-host TPU/GPU jobs (a no-op when `enabled` is False)."""
-  if enabled:
-    jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+def device_count() -> int:
+  """Devices of all hosts."""
+  return jax.device_count()
+
+
+def initialize_distributed(cfg: Any) -> None:
+  """Starts `jax.distributed` when `cfg.enabled` (the `config.distributed` section); a no-op otherwise.
+
+  Must run before anything touches the JAX backend. Empty fields are left to JAX's auto-detection (Cloud
+  TPU, SLURM); `local_device_ids` ("0,1,2,3") limits this process to those local devices.
+
+  Raises:
+    UserError: JAX refused to start (no cluster detected, or the other processes did not join in time).
+  """
+  if not cfg.enabled:
+    return
+  from vqddm_jax.errors import UserError
+  kwargs: dict[str, Any] = {"initialization_timeout": int(cfg.initialization_timeout)}
+  if cfg.coordinator_address:
+    kwargs.update(coordinator_address=cfg.coordinator_address, num_processes=int(cfg.num_processes),
+                  process_id=int(cfg.process_id))
+  if cfg.local_device_ids:
+    kwargs["local_device_ids"] = [int(i) for i in cfg.local_device_ids.split(",")]
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    raise UserError(
+        f"jax.distributed could not start ({type(e).__name__}: {str(e).strip().splitlines()[0]}). On Cloud "
+        "TPU and SLURM run the same command on every host; elsewhere set config.distributed."
+        "coordinator_address, num_processes and process_id") from e
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def per_device_batch_size(global_batch_size: int) -> int:
@@ -127,7 +152,7 @@ def global_example_index(per_device: int) -> jnp.ndarray:
   return base + jnp.arange(per_device, dtype=jnp.int32)
 
 
-# Used by refit.kmeans: features dealt round-robin to shards, mapped with some arguments broadcast.
+# Used by kmeans.fit: features dealt round-robin to shards, mapped with some arguments broadcast.
 
 
 def num_shards(devices: Sequence[jax.Device] | None = None) -> int:

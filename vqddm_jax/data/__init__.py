@@ -1,29 +1,28 @@
-"""Input pipelines: MNIST-5k (embedded), TFDS data sets by name, image folders.
+"""Input pipelines: MNIST-5k (embedded), TFDS data sets by name, image folders; stored code maps (`codes`).
 
 Public API (all take the `config.data` section):
-  validate_data_config(cfg)                         -> None, or ValueError naming the field
+  validate_data_config(cfg)                         -> None, or ConfigError naming the field
   prepare(cfg)                                      -> {split: count}; builds MNIST-5k once, checks TFDS
   train_batches(cfg, *, global_batch_size, num_shards, seed, position=None) -> TrainIterator (`.position`)
   eval_batches(cfg, *, split, global_batch_size, num_shards, max_examples=None) -> iterator of padded batches
+  first_images(cfg, split, num)                     -> the first `num` images of a split on this host
   num_examples(cfg, split)                          -> examples in the split over all hosts
-  steps_per_epoch(cfg, *, global_batch_size, num_shards) -> training batches per epoch
+
+Names are resolved on first use: `validate_data_config` (the config schema's) imports no TensorFlow, the
+pipelines do.
 """
-import tensorflow as tf
+import importlib
 
-# TensorFlow only feeds the host pipeline: hide accelerators from it before anything initialises them, so
-# it never reserves GPU memory that JAX needs.
-try:
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices elsewhere; nothing more we can do here.
-  pass
+_PUBLIC = {
+    "validate_data_config": "config", "DataNotPreparedError": "sources", "TrainIterator": "pipeline",
+    "eval_batches": "pipeline", "first_images": "pipeline", "num_examples": "pipeline",
+    "per_shard_batch_size": "pipeline", "prepare": "pipeline", "train_batches": "pipeline",
+}
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from vqddm_jax.data.config import validate_data_config
-from vqddm_jax.data.pipeline import (TrainIterator, eval_batches, num_examples, per_shard_batch_size,
-                                     prepare, steps_per_epoch, train_batches)
-from vqddm_jax.data.sources import DataNotPreparedError
+__all__ = sorted(_PUBLIC)
 
-__all__ = [
-    "DataNotPreparedError", "TrainIterator", "eval_batches", "num_examples", "per_shard_batch_size",
-    "prepare", "steps_per_epoch", "train_batches", "validate_data_config",
-]
+
+def __getattr__(name: str):
+  if name in _PUBLIC:
+    return getattr(importlib.import_module(f"vqddm_jax.data.{_PUBLIC[name]}"), name)
+  raise AttributeError(f"module 'vqddm_jax.data' has no attribute {name!r}")

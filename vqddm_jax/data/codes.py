@@ -1,39 +1,39 @@
-"""Code maps for stage 2: stored once as a real TFDS data set under `workdir/codes/`, read back into memory.
+"""Code maps for stage 2: stored once as a real TFDS data set in the work directory, read back into memory.
 
 Code maps are small (a 16×16 int32 map is 1 KiB: CelebA-HQ's 30k maps are 30 MiB), so stage 2 reads a split
 into host memory once and draws batches from per-epoch permutations seeded by (seed, epoch). That makes the
 stream exactly resumable from `{'epoch', 'batch'}` at no cost. Each host encodes and stores its own share of
-the images (`process_<i>_of_<n>/`) and trains on it, which is the per-host split of stage 2.
+the images (its own store, `Workdir.code_store`) and trains on it, which is the per-host split of stage 2.
+Stores are read and written through `etils.epath`, so they live on `gs://` as well as on local disk.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
+
+from vqddm_jax import parallel
+from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.data.tf_host import tf
+from vqddm_jax.errors import ConfigError, MissingInputError
 
 FEATURE = "codes"
 META_FILE = "meta.json"
 
 
-def codes_dir(workdir: str, process_index: int, process_count: int) -> str:
-  """This host's code store under `workdir/codes/`."""
-  return os.path.join(workdir, "codes", f"process_{process_index}_of_{process_count}")
+def host_store(workdir: workdir_lib.Workdir) -> epath.Path:
+  """This host's code store in the work directory."""
+  return workdir.code_store(parallel.process_index(), parallel.process_count())
 
 
-def read_meta(directory: str) -> dict | None:
+def read_meta(directory: epath.Path) -> dict | None:
   """What the store under `directory` was made from, or None when there is no complete store."""
-  path = os.path.join(directory, META_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return workdir_lib.read_json(directory / META_FILE)
 
 
-def write_codes(directory: str, splits: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+def write_codes(directory: epath.Path, splits: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
   """Stores `{split: i32[N, h, w]}` as a TFDS data set (order kept), then `meta.json` to mark it complete.
 
   Split names may carry TFDS slicing (`train[:29000]`); they are stored under sanitised names recorded in
@@ -47,22 +47,27 @@ def write_codes(directory: str, splits: Mapping[str, np.ndarray], meta: Mapping[
               for s, c in splits.items()}
   builder = tfds.dataset_builders.store_as_tfds_dataset(
       name="codes", version="1.0.0", features=features, split_datasets=datasets,
-      data_dir=os.path.join(directory, "tfds"), disable_shuffling=True)
-  full = dict(meta, split_names=names, builder_dir=os.path.relpath(str(builder.data_dir), directory),
+      data_dir=str(directory / "tfds"), disable_shuffling=True)
+  full = dict(meta, split_names=names, builder_dir=str(epath.Path(builder.data_dir).relative_to(directory)),
               counts={s: int(len(c)) for s, c in splits.items()})
-  with open(os.path.join(directory, META_FILE + ".tmp"), "w") as f:
-    json.dump(full, f, indent=1)
-  os.replace(os.path.join(directory, META_FILE + ".tmp"), os.path.join(directory, META_FILE))
+  workdir_lib.write_json(directory / META_FILE, full)  # Written last: its presence marks a complete store.
 
 
-def load_codes(directory: str, split: str) -> np.ndarray:
-  """All code maps of `split` from the store under `directory`: `i32[N, h, w]`, in stored order."""
+def require_meta(directory: epath.Path) -> dict:
+  """`read_meta`, or MissingInputError when the encode stage has not stored code maps there yet."""
   meta = read_meta(directory)
   if meta is None:
-    raise FileNotFoundError(f"no code maps under {directory}: run --mode=encode first")
+    raise MissingInputError(f"no code maps under {directory}: run --mode=encode first")
+  return meta
+
+
+def load_codes(directory: epath.Path, split: str) -> np.ndarray:
+  """All code maps of `split` from the store under `directory`: `i32[N, h, w]`, in stored order."""
+  meta = require_meta(directory)
   if split not in meta["split_names"]:
-    raise ValueError(f"split {split!r} is not among the stored code splits {sorted(meta['split_names'])}")
-  builder = tfds.builder_from_directory(os.path.join(directory, meta["builder_dir"]))
+    raise ConfigError(f"split {split!r} is not among the stored code splits {sorted(meta['split_names'])} "
+                      "(config.data.train_split / eval_split changed since encoding?)")
+  builder = tfds.builder_from_directory(str(directory / meta["builder_dir"]))
   ds = builder.as_dataset(split=meta["split_names"][split], shuffle_files=False)
   codes = [ex[FEATURE] for ex in tfds.as_numpy(ds.batch(4096))]
   return np.concatenate(codes).astype(np.int32)

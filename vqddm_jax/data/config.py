@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from vqddm_jax.errors import ConfigError
+
 SOURCES = ("mnist5k", "tfds", "image_folder")
 RESIZE_MODES = ("pad", "center_crop")
 CHANNELS = (1, 3)
 
-# Field -> type every config must define (the lead's `base_config` defines all of them).
+# Field -> type every config must define (`config_schema.base_config` defines all of them).
 _FIELD_TYPES: dict[str, type] = {
     "source": str, "tfds_name": str, "data_dir": str, "manual_dir": str, "image_folder": str,
     "image_key": str, "train_split": str, "eval_split": str, "image_size": int, "channels": int,
@@ -21,12 +23,12 @@ _FIELD_TYPES: dict[str, type] = {
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"config.data.{field} = {value!r} is not allowed: {allowed}")
+  raise ConfigError(f"config.data.{field} = {value!r} is not allowed: {allowed}")
 
 
 def _get(cfg: Any, field: str) -> Any:
   if field not in cfg:
-    raise ValueError(f"config.data.{field} is missing (the config file must define it)")
+    raise ConfigError(f"config.data.{field} is missing (the config file must define it)")
   return cfg[field]
 
 
@@ -72,7 +74,7 @@ def validate_data_config(cfg: Any) -> None:
     if not cfg[field].strip():
       _fail(field, cfg[field], "a non-empty string")
   if cfg["train_split"] == cfg["eval_split"]:
-    # Scoring held-out metrics on the training data is a pitfall of the original code (METHOD.md §6).
+    # Scoring held-out metrics on the training data is a pitfall of the original code (docs/method.md §6).
     _fail("eval_split", cfg["eval_split"], "a split different from data.train_split")
   _validate_source(cfg)
 

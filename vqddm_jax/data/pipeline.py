@@ -19,7 +19,6 @@ import weakref
 from typing import Any, Iterator
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from vqddm_jax import parallel
@@ -27,6 +26,7 @@ from vqddm_jax.data import mnist5k
 from vqddm_jax.data.config import validate_data_config
 from vqddm_jax.data.preprocess import preprocess
 from vqddm_jax.data.sources import make_source
+from vqddm_jax.data.tf_host import tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Iterators not yet closed. At interpreter exit, TF would destroy them while their worker threads are inside
@@ -277,12 +277,14 @@ def num_examples(cfg: Any, split: str) -> int:
   return make_source(cfg).num_examples(split)
 
 
-def steps_per_epoch(cfg: Any, *, global_batch_size: int, num_shards: int,
-                    process_count: int | None = None) -> int:
-  """Training batches per epoch (the same on every host; image files failing to decode may shorten it)."""
-  _, pc = _hosts(0, process_count)
-  per_host = per_shard_batch_size(global_batch_size, num_shards, pc) * num_shards
-  return make_source(cfg).num_examples(cfg.train_split) // pc // per_host
+def first_images(cfg: Any, split: str, num: int) -> np.ndarray:
+  """The first `num` images of `split` on this host, in the order `eval_batches` reads them (the order in
+  which the encode stage stores code maps): `f32[num, S, S, C]` in [-1, 1]."""
+  out, ndev = [], parallel.local_device_count()
+  for batch in eval_batches(cfg, split=split, global_batch_size=ndev * 8 * parallel.process_count(),
+                            num_shards=ndev, max_examples=num * parallel.process_count()):
+    out.append(parallel.unshard(batch["image"])[parallel.unshard(batch["mask"])])
+  return np.concatenate(out)[:num]
 
 
 def prepare(cfg: Any) -> dict[str, int]:

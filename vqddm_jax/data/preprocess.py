@@ -1,7 +1,7 @@
 """Image preprocessing shared by every source: uint8 HWC of any size -> f32 [S, S, C] in [-1, 1]."""
 from __future__ import annotations
 
-import tensorflow as tf
+from vqddm_jax.data.tf_host import tf
 
 
 def to_unit_range(image: tf.Tensor) -> tf.Tensor:

@@ -17,13 +17,14 @@ import os
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vqddm_jax.data import folder, mnist5k
+from vqddm_jax.data.tf_host import tf
+from vqddm_jax.errors import ConfigError, MissingInputError
 
 
-class DataNotPreparedError(FileNotFoundError):
+class DataNotPreparedError(MissingInputError):
   """A TFDS data set is not prepared under the configured data_dir (this code never downloads)."""
 
 
@@ -47,16 +48,16 @@ class TfdsSource:
       try:
         self.builder = tfds.builder(cfg.tfds_name, data_dir=_data_dir(cfg))
       except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"config.data.tfds_name = {cfg.tfds_name!r} is not allowed: TFDS knows no such data "
+        raise ConfigError(f"config.data.tfds_name = {cfg.tfds_name!r} is not allowed: TFDS knows no such data "
                          f"set ({str(e).splitlines()[0]})") from None
     features = self.builder.info.features
     if cfg.image_key not in features:
-      raise ValueError(f"config.data.image_key = {cfg.image_key!r} is not allowed: {self.name} has features "
+      raise ConfigError(f"config.data.image_key = {cfg.image_key!r} is not allowed: {self.name} has features "
                        f"{sorted(features.keys())}")
     self._image = features[cfg.image_key]
     c = self._image.shape[-1] if self._image.shape else None
     if c is not None and c != cfg.channels:
-      raise ValueError(f"config.data.channels = {cfg.channels!r} is not allowed: {self.name} images have "
+      raise ConfigError(f"config.data.channels = {cfg.channels!r} is not allowed: {self.name} images have "
                        f"{c} channel(s)")
     self._with_labels = with_labels
     if with_labels and "label" not in features:
@@ -88,7 +89,7 @@ class TfdsSource:
     except (KeyError, ValueError) as e:
       if not self.builder.is_prepared():
         raise DataNotPreparedError(self.not_prepared_message()) from None
-      raise ValueError(f"split {split!r} is not in {self.name} (splits: "
+      raise ConfigError(f"split {split!r} is not in {self.name} (splits: "
                        f"{sorted(self.builder.info.splits.keys())}): {e}") from None
 
   def _as_dataset(self, split: str, *, shuffle_seed: int | None) -> tf.data.Dataset:
@@ -135,7 +136,7 @@ class FolderSource:
 
   def _files(self, split: str) -> list[str]:
     if split not in self._listing.splits:
-      raise ValueError(f"split {split!r} is not one of the image folder's splits "
+      raise ConfigError(f"split {split!r} is not one of the image folder's splits "
                        f"{sorted(self._listing.splits)} (config.data.train_split / eval_split)")
     return self._listing.splits[split]
 
@@ -175,4 +176,4 @@ def make_source(cfg: Any, *, with_labels: bool = False) -> TfdsSource | FolderSo
     return TfdsSource(cfg, with_labels=with_labels)
   if cfg.source == "image_folder":
     return FolderSource(cfg, with_labels=with_labels)
-  raise ValueError(f"config.data.source = {cfg.source!r} is not allowed: 'mnist5k', 'tfds' or 'image_folder'")
+  raise ConfigError(f"config.data.source = {cfg.source!r} is not allowed: 'mnist5k', 'tfds' or 'image_folder'")

@@ -1,4 +1,4 @@
-"""Multinomial (uniform-transition) discrete diffusion over code maps: pure, jit-able JAX (METHOD.md §3).
+"""Multinomial (uniform-transition) discrete diffusion over code maps: pure, jit-able JAX (docs/method.md §3).
 
 Time index t = 1..T everywhere; schedule tables are indexed by t = 0..T (row 0: the clean data). K is the last
 axis of every probability tensor; nothing builds a K×K matrix, so memory is O(B·h·w·K).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from vqddm_jax.diffusion import importance, objective, posterior, samplers, schedule
 from vqddm_jax.diffusion.importance import (ImportanceState, importance_probs, init_importance, is_ready,
-                                            sample_t, update_importance)
+                                            sample_t)
 from vqddm_jax.diffusion.objective import (bits_per_code, importance_weighted_nelbo, loss_t, nelbo_all_t,
                                            nelbo_monte_carlo, prior_kl)
 from vqddm_jax.diffusion.posterior import (PARAMETRIZATIONS, categorical, categorical_kl, log_one_hot,
@@ -29,5 +29,5 @@ __all__ = [
     "log_one_hot", "log_posterior", "log_q_zt_given_z0", "loss_t", "make_schedule", "model_log_posterior",
     "nelbo_all_t", "nelbo_monte_carlo", "objective", "posterior", "prior_kl", "q_sample", "reverse_chunk",
     "reverse_step", "sample", "sample_t", "samplers", "sampling_timesteps", "schedule", "uniform_codes",
-    "update_importance", "x0_logits",
+    "x0_logits",
 ]

@@ -1,4 +1,4 @@
-"""Importance sampling of the step t (METHOD.md §3.5), as a pure state and pure functions.
+"""Importance sampling of the step t (docs/method.md §3.5), as a pure state and pure functions.
 
 Uniform t until every t = 1..T has been seen more than 10 times; then p(t) ∝ √(EMA_0.9 of L_t²) + 1e-4, with
 p(1) := p(2) (the decoder term's scale differs from the KL terms'). Arrays are indexed by t = 0..T; row 0 is
@@ -126,5 +126,3 @@ def _segment_sum_deterministic(ids: jnp.ndarray, values: jnp.ndarray, size: int)
   target = jnp.where(ends, ids, size)   # out of range: dropped
   return jnp.zeros((size,), jnp.float32).at[target].set(partial, mode="drop")
 
-
-update_importance = update

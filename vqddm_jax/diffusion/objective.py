@@ -1,4 +1,4 @@
-"""The variational objective of the multinomial diffusion, per image in nats (METHOD.md §3.5).
+"""The variational objective of the multinomial diffusion, per image in nats (docs/method.md §3.5).
 
     L_1     = −log p(z_0 | z_1)                                  (decoder term, t = 1)
     L_t     = KL(q(z_{t−1} | z_t, z_0) ‖ p(z_{t−1} | z_t))        (t = 2..T)

@@ -1,4 +1,4 @@
-"""Forward process, posterior and KL of the multinomial diffusion (METHOD.md §3.1, §3.3, §3.4).
+"""Forward process, posterior and KL of the multinomial diffusion (docs/method.md §3.1, §3.3, §3.4).
 
 Everything over the K classes is in log space and costs O(K) per position: a transition
 Q = r·I + (1 − r)·11ᵀ/K is applied in closed form, never as a K×K matrix. K is always the last axis. The time
@@ -101,7 +101,7 @@ def q_sample(key: jax.Array, z0: jnp.ndarray, t: jnp.ndarray, sched: Schedule,
 
 def log_posterior(log_z0: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray, sched: Schedule,
                   s: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-  """log q(z_s | z_t, z_0) = log N[θ_{s←t}(z_t, v)], normalised over K (METHOD.md §3.3).
+  """log q(z_s | z_t, z_0) = log N[θ_{s←t}(z_t, v)], normalised over K (docs/method.md §3.3).
 
       θ_{s←t}(z_t, v) = [(ᾱ_t/ᾱ_s) e_{z_t} + (1 − ᾱ_t/ᾱ_s)/K] ⊙ [ᾱ_s v + (1 − ᾱ_s)/K]
 
@@ -144,7 +144,7 @@ def categorical_kl(log_p: jnp.ndarray, log_q: jnp.ndarray) -> jnp.ndarray:
 
 
 def x0_logits(net_out: jnp.ndarray, z_t: jnp.ndarray, parametrization: str = "residual") -> jnp.ndarray:
-  """Logits of x̂_0 from the network output (METHOD.md §3.4).
+  """Logits of x̂_0 from the network output (docs/method.md §3.4).
 
   Args:
     net_out: f32[B, h, w, K], the network output.

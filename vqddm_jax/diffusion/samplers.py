@@ -1,4 +1,4 @@
-"""Ancestral sampling and global-context inpainting (METHOD.md §3.6, §3.7).
+"""Ancestral sampling and global-context inpainting (docs/method.md §3.6, §3.7).
 
 A sampler walks a descending sequence of steps T = τ_0 > τ_1 > ... > τ_S = 0 (all T steps, or a strided
 subset): z_T is uniform, and each transition τ_i → τ_{i+1} draws z_s ~ p(z_s | z_t) = N[θ_{s←t}(z_t, x̂_0)]
@@ -174,7 +174,7 @@ def inpaint_chunk(key: jax.Array, z: jnp.ndarray, ts_chunk: jnp.ndarray, logits_
 
 def inpaint(key: jax.Array, logits_fn: LogitsFn, sched: Schedule, mask: jnp.ndarray, z0_known: jnp.ndarray,
             *, num_sampling_steps: Optional[int] = None, num_classes: Optional[int] = None) -> jnp.ndarray:
-  """Global-context inpainting (METHOD.md §3.7) in one `lax.scan`: known positions kept, the rest sampled.
+  """Global-context inpainting (docs/method.md §3.7) in one `lax.scan`: known positions kept, the rest sampled.
 
   Args:
     key: a PRNG key.

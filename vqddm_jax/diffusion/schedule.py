@@ -1,4 +1,4 @@
-"""Noise schedules of the multinomial diffusion (METHOD.md §3.2), as log tables indexed by t = 0..T.
+"""Noise schedules of the multinomial diffusion (docs/method.md §3.2), as log tables indexed by t = 0..T.
 
 Row t of every table belongs to step t (t = 1..T); row 0 is the clean data (α_0 = ᾱ_0 = 1), whose log(1 − ·)
 entries hold the finite floor `LOG_ZERO` instead of −inf. Tables are computed in float64 NumPy and cast to

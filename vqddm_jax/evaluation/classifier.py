@@ -1,6 +1,6 @@
 """A small CNN classifier whose penultimate layer is the offline feature space for FD, KID, precision/recall.
 
-No FID weights can be downloaded where this project is built (see OFFLINE.md), so on the embedded MNIST-5k
+No FID weights can be downloaded where this project is built (see docs/offline.md), so on the embedded MNIST-5k
 set sample quality is measured in the feature space of this network, trained by the project on the training
 split (4,500 digits) and checked on the held-out split (500). Training is one jitted `lax.scan` over all
 steps on one device (the network is tiny; pmap would only add transfers); `load_or_train` caches the result
@@ -25,14 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import serialization
+
+from vqddm_jax import workdir as workdir_lib
 
 FEATURES = 128  # Width of the penultimate layer, the feature space of the metrics.
 WIDTHS = (32, 64, 64)  # Conv stage widths of the default classifier.
 NUM_STEPS = 800  # Default training length and batch: >= 97 % held-out on MNIST-5k (see the module doc).
 BATCH_SIZE = 64
 _ARCH = "smallcnn-patches-v1"  # Part of the cache key: change it whenever SmallCNN changes.
-_CACHE_FILE = "classifier.msgpack"
 
 
 def _patches3x3(x: jax.Array) -> jax.Array:
@@ -223,17 +225,18 @@ def _cache_key(images: np.ndarray, labels: np.ndarray, hyper: dict[str, Any]) ->
   return h.hexdigest()
 
 
-def load_or_train(cache_dir: str, images, labels, *, seed: int = 0, num_steps: int = NUM_STEPS,
-                  batch_size: int = BATCH_SIZE, **train_kwargs) -> tuple[Any, dict[str, Any]]:
-  """The classifier cached in `cache_dir/classifier.msgpack`, trained by `train_classifier` if missing.
+def load_or_train(cache_path: str | os.PathLike, images, labels, *, seed: int = 0,
+                  num_steps: int = NUM_STEPS, batch_size: int = BATCH_SIZE,
+                  **train_kwargs) -> tuple[Any, dict[str, Any]]:
+  """The classifier cached in the file `cache_path`, trained by `train_classifier` if missing.
 
   The cache is keyed by a hash of the training images, labels, hyper-parameters and architecture: a cache
   written for other data or settings is retrained and overwritten, never silently reused. The file is
-  written atomically (temporary file + rename). On multi-host jobs call it from one process (or give each
-  its own cache_dir): it is not a collective.
+  written whole (temporary file + rename), through epath (local or `gs://`). Training is deterministic, so
+  on multi-host jobs every process may call it; each writes the same bytes.
 
   Args:
-    cache_dir: directory of the cache (created if missing), e.g. `workdir/eval`.
+    cache_path: the cache file, e.g. `Workdir.classifier_cache` (its folder is created if missing).
     images: f32[N, H, W, C] in [-1, 1], the training split.
     labels: i32[N].
     seed, num_steps, batch_size, **train_kwargs: passed to `train_classifier`.
@@ -249,21 +252,16 @@ def load_or_train(cache_dir: str, images, labels, *, seed: int = 0, num_steps: i
   full = {k: list(v) if isinstance(v, tuple) else v
           for k, v in bound.arguments.items() if k not in ("images", "labels")}
   key = _cache_key(images, labels, full)
-  path = os.path.join(cache_dir, _CACHE_FILE)
-  if os.path.exists(path):
-    with open(path, "rb") as f:
-      blob = serialization.msgpack_restore(f.read())
+  path = epath.Path(cache_path)
+  if path.exists():
+    blob = serialization.msgpack_restore(path.read_bytes())
     meta = json.loads(blob["meta"])
     if meta.get("cache_key") == key:
       return blob["params"], dict(meta, cached=True)
   params, meta = train_classifier(images, labels, **hyper)
   meta["cache_key"] = key
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(serialization.msgpack_serialize({"params": serialization.to_state_dict(params),
-                                             "meta": json.dumps(meta)}))
-  os.replace(tmp, path)
+  workdir_lib.write_bytes(path, serialization.msgpack_serialize(
+      {"params": serialization.to_state_dict(params), "meta": json.dumps(meta)}))
   return params, dict(meta, cached=False)
 
 

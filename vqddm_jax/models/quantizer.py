@@ -1,4 +1,4 @@
-"""Vector quantisation as pure functions (METHOD.md §2).
+"""Vector quantisation as pure functions (docs/method.md §2).
 
 The codebook is an ordinary parameter array `f32[K, d]` owned by the VQ-VAE module; everything here is a pure
 function of it, so ReFiT can swap it and the tests can call these without a module.

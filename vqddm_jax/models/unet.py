@@ -1,4 +1,4 @@
-"""The stage-2 denoiser: a U-Net over code maps (METHOD.md §3.4).
+"""The stage-2 denoiser: a U-Net over code maps (docs/method.md §3.4).
 
 A port of the authors' `Unet` (VQ-DDM `DDM/model/unet.py`, itself the 2021 `denoising-diffusion-pytorch`
 U-Net with an embedding input), in NHWC:

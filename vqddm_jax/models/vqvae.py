@@ -1,4 +1,4 @@
-"""Stage 1: a VQGAN-style VQ-VAE in linen (METHOD.md §2).
+"""Stage 1: a VQGAN-style VQ-VAE in linen (docs/method.md §2).
 
 Encoder: conv_in, per level `num_res_blocks` ResNet blocks (+ self-attention at the listed resolutions) and a
 stride-2 downsampling (pad (0,1), 3×3 VALID) except at the last level, a middle block (res, attn, res), then
@@ -11,7 +11,7 @@ the first two by name.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -171,19 +171,6 @@ class VQVAE(nn.Module):
     return self.decode(q.z_q, train), q
 
 
-class Tokenizer(NamedTuple):
-  """Jitted `(params, images) -> i32[B,h,w]` and `(params, codes) -> f32[B,H,W,C]` for a VQVAE."""
-  encode_to_indices: Callable[[Any, jnp.ndarray], jnp.ndarray]
-  decode_indices: Callable[[Any, jnp.ndarray], jnp.ndarray]
-
-
-def make_tokenizer(model: VQVAE) -> Tokenizer:
-  """Binds `model` so callers pass only parameters and arrays (the maskgit tokenizer interface)."""
-  enc = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQVAE.encode_to_indices))
-  dec = jax.jit(lambda p, z: model.apply({"params": p}, z, method=VQVAE.decode_indices))
-  return Tokenizer(enc, dec)
-
-
 def build_vqvae(cfg: Any, channels: int, codebook_size: int | None = None) -> VQVAE:
   """The VQVAE of the `config.vqvae` section for images with `channels` channels (K overridable: ReFiT)."""
   return VQVAE(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
@@ -193,6 +180,3 @@ def build_vqvae(cfg: Any, channels: int, codebook_size: int | None = None) -> VQ
                groups=cfg.norm_groups, dropout=cfg.dropout,
                dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
 
-
-def downsample_factor(ch_mult: Sequence[int]) -> int:
-  return 2 ** (len(ch_mult) - 1)

@@ -1,4 +1,4 @@
-"""ReFiT's k-means: sharded mini-batch k-means and full-batch Lloyd refinement (seeding: kmeans_seeding.py).
+"""Sharded mini-batch k-means and full-batch Lloyd refinement (seeding: `seeding.py`).
 
 Layout. The features are centred (float32 distances through ||x||² + ||c||² − 2x·cᵀ lose digits far from the
 origin), shuffled by a permutation drawn from the key, padded with zero-weight rows to a multiple of the global
@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vqddm_jax import kmeans_distances, kmeans_seeding, parallel
+from vqddm_jax import parallel
+from vqddm_jax.kmeans import distances, seeding
 
 
 def check_num_clusters(num_clusters: int, num_points: int) -> None:
@@ -77,7 +78,7 @@ def _block(plan: _Plan, x, w, b):
 
 def _stats(plan: _Plan, x, w, c):
   """Assignment of a block: labels, distances, local per-cluster sums f32[K, d], counts f32[K], inertia."""
-  labels, dist = kmeans_distances.nearest_chunked(x, c, plan.chunk)
+  labels, dist = distances.nearest_chunked(x, c, plan.chunk)
   sums = jax.ops.segment_sum(x * w[:, None], labels, plan.num_clusters)
   counts = jax.ops.segment_sum(w, labels, plan.num_clusters)
   return labels, dist, sums, counts, jnp.sum(w * dist)
@@ -283,32 +284,21 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
   check_num_clusters(num_clusters, n)
   devices = None if devices is None else tuple(devices)
   chunk_size = default_chunk_size(devices) if chunk_size is None else chunk_size
-  for name, value, low in (("num_iters", num_iters, 0), ("batch_size", batch_size, 1),
-                           ("refine_iters", refine_iters, 0), ("reseed_every", reseed_every, 1),
-                           ("chunk_size", chunk_size, 1), ("chain_length", chain_length, 1)):
-    if not isinstance(value, (int, np.integer)) or value < low:
-      raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-  if not 0.0 < overrelax < 2.0:  # α >= 2 overshoots the mean by more than the step it corrects
-    raise ValueError(f"overrelax={overrelax!r} must be in (0, 2); 1 is plain Lloyd")
+  _check_options(num_iters=num_iters, batch_size=batch_size, refine_iters=refine_iters,
+                 reseed_every=reseed_every, chunk_size=chunk_size, chain_length=chain_length,
+                 overrelax=overrelax)
   shards = parallel.num_shards(devices)
 
-  mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
   k_perm, k_init, k_fit = jax.random.split(key, 3)
-  # NumPy's shuffle, seeded by the key: jax.random.permutation of 200,000 rows takes 0.1 s on one CPU core.
-  perm = np.random.default_rng(np.asarray(jax.random.key_data(k_perm))).permutation(n)
   batch = shards * min(-(-batch_size // shards), -(-n // shards))
   num_blocks = -(-n // batch)
-  xp = np.zeros((num_blocks * batch, dim), np.float32)
-  np.take(x, perm, axis=0, out=xp[:n])
-  xp[:n] -= mean
-  wp = np.zeros((num_blocks * batch,), np.float32)
-  wp[:n] = 1.0
+  xp, wp, mean = _shuffled_centred(x, k_perm, num_blocks * batch)
 
   levels = _nested_levels(nested, batch, num_blocks)
-  c0 = kmeans_seeding.initial_centroids(k_init, xp[:n], num_clusters, init=init, init_size=init_size,
-                                        init_trials=init_trials, init_rounds=init_rounds,
-                                        init_oversample=init_oversample, chain_length=chain_length,
-                                        chunk=chunk_size, batch=batch, mean=mean)
+  c0 = seeding.initial_centroids(k_init, xp[:n], num_clusters, init=init, init_size=init_size,
+                                 init_trials=init_trials, init_rounds=init_rounds,
+                                 init_oversample=init_oversample, chain_length=chain_length,
+                                 chunk=chunk_size, batch=batch, mean=mean)
   if num_iters == 0 and refine_iters == 0 and not levels[:, 1].any():
     return (np.asarray(c0, np.float64) + mean).astype(np.float32)
   plan = _Plan(num_clusters=num_clusters, shards=shards, block=batch // shards, num_blocks=num_blocks,
@@ -320,6 +310,31 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
                                parallel.shard_strided(wp, shards, devices), c0, k_fit, loops, levels,
                                np.float32(reseed_ratio), np.float32(tol_abs), np.float32(overrelax))
   return (np.asarray(parallel.unreplicate(out), np.float64) + mean).astype(np.float32)
+
+
+def _shuffled_centred(x: np.ndarray, key: jax.Array, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`x` shuffled by a permutation drawn from `key`, centred, zero-padded to `rows`:
+  (points f32[rows, d], weights f32[rows] (1 real, 0 padding), mean f32[d])."""
+  n, dim = x.shape
+  mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+  # NumPy's shuffle, seeded by the key: jax.random.permutation of 200,000 rows takes 0.1 s on one CPU core.
+  perm = np.random.default_rng(np.asarray(jax.random.key_data(key))).permutation(n)
+  xp = np.zeros((rows, dim), np.float32)
+  np.take(x, perm, axis=0, out=xp[:n])
+  xp[:n] -= mean
+  wp = np.zeros((rows,), np.float32)
+  wp[:n] = 1.0
+  return xp, wp, mean
+
+
+def _check_options(*, overrelax: float, **counts: int) -> None:
+  """Raises ValueError for a negative loop count, a non-positive size, or α outside (0, 2)."""
+  for name, value in counts.items():
+    low = 0 if name in ("num_iters", "refine_iters") else 1
+    if not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+  if not 0.0 < overrelax < 2.0:  # α >= 2 overshoots the mean by more than the step it corrects
+    raise ValueError(f"overrelax={overrelax!r} must be in (0, 2); 1 is plain Lloyd")
 
 
 _MAX_LEVELS = 16  # nested levels are padded to this many (0 steps), so level lists share one program
@@ -338,52 +353,3 @@ def _nested_levels(nested, batch: int, num_blocks: int) -> np.ndarray:
     # A prefix is whole mini-batches of the shuffled points, and never more than all of them.
     levels[i] = (min(-(-level[0] // batch), num_blocks), level[1])
   return levels
-
-
-@functools.lru_cache(maxsize=None)
-def _assign_fn(plan: _Plan, devices: tuple[jax.Device, ...] | None):
-  def run(x, c, num_points):
-    def body(b, carry):
-      labels, inertia = carry
-      xb, _, pos = _block(plan, x, x[:, 0], b)
-      lab, dist = kmeans_distances.nearest_chunked(xb, c, plan.chunk)
-      inertia = inertia + jnp.sum(jnp.where(pos < num_points, dist, 0.0))  # padding rows do not count
-      return lax.dynamic_update_slice_in_dim(labels, lab, b * plan.block, 0), inertia
-
-    labels, inertia = lax.fori_loop(0, plan.num_blocks, body,
-                                    (jnp.zeros(x.shape[:1], jnp.int32), jnp.zeros(())))
-    return lax.all_gather(labels, parallel.AXIS), lax.psum(inertia, parallel.AXIS)
-
-  return parallel.pmap_with_axes(run, in_axes=(0, None, None), devices=devices)
-
-
-def assign(features, centroids, *, chunk_size: int | None = None,
-           devices: Sequence[jax.Device] | None = None) -> tuple[np.ndarray, float]:
-  """Nearest centroid of every feature vector, sharded over devices.
-
-  Args:
-    features: f32[N, d].
-    centroids: f32[K, d].
-    chunk_size: rows per distance matmul and device (default `default_chunk_size(devices)`).
-    devices: devices to shard over (one process); default all devices of all hosts.
-
-  Returns:
-    labels: i32[N] NumPy array; inertia: float, Σ_n ‖x_n − c_{labels_n}‖².
-  """
-  x = _as_features(features)
-  c = np.asarray(centroids, np.float32)
-  if c.ndim != 2 or c.shape[1] != x.shape[1] or c.shape[0] < 1:
-    raise ValueError(f"centroids must be f32[K, {x.shape[1]}] with K >= 1, got shape {c.shape}")
-  n = x.shape[0]
-  devices = None if devices is None else tuple(devices)
-  shards = parallel.num_shards(devices)
-  mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-  block = min(default_chunk_size(devices) if chunk_size is None else chunk_size, -(-n // shards))
-  num_blocks = -(-n // (block * shards))
-  xp = np.zeros((num_blocks * block * shards, x.shape[1]), np.float32)
-  np.subtract(x, mean, out=xp[:n])
-  plan = _Plan(num_clusters=c.shape[0], shards=shards, block=block, num_blocks=num_blocks, chunk=block)
-  labels, inertia = _assign_fn(plan, devices)(parallel.shard_strided(xp, shards, devices),
-                                              jnp.asarray(c - mean), np.int32(n))
-  labels, inertia = parallel.unreplicate((labels, inertia))
-  return np.asarray(labels).swapaxes(0, 1).reshape(-1)[:n].astype(np.int32), float(inertia)

@@ -1,5 +1,5 @@
-"""k-means seeding for ReFiT (`refit.kmeans`): greedy k-means++, k-means|| and AFK-MC², jitted, on one
-device, and `initial_centroids`, which picks one by the arguments of `refit.kmeans`.
+"""k-means seeding for `kmeans.kmeans`: greedy k-means++, k-means|| and AFK-MC², jitted, on one
+device, and `initial_centroids`, which picks one by the arguments of `kmeans.kmeans`.
 
 The seeding set is small next to the data (a random subset), and seeding on one device makes the initial
 centroids the same whatever the number of devices that run the k-means iterations afterwards.
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vqddm_jax import kmeans_distances
+from vqddm_jax.kmeans import distances
 
-INITS = ("kmeans++", "kmeans||", "afkmc2")  # the seedings `refit.kmeans` offers by name
+INITS = ("kmeans++", "kmeans||", "afkmc2")  # the seedings `kmeans.kmeans` offers by name
 
 
 def sample_proportional(u: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
@@ -67,11 +67,11 @@ def kmeanspp(key: jax.Array, x: jnp.ndarray, weights: jnp.ndarray | None = None,
     # All-zero distances (fewer distinct points than clusters) fall back to draws by weight alone.
     p = weights * dmin
     cand = sample_proportional(draws[k], jnp.where(jnp.sum(p) > 0, p, weights))
-    dc = kmeans_distances.sq_dist_to(x, x_sq, x[cand])
+    dc = distances.sq_dist_to(x, x_sq, x[cand])
     best = jnp.argmin(jnp.sum(weights[:, None] * jnp.minimum(dmin[:, None], dc), axis=0))
     return c.at[k].set(x[cand[best]]), jnp.minimum(dmin, dc[:, best])
 
-  dmin = kmeans_distances.sq_dist_to(x, x_sq, first[None])[:, 0]
+  dmin = distances.sq_dist_to(x, x_sq, first[None])[:, 0]
   return lax.fori_loop(1, num_clusters, body, (c, dmin))[0]
 
 
@@ -104,7 +104,7 @@ def oversample_candidates(key: jax.Array, x: jnp.ndarray, *, rounds: int, oversa
   def body(r, carry):
     cand, dmin, owner = carry
     new = x[sample_proportional(draws[r], jnp.where(jnp.sum(dmin) > 0, dmin, 1.0))]
-    lab, dist = kmeans_distances.nearest_chunked(x, new, chunk)
+    lab, dist = distances.nearest_chunked(x, new, chunk)
     owner = jnp.where(dist < dmin, 1 + r * oversample + lab, owner)
     cand = lax.dynamic_update_slice_in_dim(cand, new, 1 + r * oversample, 0)
     return cand, jnp.minimum(dmin, dist), owner
@@ -140,7 +140,7 @@ def afkmc2(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, chain_length: i
   first = x[jax.random.randint(k_first, (), 0, n)]
   proposals = jax.random.uniform(k_prop, (num_clusters, chain_length))
   accepts = jax.random.uniform(k_acc, (num_clusters, chain_length - 1))
-  d1 = kmeans_distances.sq_dist_to(x, x_sq, first[None])[:, 0]
+  d1 = distances.sq_dist_to(x, x_sq, first[None])[:, 0]
   q = 0.5 * d1 / jnp.maximum(jnp.sum(d1), 1e-30) + 0.5 / n
   cdf = jnp.cumsum(q)
   c = jnp.zeros((num_clusters, dim), x.dtype).at[0].set(first)
@@ -148,7 +148,7 @@ def afkmc2(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, chain_length: i
   def body(k, c):
     cand = jnp.clip(jnp.searchsorted(cdf, proposals[k] * cdf[-1], side="right"), 0, n - 1)
     rows = x[cand]
-    dc = kmeans_distances.sq_dist_to(rows, x_sq[cand], c)
+    dc = distances.sq_dist_to(rows, x_sq[cand], c)
     dc = jnp.min(jnp.where(jnp.arange(num_clusters)[None, :] < k, dc, jnp.inf), axis=1)
     # Target ∝ D², proposal q: accept y over x when D²(y)/q(y) > u · D²(x)/q(x).
     ratio = dc / q[cand]
@@ -168,7 +168,7 @@ def afkmc2(key: jax.Array, x: jnp.ndarray, *, num_clusters: int, chain_length: i
 
 def initial_centroids(key, x, num_clusters, *, init, init_size, init_trials, init_rounds, init_oversample,
                       chain_length, chunk, batch, mean):
-  """Initial centroids f32[K, d] for `refit.kmeans` (its arguments of the same names), centred by `mean`.
+  """Initial centroids f32[K, d] for `kmeans.kmeans` (its arguments of the same names), centred by `mean`.
 
   `x: f32[N, d]` are the shuffled, centred features; `batch` is the global mini-batch size and `chunk` the
   rows per distance matmul.

@@ -3,7 +3,8 @@
 A stage supplies its initial host state, its pmapped step `(state, batch, key) -> (state, metrics)`, and a
 function that opens its input iterator at a saved position. Everything the next step depends on — the state,
 the iterator position, the step count (keys are `fold_in(base_key, step)` inside the step) — is in the
-checkpoint, so a resumed run reaches exactly the parameters of an uninterrupted one.
+checkpoint, so a resumed run reaches exactly the parameters of an uninterrupted one. Progress (steps/s, ETA)
+and the stage's periodic work (image grids, held-out evaluation) run as clu periodic actions.
 """
 from __future__ import annotations
 
@@ -15,27 +16,25 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 from absl import logging
+from clu import periodic_actions
+from etils import epath
 
 from vqddm_jax import checkpointing, metrics, parallel
+
+# (every, fn): `fn(step, replicated_state)` after every `every` completed steps and after the last one.
+Periodic = tuple[int, Callable[[int, Any], None]]
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   """Static settings of one stage's loop."""
   stage: str
-  directory: str
+  directory: epath.Path
   num_steps: int
   log_every: int
   checkpoint_every: int
   keep_checkpoints: int = 2
   prefetch: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Periodic:
-  """`fn(step, replicated_state)` run after every `every` completed steps (and after the last step)."""
-  every: int
-  fn: Callable[[int, Any], None]
 
 
 class _StopFlag:
@@ -60,16 +59,6 @@ class _StopFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-def stage_finished(directory: str, num_steps: int) -> bool:
-  """True when `directory` holds a checkpoint at (or past) `num_steps`."""
-  ckpt = checkpointing.Checkpointer(directory, read_only=True)
-  try:
-    latest = ckpt.latest_step()
-  finally:
-    ckpt.close()
-  return latest is not None and latest >= num_steps
 
 
 def _device_batches(batches: Any, size: int) -> Iterator[tuple[Any, Any]]:
@@ -105,7 +94,7 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
     open_batches: `position -> iterator` of host batches `[local_devices, b, ...]` exposing `.position`.
     key: the run's base key (the step folds in the step number).
     writer: a clu metric writer.
-    periodic: actions after some steps (image grids, evaluation).
+    periodic: (every, fn) pairs, e.g. image grids and held-out evaluation.
     meta: extra JSON-able facts stored in every checkpoint.
 
   Returns:
@@ -120,7 +109,11 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
     return state, True
   batches = open_batches(saved_meta.get("position"))
   rstate = parallel.replicate(state)
-  progress = metrics.Progress(step, loop.num_steps)
+  progress = periodic_actions.ReportProgress(num_train_steps=loop.num_steps, writer=writer,
+                                             every_steps=loop.log_every, every_secs=None)
+  actions = [periodic_actions.PeriodicCallback(
+      every_steps=every, on_steps=[loop.num_steps],
+      callback_fn=lambda step, t, rstate, fn=fn: fn(step, rstate)) for every, fn in periodic]
   history, position = [], saved_meta.get("position")
 
   def save(at_step: int) -> None:
@@ -139,14 +132,14 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
       history.append(jax.tree_util.tree_map(lambda x: x[0], step_metrics))
       last = step == loop.num_steps
       if step % loop.log_every == 0 or last:
-        nonfinite = _log(loop, writer, step, history, progress, nonfinite)
+        nonfinite = _log(loop, writer, step, history, nonfinite)
         history = []
-      for action in periodic:
-        if step % action.every == 0 or last:
-          action.fn(step, rstate)
+      progress(step)
+      for action in actions:
+        action(step, rstate=rstate)
       if step % loop.checkpoint_every == 0 or last or stop.raised:
         if history:  # Count skipped steps up to here before they are saved.
-          nonfinite = _log(loop, writer, step, history, progress, nonfinite)
+          nonfinite = _log(loop, writer, step, history, nonfinite)
           history = []
         save(step)
       if stop.raised:
@@ -157,9 +150,8 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
   return parallel.unreplicate(rstate), completed
 
 
-def _log(loop: LoopConfig, writer: Any, step: int, history: list, progress: metrics.Progress,
-         nonfinite: int) -> int:
-  """Writes averaged scalars and the progress line; returns the updated count of skipped steps."""
+def _log(loop: LoopConfig, writer: Any, step: int, history: list, nonfinite: int) -> int:
+  """Writes the scalars averaged since the last log; returns the updated count of skipped steps."""
   fetched = jax.device_get(history)
   skipped = int(sum(1 for h in fetched if float(h["finite"]) < 1.0))
   if skipped:
@@ -168,11 +160,8 @@ def _log(loop: LoopConfig, writer: Any, step: int, history: list, progress: metr
   nonfinite += skipped
   finite = [h for h in fetched if float(h["finite"]) >= 1.0] or fetched
   scalars = {k: _nanmean([h[k] for h in finite]) for k in finite[0] if k != "finite"}
-  scalars.update(progress.report(step))
   scalars["nonfinite_steps"] = nonfinite
   writer.write_scalars(step, {f"{loop.stage}/{k}": v for k, v in scalars.items()})
-  logging.info("%s step %d/%d  %.2f steps/s  ETA %s", loop.stage, step, loop.num_steps,
-               scalars["steps_per_sec"], metrics.format_eta(scalars["eta_seconds"]))
   return nonfinite
 
 

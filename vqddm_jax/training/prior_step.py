@@ -1,14 +1,10 @@
-"""Stage 2: the discrete-diffusion prior over code maps (METHOD.md §3) — state, pmapped step, held-out ELBO.
+"""The prior's training state, per-device step and held-out −ELBO (stage 2, docs/method.md §3).
 
-Layout under `workdir/prior/`: `checkpoints/`, `tensorboard/`, `eval.json` (latest held-out −ELBO).
 Randomness (t, z_t) is drawn from per-example keys `fold_in(fold_in(key, step), global example index)`, so a
 step gives the same result on 8 devices as on 1.
 """
 from __future__ import annotations
 
-import functools
-import json
-import os
 from typing import Any, Callable
 
 import flax
@@ -16,14 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from vqddm_jax import diffusion, metrics, parallel
-from vqddm_jax.data import codes as codes_lib
+from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.models.unet import UNet
-from vqddm_jax.train import loop, optim
-
-STAGE = "prior"
+from vqddm_jax.training import optim
 
 
 @flax.struct.dataclass
@@ -36,36 +29,12 @@ class PriorState:
   importance: diffusion.ImportanceState
 
 
-def build_denoiser(config: Any, num_classes: int) -> UNet:
-  p = config.prior
-  return UNet(num_classes=num_classes, ch=p.ch, ch_mult=tuple(p.ch_mult),
-              num_res_blocks=p.num_res_blocks, attention=p.attention, mid_attention=p.mid_attention,
-              groups=p.groups, dropout=p.dropout, softmax_q=p.softmax_q,
-              time_scale=p.time_scale, dtype=jnp.bfloat16 if p.dtype == "bfloat16" else jnp.float32)
-
-
-def build_schedule(config: Any, num_classes: int) -> diffusion.Schedule:
-  d = config.diffusion
-  return diffusion.make_schedule(d.num_steps, d.schedule, num_classes=num_classes)
-
-
 def init_state(model: UNet, optimizer: optax.GradientTransformation, key: jax.Array,
                code_shape: tuple[int, int], num_steps: int) -> PriorState:
-  z = jnp.zeros((1,) + tuple(code_shape), jnp.int32)
-  params = model.init(key, z, jnp.ones((1,), jnp.int32))["params"]
+  params = prior_lib.init_params(model, key, code_shape)
   return PriorState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=optimizer.init(params),
                     importance=diffusion.init_importance(num_steps))
-
-
-def logits_fn_for(model: UNet, params: Any, parametrization: str,
-                  rng: jax.Array | None = None) -> Callable:
-  """`(z_t: i32[B,h,w], t: i32[B]) -> f32[B,h,w,K]` logits of x̂_0 (t = 1..T) for the given parameters."""
-  def fn(z_t, t):
-    kwargs = {"train": True, "rngs": {"dropout": rng}} if rng is not None else {}
-    out = model.apply({"params": params}, z_t, t, **kwargs)
-    return diffusion.x0_logits(out, z_t, parametrization)
-  return fn
 
 
 def example_keys(key: jax.Array, step: jnp.ndarray, per_device: int) -> jax.Array:
@@ -99,7 +68,7 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
   prior = diffusion.prior_kl(z0, sched)
 
   def loss_fn(params):
-    logits = logits_fn_for(model, params, parametrization, rng)(z_t, t)
+    logits = prior_lib.logits_fn(model, params, parametrization, rng)(z_t, t)
     lt = diffusion.loss_t(jax.nn.log_softmax(logits, axis=-1), z0, z_t, t, sched)
     est = diffusion.importance_weighted_nelbo(lt, p_t, prior)
     return jnp.mean(diffusion.bits_per_code(est, h * w)), lt
@@ -112,7 +81,7 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
   ema = optim.ema_update(state.ema_params, params, ema_decay)
   all_t = jax.lax.all_gather(t, parallel.AXIS).reshape(-1)
   all_lt = jax.lax.all_gather(lt, parallel.AXIS).reshape(-1)
-  new_importance = diffusion.update_importance(state.importance, all_t, all_lt)
+  new_importance = diffusion.importance.update(state.importance, all_t, all_lt)
   ok = metrics.all_finite(grads) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(all_lt))
   new = metrics.keep_if_finite(ok, (params, ema, opt_state, new_importance),
                                (state.params, state.ema_params, state.opt_state, state.importance))
@@ -140,14 +109,14 @@ def eval_step(params: Any, batch: dict, key: jax.Array, *, model: UNet, sched: d
   z0, mask = batch["codes"], batch["mask"].astype(jnp.float32)
   b, h, w = z0.shape
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, parallel.global_example_index(b))
-  est, se = diffusion.nelbo_monte_carlo(keys, z0, logits_fn_for(model, params, parametrization), sched,
-                                        num_samples=t_samples)
+  logits_fn = prior_lib.logits_fn(model, params, parametrization)
+  est, se = diffusion.nelbo_monte_carlo(keys, z0, logits_fn, sched, num_samples=t_samples)
   bits, se_bits = diffusion.bits_per_code(est, h * w), diffusion.bits_per_code(se, h * w)
   return {"bits": jnp.sum(bits * mask), "se_sq": jnp.sum(jnp.square(se_bits) * mask),
           "count": jnp.sum(mask)}
 
 
-def evaluate(p_eval: Callable, rparams: Any, batches: Any, key: jax.Array) -> dict[str, float]:
+def heldout_nelbo(p_eval: Callable, rparams: Any, batches: Any, key: jax.Array) -> dict[str, float]:
   """Held-out −ELBO in bits per code (mean over maps) and the standard error of that mean over t draws."""
   total = {"bits": 0.0, "se_sq": 0.0, "count": 0.0}
   for i, batch in enumerate(batches):
@@ -157,71 +126,3 @@ def evaluate(p_eval: Callable, rparams: Any, batches: Any, key: jax.Array) -> di
   n = max(total["count"], 1.0)
   return {"nelbo_bits_per_code": total["bits"] / n, "stderr": float(np.sqrt(total["se_sq"]) / n),
           "num_maps": int(total["count"])}
-
-
-def stage_dirs(workdir: str) -> dict[str, str]:
-  root = os.path.join(workdir, STAGE)
-  return {k: os.path.join(root, k) for k in ("checkpoints", "tensorboard")}
-
-
-def train_prior(config: Any, workdir: str) -> tuple[PriorState | None, bool]:
-  """Runs (or resumes, or skips when finished) stage 2 on this host's stored code maps."""
-  tcfg = config.prior_train
-  dirs = stage_dirs(workdir)
-  if loop.stage_finished(dirs["checkpoints"], tcfg.num_steps):
-    logging.info("stage 2 already finished under %s: skipping", dirs["checkpoints"])
-    return None, True
-  store = codes_lib.codes_dir(workdir, parallel.process_index(), parallel.process_count())
-  meta = codes_lib.read_meta(store)
-  if meta is None:
-    raise FileNotFoundError(f"no code maps under {store}: run --mode=encode first")
-  train_codes = codes_lib.load_codes(store, config.data.train_split)
-  eval_codes = codes_lib.load_codes(store, config.data.eval_split)
-  num_classes, code_shape = int(meta["codebook_size"]), tuple(train_codes.shape[1:])
-  logging.info("stage 2 on %d training / %d held-out code maps of %s, K = %d", len(train_codes),
-               len(eval_codes), code_shape, num_classes)
-  model = build_denoiser(config, num_classes)
-  sched = build_schedule(config, num_classes)
-  optimizer = optim.make_optimizer(tcfg.optim, tcfg.num_steps)
-  key = jax.random.key(config.seed)
-  state = init_state(model, optimizer, jax.random.fold_in(key, 10), code_shape,
-                     config.diffusion.num_steps)
-  metrics.log_param_count("denoiser", state.params)
-  p_step = parallel.pmap_step(functools.partial(
-      train_step, model=model, optimizer=optimizer, sched=sched,
-      parametrization=config.diffusion.parametrization,
-      use_importance=config.diffusion.importance_sampling, ema_decay=tcfg.ema_decay,
-      t_buckets=tcfg.t_buckets))
-  p_eval = parallel.pmap_with_axes(functools.partial(eval_step, model=model, sched=sched,
-                                                     parametrization=config.diffusion.parametrization,
-                                                     t_samples=tcfg.eval_t_samples),
-                                   in_axes=(0, 0, None))
-  writer = metrics.make_writer(dirs["tensorboard"], is_main=parallel.is_main_process())
-  ndev = parallel.local_device_count()
-  per_device = parallel.per_device_batch_size(tcfg.batch_size)
-
-  def run_eval(step: int, rstate: Any) -> None:
-    batches = codes_lib.eval_code_batches(eval_codes, per_shard=per_device, num_shards=ndev,
-                                          max_examples=tcfg.eval_examples or None)
-    results = evaluate(p_eval, rstate.ema_params, (parallel.to_devices(b) for b in batches),
-                       jax.random.fold_in(key, 11))
-    results.update(uniform_bits_per_code=float(np.log2(num_classes)), step=step,
-                   t_samples_per_map=tcfg.eval_t_samples)
-    writer.write_scalars(step, {f"{STAGE}/eval_{k}": v for k, v in results.items()
-                                if k not in ("step", "num_maps")})
-    logging.info("stage 2 held-out -ELBO at step %d: %.4f ± %.4f bits/code (uniform prior: %.4f; "
-                 "Monte Carlo over %d t per map, %d maps)", step, results["nelbo_bits_per_code"],
-                 results["stderr"], results["uniform_bits_per_code"], tcfg.eval_t_samples,
-                 results["num_maps"])
-    if parallel.is_main_process():
-      with open(os.path.join(workdir, STAGE, "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
-
-  open_batches = lambda pos: codes_lib.CodeBatches(  # noqa: E731
-      train_codes, per_shard=per_device, num_shards=ndev, seed=config.seed, position=pos)
-  spec = loop.LoopConfig(STAGE, dirs["checkpoints"], tcfg.num_steps, tcfg.log_every,
-                         tcfg.checkpoint_every, tcfg.keep_checkpoints)
-  return loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,
-                  key=jax.random.fold_in(key, 12), writer=writer,
-                  periodic=[loop.Periodic(tcfg.eval_every, run_eval)],
-                  meta={"codes": meta.get("source", "")})

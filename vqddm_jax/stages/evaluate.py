@@ -7,11 +7,10 @@ row compares a set of images with the held-out real images (Fréchet distance, K
 held-out vs training real images (the floor), stage-1 reconstructions, samples, inpainting completions, and
 images decoded from uniformly random codes (the ceiling). Next to them: held-out −ELBO in bits per code,
 codebook usage and reconstruction error, and sample quality and wall time against the number of steps.
+The report records the checkpoints and settings it was made from; it is redone when they change.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any, Callable
 
@@ -19,14 +18,27 @@ import jax
 import numpy as np
 from absl import logging
 
-from vqddm_jax import evaluation, parallel
-from vqddm_jax.data import codes as codes_lib
-from vqddm_jax.sample import decode_codes, restore_prior, sample_code_maps
-from vqddm_jax.train import encode
-from vqddm_jax.train import prior as stage2
+from vqddm_jax import data, evaluation, generation, masks, metrics, parallel
+from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.stages import StageResult
+from vqddm_jax.workdir import Workdir
 
 
-def feature_extractor(config: Any, workdir: str) -> tuple[Callable | None, dict]:
+def _record(config: Any, models: dict) -> dict:
+  """What the report depends on besides the data: the checkpoints and the evaluation settings."""
+  icfg = config.inpaint
+  return dict(models, eval=config.eval.to_dict(), inpaint={"mask": icfg.mask, "seed": icfg.seed,
+                                                           "steps": icfg.steps},
+              num_steps=config.diffusion.num_steps)
+
+
+def is_done(config: Any, workdir: Workdir) -> bool:
+  models = generation.current_record(config, workdir)
+  return models is not None and workdir_lib.same_record(
+      workdir.eval_report("json"), {"inputs": _record(config, models)})
+
+
+def feature_extractor(config: Any, workdir: Workdir) -> tuple[Callable | None, dict]:
   """`images -> f32[N, F]` for the data set of the config, and facts about it for the report."""
   ecfg = config.eval
   if ecfg.inception_weights:
@@ -42,7 +54,7 @@ def feature_extractor(config: Any, workdir: str) -> tuple[Callable | None, dict]
   images, labels = evaluation.labelled_split(config.data, config.data.train_split)
   held, held_labels = evaluation.labelled_split(config.data, config.data.eval_split)
   t0 = time.perf_counter()
-  params, meta = evaluation.load_or_train(os.path.join(workdir, "eval"), images, labels, seed=config.seed,
+  params, meta = evaluation.load_or_train(workdir.classifier_cache, images, labels, seed=config.seed,
                                           num_steps=ecfg.classifier_steps)
   acc = evaluation.accuracy(params, held, held_labels)
   logging.info("evaluate: classifier held-out accuracy %.2f%% (%s in %.1fs)", 100 * acc,
@@ -64,37 +76,23 @@ def quality_row(real_feats: np.ndarray, fake_feats: np.ndarray, seed: int) -> di
           "precision": precision, "recall": recall, "n": int(len(fake_feats))}
 
 
-def _load_json(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def steps_table(config: Any, workdir: str, feats_fn: Callable | None, real: np.ndarray | None,
+def steps_table(config: Any, gen: generation.Generator, feats_fn: Callable | None, real: np.ndarray | None,
                 num: int) -> tuple[list[dict], np.ndarray]:
   """Sample quality and wall time for S = T / f reverse steps, f in `eval.step_fractions`.
 
   Returns the rows and the images sampled with the first fraction (all T steps by default).
   """
-  store = codes_lib.codes_dir(workdir, parallel.process_index(), parallel.process_count())
-  k = int(codes_lib.read_meta(store)["codebook_size"])
-  code_shape = tuple(codes_lib.load_codes(store, config.data.eval_split).shape[1:])
-  denoiser, prior_params, _ = restore_prior(config, workdir, k, code_shape)
-  vq_model, vq_params, _, _ = encode.restore_tokenizer(config, workdir)
-  sched = stage2.build_schedule(config, k)
-  rparams = parallel.replicate(prior_params)
+  rparams = parallel.replicate(gen.prior.params)
   per_device = -(-num // parallel.local_device_count())
   rows, first = [], None
   for frac in config.eval.step_fractions:
-    steps = max(1, sched.num_steps // frac)
+    steps = max(1, gen.sched.num_steps // frac)
     t0 = time.perf_counter()
-    codes = sample_code_maps(denoiser, rparams, sched, parametrization=config.diffusion.parametrization,
-                             key=jax.random.key(config.eval.seed), per_device=per_device,
-                             code_shape=code_shape, num_sampling_steps=steps,
-                             chunk=config.sample.chunk_steps)[:num]
+    codes = generation.sample_code_maps(gen, rparams, key=jax.random.key(config.eval.seed),
+                                        per_device=per_device, num_sampling_steps=steps,
+                                        chunk=config.sample.chunk_steps)[:num]
     seconds = time.perf_counter() - t0
-    images = decode_codes(vq_model, vq_params, codes, config.sample.decode_batch_size)
+    images = generation.decode_codes(gen.tokenizer, codes, config.sample.decode_batch_size)
     first = images if first is None else first
     row = {"steps": steps, "fraction": f"T/{frac}" if frac > 1 else "T", "seconds": seconds}
     if feats_fn is not None:
@@ -104,61 +102,63 @@ def steps_table(config: Any, workdir: str, feats_fn: Callable | None, real: np.n
   return rows, first
 
 
-def reference_rows(config: Any, workdir: str, feats_fn: Callable, real: np.ndarray,
+def reference_rows(config: Any, gen: generation.Generator, feats_fn: Callable, real: np.ndarray,
                    num: int) -> dict[str, dict]:
   """Floor (real vs real), stage-1 reconstructions, and the ceiling (uniformly random codes)."""
-  from vqddm_jax.inpaint import first_images
-  store = codes_lib.codes_dir(workdir, parallel.process_index(), parallel.process_count())
-  held_codes = codes_lib.load_codes(store, config.data.eval_split)[:num]
-  vq_model, vq_params, _, _ = encode.restore_tokenizer(config, workdir)
-  decode = lambda c: decode_codes(vq_model, vq_params, c, config.sample.decode_batch_size)  # noqa: E731
+  held_codes = gen.heldout_codes[:num]
+  decode = lambda c: generation.decode_codes(gen.tokenizer, c, config.sample.decode_batch_size)  # noqa: E731
   random_codes = np.random.default_rng(config.eval.seed).integers(
-      0, vq_model.codebook_size, held_codes.shape).astype(np.int32)
+      0, gen.tokenizer.model.codebook_size, held_codes.shape).astype(np.int32)
   seed = config.eval.seed
   return {
       "real training images (floor)": quality_row(
-          real, feats_fn(first_images(config, config.data.train_split, num)), seed),
+          real, feats_fn(data.first_images(config.data, config.data.train_split, num)), seed),
       "stage-1 reconstructions of held-out images": quality_row(real, feats_fn(decode(held_codes)), seed),
       "decoded uniformly random codes (ceiling)": quality_row(real, feats_fn(decode(random_codes)), seed),
   }
 
 
-def run_evaluate(config: Any, workdir: str) -> dict[str, Any]:
-  """Writes `workdir/eval/report.json` and `report.md`; returns the report."""
-  from vqddm_jax.inpaint import first_images, run_inpaint
-  from vqddm_jax import metrics
-  ecfg, out_dir = config.eval, os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+def run(config: Any, workdir: Workdir) -> StageResult:
+  """Writes `workdir/eval/report.json` and `report.md` (and evaluate's own inpainting under `eval/`)."""
+  ecfg = config.eval
   t_start = time.perf_counter()
+  gen = generation.load_generator(config, workdir)
   feats_fn, facts = feature_extractor(config, workdir)
-  num = min(ecfg.num_samples, codes_lib.read_meta(codes_lib.codes_dir(
-      workdir, parallel.process_index(), parallel.process_count()))["counts"][config.data.eval_split])
-  real = feats_fn(first_images(config, config.data.eval_split, num)) if feats_fn else None
-  rows = reference_rows(config, workdir, feats_fn, real, num) if feats_fn else {}
-  table, samples = steps_table(config, workdir, feats_fn, real, num)
+  num = min(ecfg.num_samples, len(gen.heldout_codes))
+  real = feats_fn(data.first_images(config.data, config.data.eval_split, num)) if feats_fn else None
+  rows = reference_rows(config, gen, feats_fn, real, num) if feats_fn else {}
+  table, samples = steps_table(config, gen, feats_fn, real, num)
   if feats_fn:
     rows[f"samples ({table[0]['steps']} steps)"] = {k: v for k, v in table[0].items()
                                                    if k not in ("steps", "fraction")}
-    inp_cfg = config.copy_and_resolve_references()
-    inp_cfg.inpaint.num_images = min(ecfg.inpaint_images, num)
-    inp = dict(np.load(run_inpaint(inp_cfg, workdir)["npz"]))
-    rows[f"inpainting completions ({inp_cfg.inpaint.mask})"] = quality_row(
-        feats_fn(inp["originals"]), feats_fn(inp["images"]), ecfg.seed)
-  grid = metrics.save_png(os.path.join(out_dir, "samples.png"), metrics.image_grid(samples[:64]))
-  prior_eval = _load_json(os.path.join(workdir, "prior", "eval.json")) or {}
-  refit_report = _load_json(os.path.join(workdir, "refit", "report.json"))
-  codebook = refit_report["finetuned"] if refit_report else _load_json(
-      os.path.join(workdir, "vqvae", "eval.json"))
-  report = dict(facts, quality=rows, steps_vs_quality=table, heldout_nelbo=prior_eval,
-                codebook=codebook, refit=refit_report, samples_grid=os.path.basename(grid),
-                seconds=time.perf_counter() - t_start)
+    rows[f"inpainting completions ({config.inpaint.mask})"] = _inpainting_row(config, workdir, gen, feats_fn,
+                                                                             min(ecfg.inpaint_images, num))
+  report = dict(facts, quality=rows, steps_vs_quality=table, inputs=_record(config, gen.record()),
+                heldout_nelbo=workdir_lib.read_json(workdir.train("prior").eval_json) or {},
+                codebook=_codebook_facts(config, workdir), refit=workdir_lib.read_json(workdir.refit_report("json")),
+                samples_grid=workdir.eval_samples_grid.name, seconds=time.perf_counter() - t_start)
   if parallel.is_main_process():
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-      json.dump(report, f, indent=1, default=float)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-      f.write(report_markdown(report))
-  logging.info("evaluation report: %s", os.path.join(out_dir, "report.md"))
-  return report
+    workdir_lib.write_png(workdir.eval_samples_grid, metrics.image_grid(samples[:64]))
+    workdir_lib.write_json(workdir.eval_report("json"), report)
+    workdir_lib.write_text(workdir.eval_report("md"), report_markdown(report))
+  logging.info("evaluation report: %s", workdir.eval_report("md"))
+  return StageResult("evaluate", True, (str(workdir.eval_report("md")), str(workdir.eval_report("json"))))
+
+
+def _inpainting_row(config: Any, workdir: Workdir, gen: generation.Generator, feats_fn: Callable,
+                    num_images: int) -> dict:
+  """Quality of completions of `num_images` held-out images against their originals (kept in `eval/`)."""
+  result = generation.inpaint_heldout(config, gen, num_images)
+  if parallel.is_main_process():
+    generation.save_inpainting(workdir.eval_inpaint(masks.mask_name(config.inpaint.mask)), result,
+                               config.data.image_size, dict(gen.record(), num_images=num_images))
+  return quality_row(feats_fn(result["originals"]), feats_fn(result["images"]), config.eval.seed)
+
+
+def _codebook_facts(config: Any, workdir: Workdir) -> dict | None:
+  """Usage, perplexity and MSE of the final tokenizer (ReFiT's fine-tuned codebook when ReFiT ran)."""
+  refit_report = workdir_lib.read_json(workdir.refit_report("json"))
+  return refit_report["finetuned"] if refit_report else workdir_lib.read_json(workdir.train("vqvae").eval_json)
 
 
 def report_markdown(report: dict) -> str:

@@ -1,4 +1,4 @@
-"""Nearest-centroid search for ReFiT's k-means (`refit.py`) and its seeding (`kmeans_seeding.py`).
+"""Nearest-centroid search for the k-means fit (`fit.py`) and its seeding (`seeding.py`).
 
 Distances go through ||x||² + ||c||² − 2x·cᵀ, one matmul per chunk of rows: no N×K×d tensor, and N×K only
 in bounded chunks.

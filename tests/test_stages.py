@@ -1,0 +1,117 @@
+"""The stage registry on the shared tiny run: a finished work directory is skipped whole, a newer checkpoint
+upstream reruns what depends on it, stale downstream training is refused, and users' mistakes exit with 2."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, load_config
+from vqddm_jax import checkpointing, main, stages
+from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.errors import MismatchError
+from vqddm_jax.stages import evaluate, refit, sample, train_prior
+from vqddm_jax.workdir import Workdir
+
+
+@pytest.fixture
+def copied_run(pipeline_run, tmp_path):
+  """A private copy of the shared tiny run's work directory: (config, Workdir)."""
+  config, workdir = pipeline_run
+  shutil.copytree(workdir.root, tmp_path / "w")
+  return config.copy_and_resolve_references(), Workdir(tmp_path / "w")
+
+
+def test_every_stage_has_the_stage_shape():
+  for stage in stages.REGISTRY:
+    module = stage.module()
+    assert callable(module.run) and callable(module.is_done), stage.name
+  assert set(main.MODES) == {"all"} | set(stages.BY_NAME)
+
+
+def test_a_finished_workdir_is_skipped_whole(pipeline_run, capsys):
+  config, workdir = pipeline_run
+  results = main.run_pipeline(config, workdir, "all")
+  assert [r.stage for r in results] == [s.name for s in stages.PIPELINE]
+  assert all(r.skipped and r.completed for r in results)
+  assert main.execute(config, str(workdir.root), "all") == 0
+  out = capsys.readouterr().out
+  assert "pipeline finished" in out and "samples_S20.png" in out and "eval/report.md" in out
+
+
+def test_a_newer_prior_checkpoint_reruns_sample_and_evaluate(copied_run):
+  config, workdir = copied_run
+  config.prior_train.num_steps += 2
+  assert not train_prior.is_done(config, workdir)
+  assert sample.is_done(config, workdir) and evaluate.is_done(config, workdir)
+  assert train_prior.run(config, workdir).completed  # Resumes from the finished checkpoint.
+  new_step = checkpointing.latest_step(workdir.train("prior").checkpoints)
+  assert new_step == config.prior_train.num_steps and train_prior.is_done(config, workdir)
+  assert not sample.is_done(config, workdir) and not evaluate.is_done(config, workdir)
+  result = stages.run_stage(stages.BY_NAME["sample"], config, workdir)
+  assert not result.skipped and f"samples/{new_step}/" in result.outputs[0]
+  assert sample.is_done(config, workdir)
+
+
+def test_training_on_stale_inputs_is_refused(copied_run):
+  config, workdir = copied_run
+  rebuild = workdir_lib.read_json(workdir.refit_rebuild)
+  workdir_lib.write_json(workdir.refit_rebuild, dict(rebuild, stage1_step=rebuild["stage1_step"] - 2))
+  with pytest.raises(MismatchError, match="refit.*rebuilt from the stage-1 checkpoint of step 2.*remove"):
+    refit.is_done(config, workdir)
+  meta_path = workdir.code_store(0, 1) / "meta.json"
+  meta = workdir_lib.read_json(meta_path)
+  workdir_lib.write_json(meta_path, dict(meta, step=meta["step"] + 100))
+  with pytest.raises(MismatchError, match="prior.*trained on code maps from.*remove"):
+    train_prior.is_done(config, workdir)
+
+
+def _execute(config, workdir, mode, capsys) -> tuple[int, str]:
+  code = main.execute(config, str(workdir), mode)
+  return code, capsys.readouterr().err
+
+
+def test_users_mistakes_exit_2_with_one_message(copied_run, tmp_path, capsys):
+  config, workdir = copied_run
+  code, err = _execute(config, tmp_path / "empty", "sample", capsys)
+  assert code == 2 and err.startswith("vqddm_jax: no code maps under") and "--mode=encode" in err
+  code, err = _execute(config, tmp_path / "empty", "encode", capsys)
+  assert code == 2 and "no checkpoint under" in err and "--mode=refit first" in err
+  other = config.copy_and_resolve_references()
+  other.prior.ch, other.sample.seed = 32, 5
+  code, err = _execute(other, workdir.root, "sample", capsys)
+  assert code == 2 and "does not match" in err and "another config" in err
+  bad_png = tmp_path / "mask.png"
+  bad_png.write_bytes(b"not a picture")
+  masked = config.copy_and_resolve_references()
+  masked.inpaint.mask = str(bad_png)
+  code, err = _execute(masked, workdir.root, "inpaint", capsys)
+  assert code == 2 and "cannot read it as an image" in err and str(bad_png) in err
+  celeba = load_config("configs/celeba.py")
+  celeba.data.data_dir = str(tmp_path / "no_data")
+  celeba.prior_train.batch_size = 1504  # divisible by the 8 test devices
+  code, err = _execute(celeba, tmp_path / "c", "train_vqvae", capsys)
+  assert code == 2 and "is not prepared" in err and "tfds build celeb_a_hq" in err
+  assert "Traceback" not in err
+
+
+def test_cli_user_error_is_one_line_on_stderr_and_exit_2(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run([sys.executable, "-m", "vqddm_jax.main", "--config=configs/mnist.py:tiny",
+                        f"--workdir={tmp_path}", "--mode=train_prior"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=180)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert f"vqddm_jax: no code maps under {tmp_path}/codes/process_0_of_1: run --mode=encode first" in out.stderr
+
+
+def test_report_records_what_made_it(pipeline_run):
+  config, workdir = pipeline_run
+  inputs = json.loads(workdir.eval_report("json").read_text())["inputs"]
+  assert inputs["prior_step"] == config.prior_train.num_steps and inputs["tokenizer"] == "refit"
+  assert inputs["eval"]["num_samples"] == config.eval.num_samples

@@ -1,0 +1,92 @@
+"""The work directory owner: every non-Orbax writer runs against TensorFlow's in-memory `ram://` file system.
+
+`ram://` is served by `tf.io.gfile`, as `gs://` is on a TPU VM. Registering it with epath for the test makes
+`Workdir("ram://...")` behave like a bucket: a writer that used `open`, `os.path` or `np.save` on its path
+would create local folders named `ram:` in the current directory (checked empty) or fail.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+from etils.epath import backend, gpath, register
+
+from vqddm_jax import generation, metrics
+from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.evaluation import classifier
+from vqddm_jax.stages import refit
+from vqddm_jax.workdir import Workdir
+
+
+@pytest.fixture
+def ram_workdir(monkeypatch, tmp_path):
+  """A `Workdir` on `ram://` (a fresh name per test), with the current directory an empty tmp folder."""
+  monkeypatch.setattr(gpath, "_URI_SCHEMES", gpath._URI_SCHEMES | {"ram"})
+  monkeypatch.setattr(gpath, "_URI_PREFIXES", gpath._URI_PREFIXES + ("ram://",))
+  monkeypatch.setitem(gpath._URI_MAP_ROOT, "ram://", "/ram/")
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "ram", backend.tf_backend)
+  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "ram://", gpath.PosixGPath)
+  monkeypatch.chdir(tmp_path)
+  yield Workdir(f"ram://run-{uuid.uuid4().hex}")
+  assert not list(tmp_path.iterdir()), "a writer touched the local disk instead of the path library"
+
+
+def test_workdir_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+  assert str(Workdir("gs://bucket/run").root) == "gs://bucket/run"
+  monkeypatch.chdir(tmp_path)
+  assert str(Workdir("runs/a").root) == str(tmp_path / "runs" / "a")
+  w = Workdir("gs://bucket/run")
+  assert str(w.train("prior").checkpoints) == "gs://bucket/run/prior/checkpoints"
+  assert str(w.code_store(1, 4)) == "gs://bucket/run/codes/process_1_of_4"
+  assert str(w.samples(2000, 250).png) == "gs://bucket/run/samples/2000/samples_S250.png"
+  assert str(w.eval_inpaint("left_half").npz) == "gs://bucket/run/eval/inpaint/left_half/inpaint.npz"
+  with pytest.raises(ValueError, match="unknown training stage"):
+    w.train("sample")
+
+
+def test_file_writers_round_trip_on_ram(ram_workdir):
+  w = ram_workdir
+  workdir_lib.write_json(w.train("vqvae").eval_json, {"mse": 0.5, "step": np.int64(3)})
+  assert workdir_lib.read_json(w.train("vqvae").eval_json) == {"mse": 0.5, "step": 3}
+  assert workdir_lib.same_record(w.train("vqvae").eval_json, {"step": 3})
+  assert not workdir_lib.same_record(w.train("vqvae").eval_json, {"step": 4})
+  assert workdir_lib.read_json(w.train("prior").eval_json) is None
+  arrays = {"codes": np.arange(12, dtype=np.int32).reshape(3, 2, 2), "images": np.zeros((3, 4, 4, 1))}
+  files = w.samples(7, 5)
+  workdir_lib.write_npz(files.npz, **arrays)
+  back = workdir_lib.read_npz(files.npz)
+  assert set(back) == set(arrays) and np.array_equal(back["codes"], arrays["codes"])
+  workdir_lib.write_png(files.png, metrics.image_grid(arrays["images"]))
+  assert files.png.read_bytes()[:4] == b"\x89PNG"
+  assert w.latest_samples_grid() == files.png
+  workdir_lib.write_npy(w.refit_features, np.ones((5, 3), np.float32))
+  assert workdir_lib.read_npy(w.refit_features).shape == (5, 3)
+  assert not list(files.npz.parent.glob(".*.tmp")), "temporary files must be renamed away"
+
+
+def test_reports_tensorboard_and_caches_on_ram(ram_workdir):
+  w = ram_workdir
+  writer = metrics.make_writer(w.train("prior").tensorboard, is_main=True)
+  writer.write_scalars(1, {"loss": 1.0})
+  writer.write_images(1, {"grid": np.zeros((1, 4, 4, 1), np.uint8)})
+  writer.flush()
+  assert any(p.name.startswith("events.out.tfevents") for p in w.train("prior").tensorboard.iterdir())
+  row = {"usage": 0.5, "usage_10": 0.25, "perplexity": 3.0, "mse": 0.1}
+  refit.write_report(w, {"stage1_step": 4, "num_features": 10, "before": row, "rebuilt": row}, row)
+  assert json.loads(w.refit_report("json").read_text())["finetuned"] == row
+  assert "after fine-tune" in w.refit_report("md").read_text()
+  mask = np.zeros((2, 2, 2), bool)
+  mask[:, :, 0] = True
+  result = {"mask": mask, "known": np.zeros((2, 2, 2), np.int32), "codes": np.ones((2, 2, 2), np.int32),
+            "images": np.zeros((2, 8, 8, 1), np.float32), "originals": np.ones((2, 8, 8, 1), np.float32)}
+  files = w.eval_inpaint("left_half")
+  generation.save_inpainting(files, result, 8, {"prior_step": 1})
+  assert files.png.exists() and workdir_lib.read_json(files.record) == {"prior_step": 1}
+  x = np.random.default_rng(0).uniform(-1, 1, (32, 8, 8, 1)).astype(np.float32)
+  y = (np.arange(32) % 2).astype(np.int32)
+  tiny = dict(num_steps=2, batch_size=8, widths=(2, 2, 2), num_classes=2)
+  _, meta = classifier.load_or_train(w.classifier_cache, x, y, seed=0, **tiny)
+  assert not meta["cached"] and w.classifier_cache.exists()
+  assert classifier.load_or_train(w.classifier_cache, x, y, seed=0, **tiny)[1]["cached"]

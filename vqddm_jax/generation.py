@@ -1,0 +1,197 @@
+"""Generating with a trained pipeline: sampling and inpainting code maps on every local device, and decoding.
+
+The sample, inpaint and evaluate stages share these. Chains run in chunks of reverse steps (one compiled
+program per chunk length, the state kept on the devices between chunks, a progress line per chunk); each
+device draws from `fold_in(key, global device index)`, so the same seed gives the same samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from vqddm_jax import checkpointing, data, diffusion, masks, metrics, parallel
+from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.data import codes as codes_lib
+from vqddm_jax.errors import ConfigError
+from vqddm_jax.models import loaders
+from vqddm_jax.models import prior as prior_lib
+from vqddm_jax.workdir import Workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+  """Both trained stages, restored read-only, and what sampling needs to know about the code maps."""
+  prior: loaders.Restored
+  tokenizer: loaders.Restored
+  sched: diffusion.Schedule
+  heldout_codes: np.ndarray  # i32[N, h, w]: this host's held-out code maps, in stored order
+  parametrization: str
+
+  @property
+  def code_shape(self) -> tuple[int, int]:
+    return tuple(self.heldout_codes.shape[1:])
+
+  def record(self) -> dict:
+    """Which checkpoints made an output (stored next to it, compared on reruns)."""
+    return {"prior_step": self.prior.step, "tokenizer": self.tokenizer.stage,
+            "tokenizer_step": self.tokenizer.step}
+
+
+def load_generator(config: Any, workdir: Workdir) -> Generator:
+  """Restores the prior and the final tokenizer for the code maps in this host's store.
+
+  Raises:
+    MissingInputError: no code maps or no checkpoint yet (the message names the mode that makes it).
+  """
+  store = codes_lib.host_store(workdir)
+  num_classes = int(codes_lib.require_meta(store)["codebook_size"])
+  heldout = codes_lib.load_codes(store, config.data.eval_split)
+  prior = loaders.restore_prior(config, workdir, num_classes, tuple(heldout.shape[1:]))
+  tokenizer = loaders.restore_tokenizer(config, workdir)
+  return Generator(prior, tokenizer, prior_lib.build_schedule(config, num_classes), heldout,
+                   config.diffusion.parametrization)
+
+
+def current_record(config: Any, workdir: Workdir) -> dict | None:
+  """`Generator.record()` of what `load_generator` would restore now (cheap), or None if a stage is missing."""
+  stage, _ = loaders.tokenizer_stage(config)
+  prior_step = checkpointing.latest_step(workdir.train("prior").checkpoints)
+  tokenizer_step = checkpointing.latest_step(workdir.train(stage).checkpoints)
+  if prior_step is None or tokenizer_step is None:
+    return None
+  return {"prior_step": prior_step, "tokenizer": stage, "tokenizer_step": tokenizer_step}
+
+
+def device_key(key: jax.Array) -> jax.Array:
+  """Inside pmap: this device's key, fold_in(key, global device index)."""
+  return jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
+
+
+def device_indices() -> jnp.ndarray:
+  """Global indices of this host's devices (what `lax.axis_index` gives inside pmap)."""
+  n = parallel.local_device_count()
+  return jnp.arange(n) + parallel.process_index() * n
+
+
+def run_chunks(p_chunk: Callable, z: Any, ts: np.ndarray, chunk: int, what: str) -> Any:
+  """Runs `z = p_chunk(z, ts[i : i + chunk + 1])` over the descending steps `ts`, logging progress."""
+  t0 = time.perf_counter()
+  steps_total = len(ts) - 1
+  for start in range(0, steps_total, chunk):
+    z = p_chunk(z, jnp.asarray(ts[start:start + chunk + 1]))
+    done = min(start + chunk, steps_total)
+    z.block_until_ready()
+    elapsed = time.perf_counter() - t0
+    logging.info("%s: %d/%d reverse steps (t = %d), %.1fs, ETA %.0fs", what, done, steps_total,
+                 int(ts[done]), elapsed, elapsed / done * (steps_total - done))
+  return z
+
+
+def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device: int,
+                     num_sampling_steps: int | None, chunk: int) -> np.ndarray:
+  """Ancestral (or strided) sampling on every local device: `i32[devices * per_device, h, w]`.
+
+  Args:
+    gen: the restored stages.
+    rparams: the prior's EMA parameters replicated on the local devices.
+    key: the sampling key.
+    per_device: chains per device.
+    num_sampling_steps: None for all T reverse steps, S < T for a strided subset of S.
+    chunk: reverse steps per compiled call.
+  """
+  model, sched = gen.prior.model, gen.sched
+  ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
+
+  def chunk_fn(params, z, key, ts_chunk):
+    logits_fn = prior_lib.logits_fn(model, params, gen.parametrization)
+    return diffusion.reverse_chunk(device_key(key), z, ts_chunk, logits_fn, sched)
+
+  p_chunk = parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, None, None))
+  # z_T per device from fold_in(fold_in(key, global device index), 0), as `diffusion.sample` draws it.
+  z = parallel.to_devices(np.asarray(jax.vmap(lambda d: diffusion.uniform_codes(
+      jax.random.fold_in(jax.random.fold_in(key, d), 0), (per_device,) + tuple(gen.code_shape),
+      sched.num_classes))(device_indices())))
+  z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, key, ts_chunk), z, ts, chunk, "sampling")
+  return parallel.unshard(z)
+
+
+def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.ndarray,
+                      known: np.ndarray, num_sampling_steps: int | None, chunk: int) -> np.ndarray:
+  """Completes `known: i32[N, h, w]` outside `mask: bool[N, h, w]` (True = known) on all local devices.
+
+  N must divide by the local device count. Known positions are kept exactly; see docs/method.md §3.7.
+  """
+  model, sched = gen.prior.model, gen.sched
+  ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
+  mask_d, known_d = parallel.to_devices(parallel.shard(mask)), parallel.to_devices(parallel.shard(known))
+
+  def chunk_fn(params, z, m, z0, key_ts):
+    key, ts_chunk = key_ts
+    logits_fn = prior_lib.logits_fn(model, params, gen.parametrization)
+    return diffusion.inpaint_chunk(device_key(key), z, ts_chunk, logits_fn, sched, m, z0)
+
+  p_chunk = parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, 0, 0, None))
+  z = parallel.to_devices(np.asarray(jax.vmap(
+      lambda d, m, z0: diffusion.inpaint_init(jax.random.fold_in(key, d), m, z0, sched))(
+          device_indices(), jnp.asarray(parallel.shard(mask)), jnp.asarray(parallel.shard(known)))))
+  z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, mask_d, known_d, (key, ts_chunk)), z, ts,
+                 chunk, "inpainting")
+  return parallel.unshard(z)
+
+
+def decode_codes(tokenizer: loaders.Restored, codes: np.ndarray, batch_size: int) -> np.ndarray:
+  """Images `f32[N, H, W, C]` in [-1, 1] for code maps `i32[N, h, w]`, in host batches."""
+  model = tokenizer.model
+  decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=type(model).decode_indices))
+  return np.concatenate([np.asarray(decode(tokenizer.params, jnp.asarray(codes[i:i + batch_size])))
+                         for i in range(0, len(codes), batch_size)])
+
+
+def inpaint_heldout(config: Any, gen: Generator, num_images: int) -> dict[str, np.ndarray]:
+  """Inpaints the first held-out images of this host with the mask `config.inpaint.mask`.
+
+  Args:
+    config: the run's config (`inpaint.mask`, `inpaint.seed`, `inpaint.steps`, `sample.chunk_steps`).
+    gen: the restored stages.
+    num_images: how many held-out images (rounded up to a multiple of the local device count).
+
+  Returns:
+    {'mask': bool[N,h,w] (True = known), 'known': i32[N,h,w], 'codes': i32[N,h,w] (completed),
+     'images': f32[N,H,W,C] (decoded completions), 'originals': f32[N,H,W,C]}.
+
+  Raises:
+    ConfigError: fewer held-out code maps than images asked for.
+  """
+  icfg = config.inpaint
+  ndev = parallel.local_device_count()
+  num = -(-num_images // ndev) * ndev
+  known = gen.heldout_codes[:num]
+  if len(known) < num:
+    raise ConfigError(f"config.inpaint.num_images = {num_images}: only {len(known)} held-out code maps")
+  mask = masks.code_mask(icfg.mask, num, gen.code_shape, config.data.image_size, icfg.seed)
+  completed = inpaint_code_maps(gen, parallel.replicate(gen.prior.params), key=jax.random.key(icfg.seed),
+                                mask=mask, known=known, num_sampling_steps=icfg.steps or None,
+                                chunk=config.sample.chunk_steps)
+  images = decode_codes(gen.tokenizer, completed, config.sample.decode_batch_size)
+  originals = data.first_images(config.data, config.data.eval_split, num)
+  return {"mask": mask, "known": known, "codes": completed, "images": images, "originals": originals}
+
+
+def save_inpainting(files: workdir_lib.OutputFiles, result: dict[str, np.ndarray], image_size: int,
+                    record: dict) -> None:
+  """Writes a grid (rows: masked input / completion / original; up to 8 columns), the arrays and the record."""
+  mask, originals = result["mask"], result["originals"]
+  f = image_size // mask.shape[1]
+  pixel_mask = np.repeat(np.repeat(mask, f, axis=1), f, axis=2)[..., None]
+  masked = np.where(pixel_mask, originals, 0.0)
+  n = min(len(mask), 8)
+  rows = np.concatenate([masked[:n], result["images"][:n], originals[:n]])
+  workdir_lib.write_png(files.png, metrics.image_grid(rows, ncol=n))
+  workdir_lib.write_npz(files.npz, **result)
+  workdir_lib.write_json(files.record, record)

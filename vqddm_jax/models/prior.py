@@ -1,0 +1,47 @@
+"""The stage-2 model as the rest of the code uses it: the denoiser, the noise schedule, and the logits of x̂_0.
+
+Training, sampling and inpainting all build the prior through these functions, so they cannot disagree on
+the network, the schedule or the parametrisation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from vqddm_jax import diffusion
+from vqddm_jax.models.unet import UNet
+
+
+def build_denoiser(config: Any, num_classes: int) -> UNet:
+  """The U-Net of the `config.prior` section over `num_classes` codes (K, or K' after ReFiT)."""
+  p = config.prior
+  return UNet(num_classes=num_classes, ch=p.ch, ch_mult=tuple(p.ch_mult),
+              num_res_blocks=p.num_res_blocks, attention=p.attention, mid_attention=p.mid_attention,
+              groups=p.groups, dropout=p.dropout, softmax_q=p.softmax_q,
+              time_scale=p.time_scale, dtype=jnp.bfloat16 if p.dtype == "bfloat16" else jnp.float32)
+
+
+def build_schedule(config: Any, num_classes: int) -> diffusion.Schedule:
+  """The noise schedule of the `config.diffusion` section (tables for t = 0..T)."""
+  d = config.diffusion
+  return diffusion.make_schedule(d.num_steps, d.schedule, num_classes=num_classes)
+
+
+def init_params(model: UNet, key: jax.Array, code_shape: tuple[int, int]) -> Any:
+  """Fresh denoiser parameters for code maps of `code_shape` (h, w)."""
+  z = jnp.zeros((1,) + tuple(code_shape), jnp.int32)
+  return model.init(key, z, jnp.ones((1,), jnp.int32))["params"]
+
+
+def logits_fn(model: UNet, params: Any, parametrization: str, rng: jax.Array | None = None) -> Callable:
+  """`(z_t: i32[B,h,w], t: i32[B]) -> f32[B,h,w,K]` logits of x̂_0 (t = 1..T) for the given parameters.
+
+  `rng` turns on dropout (training); without it the network runs deterministically.
+  """
+  def fn(z_t, t):
+    kwargs = {"train": True, "rngs": {"dropout": rng}} if rng is not None else {}
+    out = model.apply({"params": params}, z_t, t, **kwargs)
+    return diffusion.x0_logits(out, z_t, parametrization)
+  return fn

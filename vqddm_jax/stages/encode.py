@@ -1,0 +1,72 @@
+"""`--mode=encode`: the training and held-out images as code maps, once, in the work directory's code store.
+
+The tokenizer is the final VQ-VAE of the pipeline: the ReFiT checkpoint when ReFiT is enabled, otherwise
+stage 1 (EMA parameters, restored read-only). The store records which checkpoint made it; the stage is done
+while that is still the latest one, and re-encodes (replacing the store whole) when it is not.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from vqddm_jax import checkpointing, data, parallel
+from vqddm_jax.data import codes as codes_lib
+from vqddm_jax.models import loaders
+from vqddm_jax.stages import StageResult
+from vqddm_jax.workdir import Workdir
+
+
+def wanted_record(config: Any, workdir: Workdir, step: int | None = None) -> dict:
+  """What the store must have been made from: tokenizer stage and checkpoint step, K, splits."""
+  stage, k = loaders.tokenizer_stage(config)
+  if step is None:
+    step = checkpointing.latest_step(workdir.train(stage).checkpoints)
+  return {"tokenizer": stage, "step": step, "codebook_size": int(k or config.vqvae.codebook_size),
+          "splits": [config.data.train_split, config.data.eval_split]}
+
+
+def is_done(config: Any, workdir: Workdir) -> bool:
+  meta = codes_lib.read_meta(codes_lib.host_store(workdir))
+  wanted = wanted_record(config, workdir)
+  return meta is not None and wanted["step"] is not None and all(meta.get(k) == v for k, v in wanted.items())
+
+
+def encode_split(model: Any, rparams: Any, cfg_data: Any, split: str, batch_size: int) -> np.ndarray:
+  """All code maps of `split` on this host, in the pipeline's deterministic order: `i32[N, h, w]`."""
+  p_encode = parallel.pmap_eval(
+      lambda p, x: model.apply({"params": p}, x, method=type(model).encode_to_indices))
+  total = -(-data.num_examples(cfg_data, split) // parallel.process_count())
+  out, done, t0, last_log = [], 0, time.perf_counter(), 0.0
+  for batch in data.eval_batches(cfg_data, split=split, global_batch_size=batch_size,
+                                 num_shards=parallel.local_device_count()):
+    codes = parallel.unshard(p_encode(rparams, parallel.to_devices(batch["image"])))
+    keep = parallel.unshard(batch["mask"])
+    out.append(codes[keep])
+    done += int(keep.sum())
+    now = time.perf_counter() - t0
+    if now - last_log > 10 or done >= total:
+      last_log = now
+      rate = done / max(now, 1e-9)
+      logging.info("encode %s: %d/%d images (%.0f images/s, ETA %.0fs)", split, done, total, rate,
+                   max(total - done, 0) / max(rate, 1e-9))
+  return np.concatenate(out).astype(np.int32)
+
+
+def run(config: Any, workdir: Workdir) -> StageResult:
+  """Encodes the train and held-out splits with the final tokenizer and stores them (replacing stale maps)."""
+  tokenizer = loaders.restore_tokenizer(config, workdir)
+  wanted = wanted_record(config, workdir, tokenizer.step)
+  data.prepare(config.data)
+  rparams = parallel.replicate(tokenizer.params)
+  splits = {s: encode_split(tokenizer.model, rparams, config.data, s, config.encode.batch_size)
+            for s in dict.fromkeys(wanted["splits"])}
+  store = codes_lib.host_store(workdir)
+  if store.exists():  # Stale maps from another checkpoint: replace them whole.
+    store.rmtree()
+  store.mkdir(parents=True)
+  codes_lib.write_codes(store, splits, wanted)
+  logging.info("stored %s code maps under %s", {s: c.shape for s, c in splits.items()}, store)
+  return StageResult("encode", True, (str(store),))

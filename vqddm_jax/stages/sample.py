@@ -1,0 +1,55 @@
+"""`--mode=sample`: sample code maps with the prior, decode them with the tokenizer, save them.
+
+Writes `workdir/samples/<prior step>/samples_S<steps>.png` (a grid), `.npz` (codes i32[N,h,w], images
+f32[N,H,W,C] in [-1, 1]) and `.json` (what made them). `config.sample.steps` (or `--sample_steps`) = 0 runs all
+T reverse steps, S < T a strided subset. Done while a newer prior or tokenizer checkpoint has not appeared.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+from vqddm_jax import generation, metrics, parallel
+from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.stages import StageResult
+from vqddm_jax.workdir import Workdir
+
+
+def _record(config: Any, models: dict) -> dict:
+  scfg = config.sample
+  return dict(models, num_samples=scfg.num_samples, seed=scfg.seed,
+              steps=scfg.steps or config.diffusion.num_steps)
+
+
+def is_done(config: Any, workdir: Workdir) -> bool:
+  models = generation.current_record(config, workdir)
+  if models is None:
+    return False
+  record = _record(config, models)
+  return workdir_lib.same_record(workdir.samples(record["prior_step"], record["steps"]).record, record)
+
+
+def run(config: Any, workdir: Workdir) -> StageResult:
+  """Samples `config.sample.num_samples` images."""
+  scfg = config.sample
+  gen = generation.load_generator(config, workdir)
+  record = _record(config, gen.record())
+  steps = record["steps"]
+  per_device = -(-scfg.num_samples // parallel.local_device_count())
+  t0 = time.perf_counter()
+  codes = generation.sample_code_maps(
+      gen, parallel.replicate(gen.prior.params), key=jax.random.key(scfg.seed), per_device=per_device,
+      num_sampling_steps=scfg.steps or None, chunk=scfg.chunk_steps)[:scfg.num_samples]
+  seconds = time.perf_counter() - t0
+  images = generation.decode_codes(gen.tokenizer, codes, scfg.decode_batch_size)
+  files = workdir.samples(gen.prior.step, steps)
+  if parallel.is_main_process():
+    workdir_lib.write_png(files.png, metrics.image_grid(images))
+    workdir_lib.write_npz(files.npz, codes=codes, images=images)
+    workdir_lib.write_json(files.record, dict(record, seconds=seconds))
+  logging.info("%d samples with %d reverse steps in %.1fs: %s and %s", len(codes), steps, seconds,
+               files.png, files.npz)
+  return StageResult("sample", True, (str(files.png), str(files.npz)))

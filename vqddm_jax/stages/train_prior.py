@@ -1,0 +1,125 @@
+"""`--mode=train_prior`, stage 2: the discrete-diffusion prior on this host's stored code maps.
+
+Writes `workdir/prior/`: `checkpoints/` (with the importance-sampling history), `tensorboard/` and `eval.json`
+(the latest held-out −ELBO in bits per code, next to log2 K, the score of a uniform prior). Each checkpoint
+records which code maps it was trained on.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from vqddm_jax import checkpointing, metrics, parallel
+from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.data import codes as codes_lib
+from vqddm_jax.errors import MismatchError
+from vqddm_jax.models import prior as prior_lib
+from vqddm_jax.stages import StageResult
+from vqddm_jax.training import loop, optim, prior_step
+from vqddm_jax.workdir import Workdir
+
+STAGE = "prior"
+
+
+def codes_record(meta: dict) -> dict:
+  """Which code maps a store holds: the tokenizer checkpoint that made them and K."""
+  return {k: meta.get(k) for k in ("tokenizer", "step", "codebook_size")}
+
+
+def is_done(config: Any, workdir: Workdir) -> bool:
+  directory = workdir.train(STAGE).checkpoints
+  latest = checkpointing.latest_step(directory)
+  if latest is None or latest < config.prior_train.num_steps:
+    return False
+  _check_codes_unchanged(workdir, directory, latest)
+  return True
+
+
+def _check_codes_unchanged(workdir: Workdir, directory: Any, step: int) -> None:
+  """Raises when checkpoint `step` was trained on other code maps than the store now holds."""
+  meta = codes_lib.read_meta(codes_lib.host_store(workdir))
+  if meta is None:
+    return
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    trained_on = ckpt.restore_meta(step).get("codes")
+  finally:
+    ckpt.close()
+  if trained_on != codes_record(meta):
+    raise MismatchError(
+        f"the prior under {workdir.train(STAGE).root} was trained on code maps from {trained_on}, but the "
+        f"code store now holds maps from {codes_record(meta)} (re-encoded after a newer tokenizer). To "
+        f"train the prior on the new maps, remove {workdir.train(STAGE).root} (and samples/, eval/) and rerun")
+
+
+def run(config: Any, workdir: Workdir) -> StageResult:
+  """Trains (or resumes) stage 2 to `config.prior_train.num_steps`."""
+  tcfg = config.prior_train
+  paths = workdir.train(STAGE)
+  store = codes_lib.host_store(workdir)
+  meta = codes_lib.require_meta(store)
+  latest = checkpointing.latest_step(paths.checkpoints)
+  if latest is not None:
+    _check_codes_unchanged(workdir, paths.checkpoints, latest)
+  train_codes = codes_lib.load_codes(store, config.data.train_split)
+  eval_codes = codes_lib.load_codes(store, config.data.eval_split)
+  num_classes, code_shape = int(meta["codebook_size"]), tuple(train_codes.shape[1:])
+  logging.info("stage 2 on %d training / %d held-out code maps of %s, K = %d", len(train_codes),
+               len(eval_codes), code_shape, num_classes)
+  model = prior_lib.build_denoiser(config, num_classes)
+  sched = prior_lib.build_schedule(config, num_classes)
+  optimizer = optim.make_optimizer(tcfg.optim, tcfg.num_steps)
+  key = jax.random.key(config.seed)
+  state = prior_step.init_state(model, optimizer, jax.random.fold_in(key, 10), code_shape,
+                                config.diffusion.num_steps)
+  metrics.log_param_count("denoiser", state.params)
+  p_step = parallel.pmap_step(functools.partial(
+      prior_step.train_step, model=model, optimizer=optimizer, sched=sched,
+      parametrization=config.diffusion.parametrization,
+      use_importance=config.diffusion.importance_sampling, ema_decay=tcfg.ema_decay,
+      t_buckets=tcfg.t_buckets))
+  writer = metrics.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
+  per_device = parallel.per_device_batch_size(tcfg.batch_size)
+  run_eval = _heldout_evaluation(config, workdir, model, sched, eval_codes, writer, key)
+  open_batches = lambda pos: codes_lib.CodeBatches(  # noqa: E731
+      train_codes, per_shard=per_device, num_shards=parallel.local_device_count(), seed=config.seed,
+      position=pos)
+  spec = loop.LoopConfig(STAGE, paths.checkpoints, tcfg.num_steps, tcfg.log_every,
+                         tcfg.checkpoint_every, tcfg.keep_checkpoints)
+  _, completed = loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,
+                          key=jax.random.fold_in(key, 12), writer=writer,
+                          periodic=[(tcfg.eval_every, run_eval)], meta={"codes": codes_record(meta)})
+  return StageResult(STAGE, completed, (str(paths.root),))
+
+
+def _heldout_evaluation(config: Any, workdir: Workdir, model: Any, sched: Any, eval_codes: np.ndarray,
+                        writer: Any, key: jax.Array):
+  """The periodic held-out −ELBO: `fn(step, replicated_state)` writing scalars and `prior/eval.json`."""
+  tcfg = config.prior_train
+  p_eval = parallel.pmap_with_axes(functools.partial(
+      prior_step.eval_step, model=model, sched=sched, parametrization=config.diffusion.parametrization,
+      t_samples=tcfg.eval_t_samples), in_axes=(0, 0, None))
+  per_device = parallel.per_device_batch_size(tcfg.batch_size)
+
+  def run_eval(step: int, rstate: Any) -> None:
+    batches = codes_lib.eval_code_batches(eval_codes, per_shard=per_device,
+                                          num_shards=parallel.local_device_count(),
+                                          max_examples=tcfg.eval_examples or None)
+    results = prior_step.heldout_nelbo(p_eval, rstate.ema_params, (parallel.to_devices(b) for b in batches),
+                                       jax.random.fold_in(key, 11))
+    results.update(uniform_bits_per_code=float(np.log2(sched.num_classes)), step=step,
+                   t_samples_per_map=tcfg.eval_t_samples)
+    writer.write_scalars(step, {f"{STAGE}/eval_{k}": v for k, v in results.items()
+                                if k not in ("step", "num_maps")})
+    logging.info("stage 2 held-out -ELBO at step %d: %.4f ± %.4f bits/code (uniform prior: %.4f; "
+                 "Monte Carlo over %d t per map, %d maps)", step, results["nelbo_bits_per_code"],
+                 results["stderr"], results["uniform_bits_per_code"], tcfg.eval_t_samples,
+                 results["num_maps"])
+    if parallel.is_main_process():
+      workdir_lib.write_json(workdir.train(STAGE).eval_json, results)
+
+  return run_eval

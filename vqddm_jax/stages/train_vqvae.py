@@ -1,0 +1,38 @@
+"""`--mode=train_vqvae`, stage 1: train the VQ-VAE on images (docs/method.md §2).
+
+Writes `workdir/vqvae/`: `checkpoints/` (Orbax), `tensorboard/`, `images/recon_<step>.png` (held-out
+originals above their reconstructions) and `eval.json` (held-out MSE, codebook usage, perplexity).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from vqddm_jax import checkpointing, data, metrics
+from vqddm_jax.models.vqvae import build_vqvae
+from vqddm_jax.stages import StageResult
+from vqddm_jax.training import optim, vq_trainer, vqvae_step
+from vqddm_jax.workdir import Workdir
+
+STAGE = "vqvae"
+
+
+def is_done(config: Any, workdir: Workdir) -> bool:
+  latest = checkpointing.latest_step(workdir.train(STAGE).checkpoints)
+  return latest is not None and latest >= config.vqvae_train.num_steps
+
+
+def run(config: Any, workdir: Workdir) -> StageResult:
+  """Trains (or resumes) stage 1 to `config.vqvae_train.num_steps`."""
+  tcfg = config.vqvae_train
+  data.prepare(config.data)
+  model = build_vqvae(config.vqvae, config.data.channels)
+  optimizer = optim.make_optimizer(tcfg.optim, tcfg.num_steps)
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  state = vqvae_step.init_state(model, optimizer, jax.random.fold_in(jax.random.key(config.seed), 0),
+                                image_shape)
+  metrics.log_param_count("VQ-VAE", state.params)
+  _, completed = vq_trainer.train_vq(config, workdir, stage=STAGE, tcfg=tcfg, model=model,
+                                     optimizer=optimizer, state=state, beta=config.vqvae.beta)
+  return StageResult(STAGE, completed, (str(workdir.train(STAGE).root),))

@@ -1,0 +1,82 @@
+"""Training a VQ-VAE for one stage: stage 1 (`vqvae`) and the ReFiT fine-tune (`refit`) share this driver.
+
+It wires the per-device step of `vqvae_step.py` into the shared loop, with periodic reconstruction grids and
+held-out evaluations written to the stage's folder of the work directory.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import optax
+from absl import logging
+
+from vqddm_jax import data, metrics, parallel
+from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.models.vqvae import VQVAE
+from vqddm_jax.training import loop, vqvae_step
+from vqddm_jax.workdir import Workdir
+
+
+def heldout_batches(config: Any, tcfg: Any) -> Any:
+  """One pass over the held-out split in global batches of `tcfg.batch_size` (at most `tcfg.eval_examples`
+  images; 0 = all)."""
+  return data.eval_batches(config.data, split=config.data.eval_split, global_batch_size=tcfg.batch_size,
+                           num_shards=parallel.local_device_count(),
+                           max_examples=tcfg.eval_examples or None)
+
+
+def heldout_metrics(config: Any, tcfg: Any, model: VQVAE, params: Any) -> dict[str, float]:
+  """Held-out MSE, codebook usage and perplexity of host parameters `params` (see `vqvae_step`)."""
+  p_eval = parallel.pmap_eval(functools.partial(vqvae_step.eval_step, model=model))
+  return vqvae_step.heldout_metrics(p_eval, parallel.replicate(params), heldout_batches(config, tcfg))
+
+
+def train_vq(config: Any, workdir: Workdir, *, stage: str, tcfg: Any, model: VQVAE,
+             optimizer: optax.GradientTransformation, state: vqvae_step.VQState, beta: float
+             ) -> tuple[vqvae_step.VQState, bool]:
+  """Trains (or resumes) the VQ-VAE of `stage` ('vqvae' or 'refit') under `workdir.train(stage)`.
+
+  Args:
+    config: the run's config (data, seed, the reconstruction loss of `config.vqvae_train`).
+    workdir: the run's work directory.
+    stage: which training stage's folder and metric names to use.
+    tcfg: the stage's section (`config.vqvae_train` or `config.refit`): batch_size, num_steps, ema_decay and
+      the loop and evaluation periods.
+    model, optimizer: the model and its optimiser (ReFiT's zeroes the frozen encoder's updates).
+    state: the host state used when no checkpoint exists yet.
+    beta: the commitment weight.
+
+  Returns:
+    (host state, completed): completed is False when SIGTERM stopped the run early.
+  """
+  paths = workdir.train(stage)
+  step_fn = functools.partial(vqvae_step.train_step, model=model, optimizer=optimizer, beta=beta,
+                              recon_loss=config.vqvae_train.recon_loss, ema_decay=tcfg.ema_decay)
+  p_step = parallel.pmap_step(step_fn)
+  p_eval = parallel.pmap_eval(functools.partial(vqvae_step.eval_step, model=model))
+  writer = metrics.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
+  grid_images = parallel.unshard(next(iter(heldout_batches(config, tcfg)))["image"])[:16]
+
+  def write_grid(step: int, rstate: Any) -> None:
+    if parallel.is_main_process():
+      grid = vqvae_step.reconstruction_grid(model, parallel.unreplicate(rstate.ema_params), grid_images)
+      workdir_lib.write_png(paths.image(step), grid)
+      writer.write_images(step, {f"{stage}/reconstructions": grid[None]})
+
+  def run_eval(step: int, rstate: Any) -> None:
+    results = vqvae_step.heldout_metrics(p_eval, rstate.ema_params, heldout_batches(config, tcfg))
+    writer.write_scalars(step, {f"{stage}/eval_{k}": v for k, v in results.items()})
+    logging.info("%s held-out at step %d: %s", stage, step, results)
+    if parallel.is_main_process():
+      workdir_lib.write_json(paths.eval_json, dict(results, step=step))
+
+  open_batches = lambda pos: data.train_batches(  # noqa: E731
+      config.data, global_batch_size=tcfg.batch_size, num_shards=parallel.local_device_count(),
+      seed=config.seed, position=pos)
+  spec = loop.LoopConfig(stage, paths.checkpoints, tcfg.num_steps, tcfg.log_every, tcfg.checkpoint_every,
+                         tcfg.keep_checkpoints)
+  return loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,
+                  key=jax.random.fold_in(jax.random.key(config.seed), 1), writer=writer,
+                  periodic=[(tcfg.image_every, write_grid), (tcfg.eval_every, run_eval)])

@@ -1,0 +1,205 @@
+"""The one owner of a run's work directory: its layout, and every read and write of its files.
+
+Layout (W = `--workdir`, a local folder or an object-store URI such as `gs://bucket/run`):
+```
+W/vqvae/    stage 1        checkpoints/  tensorboard/  images/recon_<step>.png  eval.json
+W/refit/    ReFiT          the same, plus rebuild.json  features.npy  report.json  report.md
+W/codes/process_<i>_of_<n>/  host i's code maps (a TFDS data set) and meta.json
+W/prior/    stage 2        checkpoints/  tensorboard/  eval.json
+W/samples/<prior step>/samples_S<steps>.png|.npz|.json
+W/inpaint/<mask>/grid.png  inpaint.npz  inpaint.json
+W/eval/     report.json  report.md  samples.png  classifier.msgpack  inpaint/ (evaluate's own completions)
+```
+Stages ask a `Workdir` for paths and never join strings. Paths are `etils.epath.Path`s and every read and
+write below goes through them, so `gs://` work directories work wherever local ones do (TensorFlow's file
+system serves `gs://` to epath, TensorBoard and TFDS; Orbax takes the same paths).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from etils import epath
+
+TRAIN_STAGES = ("vqvae", "refit", "prior")
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """An epath for a local path (made absolute) or a URI (`gs://...`, kept as it is)."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPaths:
+  """What one training stage writes under `root` (`W/vqvae`, `W/refit` or `W/prior`)."""
+  root: epath.Path
+
+  @property
+  def checkpoints(self) -> epath.Path:
+    return self.root / "checkpoints"
+
+  @property
+  def tensorboard(self) -> epath.Path:
+    return self.root / "tensorboard"
+
+  @property
+  def eval_json(self) -> epath.Path:
+    """The latest held-out evaluation of the stage."""
+    return self.root / "eval.json"
+
+  def image(self, step: int) -> epath.Path:
+    return self.root / "images" / f"recon_{step:07d}.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFiles:
+  """A picture, its arrays and the record of what made them (the inputs a rerun compares)."""
+  png: epath.Path
+  npz: epath.Path
+  record: epath.Path
+
+
+class Workdir:
+  """Paths of one pipeline run; see the module docstring for the layout."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = as_path(root)
+
+  def __repr__(self) -> str:
+    return f"Workdir({str(self.root)!r})"
+
+  def train(self, stage: str) -> TrainPaths:
+    """Paths of a training stage: 'vqvae' (stage 1), 'refit' (ReFiT fine-tune) or 'prior' (stage 2)."""
+    if stage not in TRAIN_STAGES:
+      raise ValueError(f"unknown training stage {stage!r}: one of {TRAIN_STAGES}")
+    return TrainPaths(self.root / stage)
+
+  # ReFiT's extra files.
+  @property
+  def refit_rebuild(self) -> epath.Path:
+    """Held-out metrics before and right after the codebook rebuild (written once)."""
+    return self.root / "refit" / "rebuild.json"
+
+  @property
+  def refit_features(self) -> epath.Path:
+    """The k-means input `f32[P, d]`."""
+    return self.root / "refit" / "features.npy"
+
+  def refit_report(self, suffix: str) -> epath.Path:
+    """`report.json` or `report.md` (suffix 'json' / 'md')."""
+    return self.root / "refit" / f"report.{suffix}"
+
+  def code_store(self, process_index: int, process_count: int) -> epath.Path:
+    """Host `process_index`'s code maps (each host encodes and trains on its own share)."""
+    return self.root / "codes" / f"process_{process_index}_of_{process_count}"
+
+  def samples(self, prior_step: int, steps: int) -> OutputFiles:
+    """Samples of the prior checkpoint `prior_step`, drawn with `steps` reverse steps."""
+    folder = self.root / "samples" / str(prior_step)
+    name = f"samples_S{steps}"
+    return OutputFiles(folder / f"{name}.png", folder / f"{name}.npz", folder / f"{name}.json")
+
+  def latest_samples_grid(self) -> epath.Path | None:
+    """The sample grid of the newest prior checkpoint, or None when nothing was sampled."""
+    folder = self.root / "samples"
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    for step in reversed(steps):
+      grids = sorted((folder / str(step)).glob("samples_S*.png"))
+      if grids:
+        return grids[0]
+    return None
+
+  def inpaint(self, mask_name: str) -> OutputFiles:
+    """A `--mode=inpaint` run with the mask `mask_name` (a file-name-safe form of the mask spec)."""
+    folder = self.root / "inpaint" / mask_name
+    return OutputFiles(folder / "grid.png", folder / "inpaint.npz", folder / "inpaint.json")
+
+  @property
+  def eval_dir(self) -> epath.Path:
+    return self.root / "eval"
+
+  def eval_report(self, suffix: str) -> epath.Path:
+    """`report.json` or `report.md` of `--mode=evaluate`."""
+    return self.eval_dir / f"report.{suffix}"
+
+  @property
+  def eval_samples_grid(self) -> epath.Path:
+    return self.eval_dir / "samples.png"
+
+  @property
+  def classifier_cache(self) -> epath.Path:
+    """The evaluation classifier trained on the embedded data, reused across evaluations."""
+    return self.eval_dir / "classifier.msgpack"
+
+  def eval_inpaint(self, mask_name: str) -> OutputFiles:
+    """Evaluate's own completions: never in `inpaint/`, where a user's `--mode=inpaint` writes."""
+    folder = self.eval_dir / "inpaint" / mask_name
+    return OutputFiles(folder / "grid.png", folder / "inpaint.npz", folder / "inpaint.json")
+
+
+# ---------------------------------------------------------------------------------------------- file I/O
+
+
+def write_bytes(path: epath.Path, data: bytes) -> epath.Path:
+  """Writes `data` whole: to a temporary sibling first, then renamed, so readers never see half a file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.tmp"
+  tmp.write_bytes(data)
+  tmp.replace(path)
+  return path
+
+
+def read_json(path: epath.Path) -> Any | None:
+  """The JSON value in `path`, or None when the file does not exist."""
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: epath.Path, value: Any) -> epath.Path:
+  return write_bytes(path, (json.dumps(value, indent=1, default=float) + "\n").encode())
+
+
+def write_text(path: epath.Path, text: str) -> epath.Path:
+  return write_bytes(path, text.encode())
+
+
+def write_png(path: epath.Path, picture: np.ndarray) -> epath.Path:
+  """Writes a `u8[H, W, C]` picture (C = 1 or 3) as PNG."""
+  from PIL import Image  # Only writers of pictures need it.
+  buf = io.BytesIO()
+  Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(buf, format="PNG")
+  return write_bytes(path, buf.getvalue())
+
+
+def write_npz(path: epath.Path, **arrays: np.ndarray) -> epath.Path:
+  """Writes named arrays as a compressed `.npz`."""
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  return write_bytes(path, buf.getvalue())
+
+
+def read_npz(path: epath.Path) -> dict[str, np.ndarray]:
+  """All arrays of an `.npz` file, loaded eagerly."""
+  with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
+    return {k: npz[k] for k in npz.files}
+
+
+def write_npy(path: epath.Path, array: np.ndarray) -> epath.Path:
+  buf = io.BytesIO()
+  np.save(buf, array)
+  return write_bytes(path, buf.getvalue())
+
+
+def read_npy(path: epath.Path) -> np.ndarray:
+  return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+
+
+def same_record(path: epath.Path, record: Mapping[str, Any]) -> bool:
+  """True when `path` holds a JSON object whose entries named in `record` equal it (JSON round trip)."""
+  stored = read_json(path)
+  wanted = json.loads(json.dumps(record, default=float))
+  return isinstance(stored, dict) and all(stored.get(k) == v for k, v in wanted.items())
