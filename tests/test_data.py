@@ -107,19 +107,22 @@ def test_exact_resume_equals_uninterrupted_stream(mnist_dir):
   assert not np.array_equal(next(other_seed)["image"], stream[0])
 
 
-def test_train_hosts_get_disjoint_equal_shares(mnist_dir):
+def test_hosts_share_each_global_batch_as_one_host_would_see_it(mnist_dir):
+  """Two hosts x 2 devices see exactly the global batches, in device order, of one host x 4 devices, epoch
+  after epoch, and one saved position resumes every host."""
   cfg = data_config(data_dir=mnist_dir, train_split="test", eval_split="train", shuffle_buffer=1000)
-  seen = []
-  for host in range(2):
-    it = data.train_batches(cfg, global_batch_size=100, num_shards=2, seed=0, process_index=host,
-                            process_count=2)
-    # 250 examples per host / 50 per host batch = 5 batches per epoch on every host.
-    epoch = [next(it)["image"].reshape(-1, 32, 32, 1) for _ in range(5)]
-    next(it)
-    assert it.position["epoch"] == 1 and it.position["batch"] == 1
-    seen.append(np.concatenate(epoch))
-  a, b = (multiset(to_u8(s)) for s in seen)
-  assert sum(a.values()) == sum(b.values()) == 250 and not a & b
+  one = data.train_batches(cfg, global_batch_size=96, num_shards=4, seed=0)
+  hosts = [data.train_batches(cfg, global_batch_size=96, num_shards=2, seed=0, process_index=p,
+                              process_count=2) for p in range(2)]
+  for step in range(7):  # 500 // 96 = 5 whole global batches per epoch: this crosses into epoch 1.
+    whole = next(one)["image"]
+    parts = [next(h)["image"] for h in hosts]
+    np.testing.assert_array_equal(np.concatenate(parts), whole, err_msg=f"step {step}")
+    assert hosts[0].position == hosts[1].position
+  assert hosts[0].position == {"epoch": 1, "batch": 2, "offset": 192}
+  resumed = data.train_batches(cfg, global_batch_size=96, num_shards=2, seed=0, process_index=1,
+                               process_count=2, position=hosts[0].position)
+  np.testing.assert_array_equal(next(resumed)["image"], next(hosts[1])["image"])
 
 
 def test_eval_covers_every_example_once(mnist_dir, mnist_arrays):

@@ -49,7 +49,7 @@ def test_prior_step_on_8_devices_equals_1_device(num_devices):
 
 
 def _prior_state(config, workdir):
-  meta = codes_lib.read_meta(workdir.code_store(0, 1))
+  meta = codes_lib.read_meta(workdir.code_store)
   k = int(meta["codebook_size"])
   model = prior_lib.build_denoiser(config, k)
   optimizer = optim.make_optimizer(config.prior_train.optim, config.prior_train.num_steps)
@@ -91,7 +91,7 @@ def test_prior_eval_reports_bits_per_code_against_uniform(pipeline_run):
   _, workdir = pipeline_run
   ev = json.loads(workdir.train("prior").eval_json.read_text())
   assert ev["num_maps"] == 32 and ev["stderr"] > 0 and np.isfinite(ev["nelbo_bits_per_code"])
-  k = codes_lib.read_meta(workdir.code_store(0, 1))["codebook_size"]
+  k = codes_lib.read_meta(workdir.code_store)["codebook_size"]
   assert ev["uniform_bits_per_code"] == pytest.approx(np.log2(k))
 
 
@@ -147,3 +147,20 @@ def test_bad_inpaint_mask_is_rejected():
   config.inpaint.mask = "diagonal"
   with pytest.raises(ValueError, match=r"config\.inpaint\.mask = 'diagonal'.*random:FRACTION"):
     config_schema.validate_config(config)
+
+
+def test_code_batches_split_global_batches_across_hosts():
+  """Two hosts x 2 devices draw exactly one host x 4 devices' global batches; held-out passes cover every
+  map once, with the same number of batches on every host."""
+  codes = np.random.default_rng(0).integers(0, 50, (103, 4, 4)).astype(np.int32)
+  one = codes_lib.CodeBatches(codes, per_shard=3, num_shards=4, seed=5)
+  hosts = [codes_lib.CodeBatches(codes, per_shard=3, num_shards=2, seed=5, process_index=p, process_count=2)
+           for p in range(2)]
+  for _ in range(12):  # 103 // 12 = 8 batches per epoch: crosses an epoch
+    np.testing.assert_array_equal(np.concatenate([next(h)["codes"] for h in hosts]), next(one)["codes"])
+  assert hosts[0].position == hosts[1].position == one.position == {"epoch": 1, "batch": 4}
+  passes = [list(codes_lib.eval_code_batches(codes, per_shard=3, num_shards=2, max_examples=101,
+                                             process_index=p, process_count=2)) for p in range(2)]
+  assert len(passes[0]) == len(passes[1]) == 9  # ceil(ceil(101 / 2) / 6)
+  seen = np.concatenate([b["codes"].reshape(-1, 4, 4)[b["mask"].reshape(-1)] for p in passes for b in p])
+  np.testing.assert_array_equal(seen, codes[:101])

@@ -36,7 +36,7 @@ def test_report_has_three_rows_and_encode_used_the_rebuilt_codebook(pipeline_run
   for key in ("before", "rebuilt", "finetuned"):
     assert set(report[key]) >= {"usage", "usage_10", "perplexity", "mse"}
   assert "after fine-tune" in workdir.refit_report("md").read_text()
-  store = workdir.code_store(0, 1)
+  store = workdir.code_store
   meta = codes_lib.read_meta(store)
   assert meta["codebook_size"] == config.refit.num_codes
   assert (meta["tokenizer"], meta["step"]) == ("refit", config.refit.num_steps)

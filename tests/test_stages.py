@@ -31,6 +31,8 @@ def test_every_stage_has_the_stage_shape():
     module = stage.module()
     assert callable(module.run) and callable(module.is_done), stage.name
   assert set(main.MODES) == {"all"} | set(stages.BY_NAME)
+  assert [s.name for s in main.selected_stages("train_prior,sample")] == ["train_prior", "sample"]
+  assert main.selected_stages("all") == stages.PIPELINE
 
 
 def test_a_finished_workdir_is_skipped_whole(pipeline_run, capsys):
@@ -40,7 +42,7 @@ def test_a_finished_workdir_is_skipped_whole(pipeline_run, capsys):
   assert all(r.skipped and r.completed for r in results)
   assert main.execute(config, str(workdir.root), "all") == 0
   out = capsys.readouterr().out
-  assert "pipeline finished" in out and "samples_S20.png" in out and "eval/report.md" in out
+  assert "vqddm_jax: finished in" in out and "samples_S20.png" in out and "eval/report.md" in out
 
 
 def test_a_newer_prior_checkpoint_reruns_sample_and_evaluate(copied_run):
@@ -63,7 +65,7 @@ def test_training_on_stale_inputs_is_refused(copied_run):
   workdir_lib.write_json(workdir.refit_rebuild, dict(rebuild, stage1_step=rebuild["stage1_step"] - 2))
   with pytest.raises(MismatchError, match="refit.*rebuilt from the stage-1 checkpoint of step 2.*remove"):
     refit.is_done(config, workdir)
-  meta_path = workdir.code_store(0, 1) / "meta.json"
+  meta_path = workdir.code_store / "meta.json"
   meta = workdir_lib.read_json(meta_path)
   workdir_lib.write_json(meta_path, dict(meta, step=meta["step"] + 100))
   with pytest.raises(MismatchError, match="prior.*trained on code maps from.*remove"):
@@ -107,7 +109,7 @@ def test_cli_user_error_is_one_line_on_stderr_and_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=180)
   assert out.returncode == 2, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
-  assert f"vqddm_jax: no code maps under {tmp_path}/codes/process_0_of_1: run --mode=encode first" in out.stderr
+  assert f"vqddm_jax: no code maps under {tmp_path}/codes: run --mode=encode first" in out.stderr
 
 
 def test_report_records_what_made_it(pipeline_run):

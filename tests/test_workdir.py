@@ -39,7 +39,7 @@ def test_workdir_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch
   assert str(Workdir("runs/a").root) == str(tmp_path / "runs" / "a")
   w = Workdir("gs://bucket/run")
   assert str(w.train("prior").checkpoints) == "gs://bucket/run/prior/checkpoints"
-  assert str(w.code_store(1, 4)) == "gs://bucket/run/codes/process_1_of_4"
+  assert str(w.code_store) == "gs://bucket/run/codes"
   assert str(w.samples(2000, 250).png) == "gs://bucket/run/samples/2000/samples_S250.png"
   assert str(w.eval_inpaint("left_half").npz) == "gs://bucket/run/eval/inpaint/left_half/inpaint.npz"
   with pytest.raises(ValueError, match="unknown training stage"):

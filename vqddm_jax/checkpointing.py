@@ -132,6 +132,17 @@ def restore_latest_ema(directory: str | os.PathLike, abstract: Any, *,
     ckpt.close()
 
 
+def read_item(directory: str | os.PathLike, name: str, step: int | None = None) -> Any:
+  """One item (e.g. `ema_params`) of checkpoint `step` (default: latest) as stored, as host arrays; for
+  inspecting and comparing checkpoints without building the model."""
+  step = latest_step(directory) if step is None else step
+  if step is None:
+    raise MissingInputError(f"no checkpoint under {directory}")
+  item = epath.Path(directory) / str(step) / name
+  with ocp.StandardCheckpointer() as reader:
+    return jax.device_get(reader.restore(item))[name]
+
+
 def _first_line(e: Exception) -> str:
   return str(e).strip().splitlines()[0] if str(e).strip() else ""
 

@@ -30,7 +30,7 @@ class Generator:
   prior: loaders.Restored
   tokenizer: loaders.Restored
   sched: diffusion.Schedule
-  heldout_codes: np.ndarray  # i32[N, h, w]: this host's held-out code maps, in stored order
+  heldout_codes: np.ndarray  # i32[N, h, w]: the held-out code maps, in stored order
   parametrization: str
 
   @property
@@ -49,7 +49,7 @@ def load_generator(config: Any, workdir: Workdir) -> Generator:
   Raises:
     MissingInputError: no code maps or no checkpoint yet (the message names the mode that makes it).
   """
-  store = codes_lib.host_store(workdir)
+  store = workdir.code_store
   num_classes = int(codes_lib.require_meta(store)["codebook_size"])
   heldout = codes_lib.load_codes(store, config.data.eval_split)
   prior = loaders.restore_prior(config, workdir, num_classes, tuple(heldout.shape[1:]))
@@ -95,7 +95,8 @@ def run_chunks(p_chunk: Callable, z: Any, ts: np.ndarray, chunk: int, what: str)
 
 def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device: int,
                      num_sampling_steps: int | None, chunk: int) -> np.ndarray:
-  """Ancestral (or strided) sampling on every local device: `i32[devices * per_device, h, w]`.
+  """Ancestral (or strided) sampling on every device of every host: `i32[devices * per_device, h, w]`
+  (all hosts' chains, in device order, on every host).
 
   Args:
     gen: the restored stages.
@@ -118,17 +119,21 @@ def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device
       jax.random.fold_in(jax.random.fold_in(key, d), 0), (per_device,) + tuple(gen.code_shape),
       sched.num_classes))(device_indices())))
   z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, key, ts_chunk), z, ts, chunk, "sampling")
-  return parallel.unshard(z)
+  return parallel.gather_rows(parallel.unshard(z))
 
 
 def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.ndarray,
                       known: np.ndarray, num_sampling_steps: int | None, chunk: int) -> np.ndarray:
-  """Completes `known: i32[N, h, w]` outside `mask: bool[N, h, w]` (True = known) on all local devices.
+  """Completes `known: i32[N, h, w]` outside `mask: bool[N, h, w]` (True = known) on every device of every
+  host (each host takes its contiguous share; all hosts get all N completions, in order).
 
-  N must divide by the local device count. Known positions are kept exactly; see docs/method.md §3.7.
+  N must divide by the global device count. Known positions are kept exactly; see docs/method.md §3.7.
   """
   model, sched = gen.prior.model, gen.sched
   ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
+  share = len(known) // parallel.process_count()
+  mine = slice(parallel.process_index() * share, (parallel.process_index() + 1) * share)
+  mask, known = mask[mine], known[mine]
   mask_d, known_d = parallel.to_devices(parallel.shard(mask)), parallel.to_devices(parallel.shard(known))
 
   def chunk_fn(params, z, m, z0, key_ts):
@@ -142,7 +147,7 @@ def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.
           device_indices(), jnp.asarray(parallel.shard(mask)), jnp.asarray(parallel.shard(known)))))
   z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, mask_d, known_d, (key, ts_chunk)), z, ts,
                  chunk, "inpainting")
-  return parallel.unshard(z)
+  return parallel.gather_rows(parallel.unshard(z))
 
 
 def decode_codes(tokenizer: loaders.Restored, codes: np.ndarray, batch_size: int) -> np.ndarray:
@@ -159,7 +164,7 @@ def inpaint_heldout(config: Any, gen: Generator, num_images: int) -> dict[str, n
   Args:
     config: the run's config (`inpaint.mask`, `inpaint.seed`, `inpaint.steps`, `sample.chunk_steps`).
     gen: the restored stages.
-    num_images: how many held-out images (rounded up to a multiple of the local device count).
+    num_images: how many held-out images (rounded up to a multiple of the global device count).
 
   Returns:
     {'mask': bool[N,h,w] (True = known), 'known': i32[N,h,w], 'codes': i32[N,h,w] (completed),
@@ -169,7 +174,7 @@ def inpaint_heldout(config: Any, gen: Generator, num_images: int) -> dict[str, n
     ConfigError: fewer held-out code maps than images asked for.
   """
   icfg = config.inpaint
-  ndev = parallel.local_device_count()
+  ndev = parallel.device_count()
   num = -(-num_images // ndev) * ndev
   known = gen.heldout_codes[:num]
   if len(known) < num:

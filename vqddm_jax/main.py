@@ -28,8 +28,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "override fields with --config.section.field=value", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory (or gs:// URI) holding every stage of one run "
                                "(stable path: a restarted job resumes from it)")
-_MODE = flags.DEFINE_enum("mode", "all", list(MODES), "what to run: " + "; ".join(
-    f"{name} = {text}" for name, text in MODES.items()))
+_MODE = flags.DEFINE_string("mode", "all", "what to run: 'all', or one stage or a comma-separated list of "
+                            "stages run in that order (e.g. train_prior,sample): " + "; ".join(
+                                f"{name} = {text}" for name, text in MODES.items()))
+flags.register_validator("mode", lambda m: all(part in MODES for part in m.split(",")) and (
+    m == "all" or "all" not in m.split(",")), message=f"--mode must be 'all' or stages among "
+    f"{', '.join(s.name for s in stages.REGISTRY)} (comma-separated)")
 _SAMPLE_STEPS = flags.DEFINE_integer(
     "sample_steps", None, "reverse steps for --mode=sample/all (config.sample.steps) and --mode=inpaint "
     "(config.inpaint.steps): 0 = all T, S < T = a strided subset")
@@ -37,7 +41,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def selected_stages(mode: str) -> tuple[stages.Stage, ...]:
-  return stages.PIPELINE if mode == "all" else (stages.BY_NAME[mode],)
+  """The stages `--mode` names: the pipeline for 'all', else the listed stages in the given order."""
+  return stages.PIPELINE if mode == "all" else tuple(stages.BY_NAME[m] for m in mode.split(","))
 
 
 def prepare_config(config, *, mode: str, sample_steps: int | None):
@@ -52,9 +57,29 @@ def prepare_config(config, *, mode: str, sample_steps: int | None):
     if not 0 <= sample_steps <= config.diffusion.num_steps:
       raise ConfigError(f"--sample_steps = {sample_steps} is not allowed: an integer in [0, "
                         f"{config.diffusion.num_steps}] (0 = all T = config.diffusion.num_steps)")
-    section = config.inpaint if mode == "inpaint" else config.sample
+    section = config.inpaint if "inpaint" in mode.split(",") else config.sample
     section.steps = sample_steps
   return config_schema.validate_config(config)
+
+
+def check_processes_agree(config, mode: str) -> None:
+  """On multi-host jobs: every process runs the same code, mode and config (the distributed section aside,
+  which names each process); raises MismatchError naming what differs."""
+  from vqddm_jax import parallel
+  from vqddm_jax.code_version import code_version
+  parallel.check_same_on_every_process("code", {"code version": code_version(), "mode": mode})
+  flat = {k: v for k, v in _flatten(config.to_dict()).items() if not k.startswith("config.distributed.")}
+  parallel.check_same_on_every_process("config", flat)
+
+
+def _flatten(tree: dict, prefix: str = "config.") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def run_pipeline(config, workdir, mode: str) -> list[stages.StageResult]:
@@ -76,6 +101,7 @@ def execute(config, workdir_path: str, mode: str, sample_steps: int | None = Non
     config = prepare_config(config, mode=mode, sample_steps=sample_steps)
     from vqddm_jax import config_schema, parallel  # JAX is imported from here on.
     parallel.initialize_distributed(config.distributed)
+    check_processes_agree(config, mode)
     config_schema.validate_for_devices(config, parallel.device_count(), parallel.process_count())
     from vqddm_jax.workdir import Workdir
     workdir = Workdir(workdir_path)
@@ -86,7 +112,7 @@ def execute(config, workdir_path: str, mode: str, sample_steps: int | None = Non
     return 2
   if all(r.completed for r in results):
     logging.info("done: %s", workdir.root)
-    if mode == "all" and parallel.is_main_process():
+    if parallel.is_main_process():
       print(where_results_are(workdir))
   return 0
 
@@ -98,8 +124,8 @@ def main(argv):
 
 
 def where_results_are(workdir) -> str:
-  """The lines printed at the end of a pipeline run: where the samples and the reports are."""
-  lines = [f"vqddm_jax: pipeline finished in {workdir.root}"]
+  """The lines printed (by process 0) at the end of a run: where the samples and the reports are."""
+  lines = [f"vqddm_jax: finished in {workdir.root}"]
   grid = workdir.latest_samples_grid()
   if grid is not None:
     lines.append(f"  samples: {grid}")

@@ -1,13 +1,17 @@
-"""The only module that knows about devices.
+"""The only module that knows about devices and processes.
 
 Per-device step functions elsewhere are pure and refer to the mapped axis by the name `AXIS` ("data"); this
-module maps them over the local devices with `jax.pmap`, moves trees on and off the devices, and reshapes host
-batches to `[local_devices, per_device, ...]`.
+module maps them over the local devices with `jax.pmap` (on multi-host jobs the mapped axis spans every
+device of every host), moves trees on and off the devices, and reshapes host batches to
+`[local_devices, per_device, ...]`. It also starts `jax.distributed`, gathers host values across processes,
+and makes the one stop decision of a job (SIGTERM on any host stops every host at the same step).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+import json
+import signal
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,9 +104,16 @@ def replicate(tree: Any) -> Any:
       lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree))
 
 
+def first_local(tree: Any) -> Any:
+  """The first local device's shard `[1, ...]` of every `[local_devices, ...]` leaf, without computing
+  anything (on multi-host jobs even indexing a mapped output would be a program of its own)."""
+  return jax.tree_util.tree_map(
+      lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else np.asarray(x)[:1], tree)
+
+
 def unreplicate(tree: Any) -> Any:
   """Takes device 0's copy of a replicated tree (to host memory)."""
-  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], jax.device_get(first_local(tree)))
 
 
 def shard(host_tree: Any) -> Any:
@@ -189,3 +200,114 @@ def pmap_with_axes(fn: Callable[..., Any], *, in_axes: Sequence[int | None],
   """Maps `fn` over `devices` (default: local devices) on axis `AXIS`; `None` in `in_axes` broadcasts."""
   return jax.pmap(fn, axis_name=AXIS, in_axes=tuple(in_axes),
                   devices=None if devices is None else list(devices))
+
+
+# ------------------------------------------------------------------------------------ across processes
+
+
+def gather_processes(x: np.ndarray) -> np.ndarray:
+  """`[process_count, *x.shape]`: every process's `x` (same shape and dtype everywhere), in process order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)[None]
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+def gather_rows(x: np.ndarray) -> np.ndarray:
+  """Every process's rows of `x: [n_p, ...]` (n_p may differ), concatenated in process order."""
+  x = np.asarray(x)
+  counts = gather_processes(np.array(len(x), np.int64))
+  if len(counts) == 1:
+    return x
+  padded = np.zeros((int(counts.max()),) + x.shape[1:], x.dtype)
+  padded[:len(x)] = x
+  return np.concatenate([rows[:n] for rows, n in zip(gather_processes(padded), counts)])
+
+
+def sum_over_processes(tree: Any) -> Any:
+  """Leafwise float64 sums of a host tree over all processes (the same result on every process)."""
+  return jax.tree_util.tree_map(lambda x: gather_processes(np.asarray(x, np.float64)).sum(0), tree)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process got here (e.g. after process 0 wrote a file the others read)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _texts_of_all_processes(text: str) -> list[str]:
+  data = np.frombuffer(text.encode(), np.uint8)
+  rows = gather_rows(np.pad(data, (0, 1)))  # a NUL ends each process's text
+  return [part.decode() for part in rows.tobytes().split(b"\0")[:-1]]
+
+
+def check_same_on_every_process(what: str, entries: Mapping[str, Any]) -> None:
+  """Raises UserError naming every entry whose value differs between processes (and each process's value).
+
+  Args:
+    what: what is compared, for the message (e.g. "code", "config").
+    entries: JSON-able values by name; every process passes the same names.
+  """
+  if jax.process_count() == 1:
+    return
+  from vqddm_jax.errors import MismatchError
+  mine = json.dumps(dict(entries), sort_keys=True, default=str)
+  everyone = [json.loads(t) for t in _texts_of_all_processes(mine)]
+  differ = sorted(k for k in set().union(*everyone) if len({json.dumps(e.get(k)) for e in everyone}) > 1)
+  if differ:
+    lines = [f"  {k}: " + ", ".join(f"process {i} {e.get(k)!r}" for i, e in enumerate(everyone))
+             for k in differ[:10]]
+    raise MismatchError(f"the processes of this job do not run the same {what}:\n" + "\n".join(lines) +
+                        "\nstart every host from the same code and command line")
+
+
+def same_on_every_process(flag: bool, what: str) -> bool:
+  """`flag`, after checking that every process has the same value (a decision all hosts must share)."""
+  flags = gather_processes(np.array(bool(flag)))
+  if len(set(flags.tolist())) > 1:
+    from vqddm_jax.errors import MismatchError
+    raise MismatchError(f"the hosts disagree on {what} ({flags.tolist()} by process): they do not see the "
+                        "same work directory; on several hosts it must be shared (gs://... or a shared "
+                        "file system)")
+  return bool(flag)
+
+
+class StopAgreement:
+  """The job's one stop decision: SIGTERM (or a preemption notice) on any host stops every host at one step.
+
+  On one process a Python SIGTERM handler sets a flag. On several, JAX's preemption service (which a Python
+  handler would replace on the signalled host only) tells every process at the same step. Use as a context
+  manager around a training loop and call `reached(step)` once after every step, on every process.
+  """
+
+  def __init__(self):
+    self._raised = False
+    self._previous = None
+
+  def __enter__(self) -> "StopAgreement":
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # Not the main thread: leave signals alone.
+        self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+    self._raised = True
+
+  def reached(self, step: int) -> bool:
+    """True on every process, at the same step, once a stop was asked for anywhere."""
+    if jax.process_count() == 1:
+      return self._raised
+    from jax.experimental import multihost_utils
+    if multihost_utils.reached_preemption_sync_point(step):
+      logging.warning("stop requested on some host (SIGTERM / preemption): every host saves at step %d", step)
+      return True
+    return False
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -39,16 +39,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_same_code(version: str) -> None:
   """Raises when the processes of the job run different code (compares every process's version)."""
-  import jax
-  from jax.experimental import multihost_utils
-  if jax.process_count() == 1:
-    return
-  mine = np.frombuffer(bytes.fromhex(version), np.uint8)
-  everyone = np.asarray(multihost_utils.process_allgather(mine))
-  versions = [row.tobytes().hex() for row in everyone]
-  if len(set(versions)) > 1:
-    listing = ", ".join(f"process {i}: {v}" for i, v in enumerate(versions))
-    raise RuntimeError(f"the processes run different code ({listing}); copy the same tree to every host")
+  from vqddm_jax import parallel
+  parallel.check_same_on_every_process("code", {"code version": version})
 
 
 def _check_file(workdir: str, process: int, token: str) -> None:

@@ -4,7 +4,7 @@ Layout (W = `--workdir`, a local folder or an object-store URI such as `gs://buc
 ```
 W/vqvae/    stage 1        checkpoints/  tensorboard/  images/recon_<step>.png  eval.json
 W/refit/    ReFiT          the same, plus rebuild.json  features.npy  report.json  report.md
-W/codes/process_<i>_of_<n>/  host i's code maps (a TFDS data set) and meta.json
+W/codes/    the code maps of the training and held-out splits (a TFDS data set) and meta.json
 W/prior/    stage 2        checkpoints/  tensorboard/  eval.json
 W/samples/<prior step>/samples_S<steps>.png|.npz|.json
 W/inpaint/<mask>/grid.png  inpaint.npz  inpaint.json
@@ -94,9 +94,10 @@ class Workdir:
     """`report.json` or `report.md` (suffix 'json' / 'md')."""
     return self.root / "refit" / f"report.{suffix}"
 
-  def code_store(self, process_index: int, process_count: int) -> epath.Path:
-    """Host `process_index`'s code maps (each host encodes and trains on its own share)."""
-    return self.root / "codes" / f"process_{process_index}_of_{process_count}"
+  @property
+  def code_store(self) -> epath.Path:
+    """The code maps of both splits (encoded by all hosts together, written once, read by every host)."""
+    return self.root / "codes"
 
   def samples(self, prior_step: int, steps: int) -> OutputFiles:
     """Samples of the prior checkpoint `prior_step`, drawn with `steps` reverse steps."""

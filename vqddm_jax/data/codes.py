@@ -1,10 +1,10 @@
 """Code maps for stage 2: stored once as a real TFDS data set in the work directory, read back into memory.
 
 Code maps are small (a 16×16 int32 map is 1 KiB: CelebA-HQ's 30k maps are 30 MiB), so stage 2 reads a split
-into host memory once and draws batches from per-epoch permutations seeded by (seed, epoch). That makes the
-stream exactly resumable from `{'epoch', 'batch'}` at no cost. Each host encodes and stores its own share of
-the images (its own store, `Workdir.code_store`) and trains on it, which is the per-host split of stage 2.
-Stores are read and written through `etils.epath`, so they live on `gs://` as well as on local disk.
+into host memory once (every host the whole split) and draws global batches from per-epoch permutations seeded
+by (seed, epoch); each host takes its own share of every global batch. That makes the stream exactly resumable
+from `{'epoch', 'batch'}` at no cost, and the same whatever the number of hosts. Stores are read and written
+through `etils.epath`, so they live on `gs://` as well as on local disk.
 """
 from __future__ import annotations
 
@@ -14,18 +14,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from vqddm_jax import parallel
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.data.tf_host import tf
 from vqddm_jax.errors import ConfigError, MissingInputError
 
 FEATURE = "codes"
 META_FILE = "meta.json"
-
-
-def host_store(workdir: workdir_lib.Workdir) -> epath.Path:
-  """This host's code store in the work directory."""
-  return workdir.code_store(parallel.process_index(), parallel.process_count())
 
 
 def read_meta(directory: epath.Path) -> dict | None:
@@ -78,16 +72,21 @@ def _safe_name(split: str) -> str:
 
 
 class CodeBatches:
-  """Infinite shuffled batches `{'codes': i32[num_shards, per_shard, h, w]}` with an exact `.position`."""
+  """Infinite shuffled batches `{'codes': i32[num_shards, per_shard, h, w]}` with an exact `.position`.
+
+  Every host holds all `codes` and draws the same global batch of `per_shard * num_shards * process_count`
+  maps per step; host p keeps the p-th slice (its devices' share, in device order).
+  """
 
   def __init__(self, codes: np.ndarray, *, per_shard: int, num_shards: int, seed: int,
-               position: Mapping[str, int] | None = None):
+               position: Mapping[str, int] | None = None, process_index: int = 0, process_count: int = 1):
     self._codes = codes
     self._per_shard, self._num_shards = per_shard, num_shards
     self._per_host = per_shard * num_shards
-    if len(codes) < self._per_host:
-      raise ValueError(f"{len(codes)} code maps cannot fill one host batch of {self._per_host}")
-    self._batches_per_epoch = len(codes) // self._per_host
+    self._process_index, self._global = process_index, self._per_host * process_count
+    if len(codes) < self._global:
+      raise ValueError(f"{len(codes)} code maps cannot fill one global batch of {self._global}")
+    self._batches_per_epoch = len(codes) // self._global
     self._seed = seed
     position = position or {"epoch": 0, "batch": 0}
     self._epoch, self._batch = int(position["epoch"]), int(position["batch"])
@@ -107,20 +106,26 @@ class CodeBatches:
     if self._batch >= self._batches_per_epoch:
       self._epoch, self._batch = self._epoch + 1, 0
       self._perm = self._permutation(self._epoch)
-    idx = self._perm[self._batch * self._per_host:(self._batch + 1) * self._per_host]
+    start = self._batch * self._global + self._process_index * self._per_host
+    idx = self._perm[start:start + self._per_host]
     self._batch += 1
     codes = self._codes[idx]
     return {FEATURE: codes.reshape((self._num_shards, self._per_shard) + codes.shape[1:])}
 
 
 def eval_code_batches(codes: np.ndarray, *, per_shard: int, num_shards: int,
-                      max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """One ordered pass: `{'codes': i32[num_shards, per_shard, h, w], 'mask': bool[num_shards, per_shard]}`,
-  the last batch padded with code 0 and mask False."""
+                      max_examples: int | None = None, process_index: int = 0,
+                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over this host's contiguous share of `codes[:max_examples]`:
+  `{'codes': i32[num_shards, per_shard, h, w], 'mask': bool[num_shards, per_shard]}`, padded with code 0 and
+  mask False so that every host yields the same number of batches (they run collectives together)."""
   if max_examples:
     codes = codes[:max_examples]
   per_host = per_shard * num_shards
-  for start in range(0, len(codes), per_host):
+  share = -(-len(codes) // process_count)
+  num_batches = -(-share // per_host)
+  codes = codes[process_index * share:(process_index + 1) * share]
+  for start in range(0, num_batches * per_host, per_host):
     chunk = codes[start:start + per_host]
     mask = np.zeros((per_host,), bool)
     mask[:len(chunk)] = True

@@ -10,6 +10,13 @@ decode, drop files that fail to decode, batch with drop_remainder. A position is
 consumed so far. Resuming rebuilds epoch e and skips o records *before* decoding, so a resume deep into a
 large epoch reads records but decodes nothing it skips, and yields exactly what an uninterrupted iterator
 would (o == b * per_host unless image files failed to decode).
+
+Several hosts. Every host walks the same numbered stream of encoded records and decodes only its own share
+of each global batch: record i of an epoch belongs to host (i mod B) div b, for a global batch of B records
+and b = B / hosts per host. So the global batch of every step, in device order, is the one a single host with
+all the devices would see: results do not depend on how many hosts run the job, and one position (a multiple
+of B) fits every host. Each epoch uses whole global batches only, and a file that fails to decode is kept
+(as the blank image its decoder returns, and logged) rather than dropped, so that no host falls out of step.
 """
 from __future__ import annotations
 
@@ -82,16 +89,17 @@ def _decode_fn(source, cfg):
   return fn
 
 
+def _without_flag(ex):
+  return {k: v for k, v in ex.items() if k != "ok"}
+
+
 def _drop_failed(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Drops examples whose file failed to decode, then the 'ok' flag itself."""
 
   def decoded(ex):
     return ex["ok"]
 
-  def without_flag(ex):
-    return {k: v for k, v in ex.items() if k != "ok"}
-
-  return ds.filter(decoded).map(without_flag)
+  return ds.filter(decoded).map(_without_flag)
 
 
 def _to_shards(num_shards: int, per_shard: int):
@@ -115,6 +123,7 @@ class TrainIterator:
     self._per_shard, self._num_shards = per_shard, num_shards
     self._per_host = per_shard * num_shards
     self._hosts = (process_index, process_count)
+    self._num_records = source.num_examples(cfg.train_split) if process_count > 1 else None
     pos = dict(position or {})
     try:
       self._epoch, self._batch = int(pos.get("epoch", 0)), int(pos.get("batch", 0))
@@ -137,12 +146,17 @@ class TrainIterator:
   def _build(self) -> Iterator[dict[str, np.ndarray]]:
     cfg = self._cfg
     ds = self._source.train_records(cfg.train_split, seeds=_epoch_seeds(self._seed, self._epoch),
-                                    shuffle_buffer=cfg.shuffle_buffer, process_index=self._hosts[0],
-                                    process_count=self._hosts[1])
+                                    shuffle_buffer=cfg.shuffle_buffer)
+    pi, pc = self._hosts
+    if pc > 1:  # Whole global batches only; this host's share of each (see the module docstring).
+      global_batch = self._per_host * pc
+      ds = ds.take(self._num_records // global_batch * global_batch)
     ds = ds.enumerate().skip(self._offset)
+    if pc > 1:
+      ds = ds.filter(lambda i, r: (i % global_batch) // self._per_host == pi)
     decode = _decode_fn(self._source, cfg)
     ds = ds.map(lambda i, r: dict(decode(r), idx=i), num_parallel_calls=AUTOTUNE)
-    ds = _drop_failed(ds)
+    ds = _drop_failed(ds) if pc == 1 else ds.map(_without_flag)
     ds = ds.batch(self._per_host, drop_remainder=True)
     ds = ds.map(_to_shards(self._num_shards, self._per_shard), num_parallel_calls=AUTOTUNE)
     if cfg.prefetch:
@@ -172,8 +186,15 @@ class TrainIterator:
         continue
       self._yielded += 1
       self._batch += 1
-      self._offset = int(batch.pop("idx")[-1]) + 1
+      self._offset = self._next_offset(int(batch.pop("idx")[-1]))
       return batch
+
+  def _next_offset(self, last: int) -> int:
+    """The record after this host's last one; on several hosts the first of the next global batch."""
+    if self._hosts[1] == 1:
+      return last + 1
+    global_batch = self._per_host * self._hosts[1]
+    return (last // global_batch + 1) * global_batch
 
 
 class EvalIterator:
@@ -278,11 +299,11 @@ def num_examples(cfg: Any, split: str) -> int:
 
 
 def first_images(cfg: Any, split: str, num: int) -> np.ndarray:
-  """The first `num` images of `split` on this host, in the order `eval_batches` reads them (the order in
-  which the encode stage stores code maps): `f32[num, S, S, C]` in [-1, 1]."""
+  """The first `num` images of the whole `split` (on every host), in the order of the encode stage's code
+  maps: `f32[num, S, S, C]` in [-1, 1]."""
   out, ndev = [], parallel.local_device_count()
-  for batch in eval_batches(cfg, split=split, global_batch_size=ndev * 8 * parallel.process_count(),
-                            num_shards=ndev, max_examples=num * parallel.process_count()):
+  for batch in eval_batches(cfg, split=split, global_batch_size=ndev * 8, num_shards=ndev, max_examples=num,
+                            process_index=0, process_count=1):
     out.append(parallel.unshard(batch["image"])[parallel.unshard(batch["mask"])])
   return np.concatenate(out)[:num]
 
@@ -290,9 +311,10 @@ def first_images(cfg: Any, split: str, num: int) -> np.ndarray:
 def prepare(cfg: Any) -> dict[str, int]:
   """Makes sure the data exist; returns the example counts of the train and eval splits.
 
-  MNIST-5k is built under `data_dir` once (a few seconds, no network; on multi-host jobs with a shared
-  data_dir call it on one host first). A TFDS data set is only checked: if it is not prepared this raises
-  `DataNotPreparedError` at once with the `tfds build` command that prepares it; nothing is downloaded.
+  MNIST-5k is built under `data_dir` once (a few seconds, no network; on multi-host jobs process 0 builds
+  it first, so a shared data_dir is built once). A TFDS data set is only checked: if it is not prepared this
+  raises `DataNotPreparedError` at once with the `tfds build` command that prepares it; nothing is
+  downloaded.
 
   Raises:
     ValueError: bad config fields, unknown data set / split, empty split.
@@ -300,6 +322,10 @@ def prepare(cfg: Any) -> dict[str, int]:
   """
   validate_data_config(cfg)
   if cfg.source == "mnist5k":
+    # Process 0 builds first; on a shared data_dir the others then find it built (else build their own).
+    if parallel.is_main_process():
+      mnist5k.build(cfg.data_dir)
+    parallel.barrier("data: MNIST-5k built")
     mnist5k.build(cfg.data_dir)
   source = make_source(cfg)
   if cfg.source == "tfds":

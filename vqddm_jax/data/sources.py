@@ -1,13 +1,13 @@
 """Data sources behind one small interface: encoded records per host, and a decode function.
 
 A source yields *encoded* records (TFDS: serialized image bytes via `SkipDecoding`; folders: file paths), so
-that shuffling, skipping on resume and per-host splitting never pay for decoding; `pipeline.py` decodes and
-preprocesses after those steps. Both sources give each host an equally sized training share (remainder
-dropped), so every host sees the same number of batches per epoch and one saved position fits all hosts.
+that shuffling, skipping on resume and picking each host's examples never pay for decoding; `pipeline.py`
+decodes and preprocesses after those steps. The training stream is the whole split in an order that depends on
+the seeds only, the same on every host; each host then decodes only its own examples of every global batch.
 
 Interface (duck-typed):
   num_examples(split) -> int                      examples in the whole split, all hosts together
-  train_records(split, *, seeds, shuffle_buffer, process_index, process_count) -> tf.data.Dataset
+  train_records(split, *, seeds, shuffle_buffer) -> tf.data.Dataset
   eval_records(split, *, process_index, process_count) -> tf.data.Dataset   (fixed order, no shuffle)
   decode(record) -> {'image': u8[h, w, C], 'ok': bool[], 'label': i32[] (only with labels)}
 """
@@ -102,11 +102,10 @@ class TfdsSource:
     except AssertionError as e:  # TFDS's way of saying "no data under data_dir".
       raise DataNotPreparedError(self.not_prepared_message()) from e
 
-  def train_records(self, split: str, *, seeds: tuple[int, int], shuffle_buffer: int, process_index: int,
-                    process_count: int) -> tf.data.Dataset:
-    host_split = tfds.split_for_jax_process(split, process_index=process_index,
-                                            process_count=process_count, drop_remainder=True)
-    ds = self._as_dataset(host_split, shuffle_seed=seeds[0])
+  def train_records(self, split: str, *, seeds: tuple[int, int], shuffle_buffer: int) -> tf.data.Dataset:
+    # The whole split (as TFDS's one-share-of-one split, which reads exactly what the plain split reads).
+    whole = tfds.split_for_jax_process(split, process_index=0, process_count=1, drop_remainder=True)
+    ds = self._as_dataset(whole, shuffle_seed=seeds[0])
     # Records are still encoded here, so a large buffer costs bytes, not decoded pixels.
     return ds.shuffle(shuffle_buffer, seed=seeds[1], reshuffle_each_iteration=False)
 
@@ -143,15 +142,11 @@ class FolderSource:
   def num_examples(self, split: str) -> int:
     return len(self._files(split))
 
-  def train_records(self, split: str, *, seeds: tuple[int, int], shuffle_buffer: int, process_index: int,
-                    process_count: int) -> tf.data.Dataset:
+  def train_records(self, split: str, *, seeds: tuple[int, int], shuffle_buffer: int) -> tf.data.Dataset:
     del shuffle_buffer  # A full permutation of the file list is a perfect shuffle; no buffer needed.
     files = self._files(split)
-    # Every host draws the same permutation and takes its own equal slice of it.
     order = np.random.default_rng(list(seeds)).permutation(len(files))
-    per_host = len(files) // process_count
-    mine = order[process_index * per_host:(process_index + 1) * per_host]
-    return tf.data.Dataset.from_tensor_slices(tf.constant([files[i] for i in mine], tf.string))
+    return tf.data.Dataset.from_tensor_slices(tf.constant([files[i] for i in order], tf.string))
 
   def eval_records(self, split: str, *, process_index: int, process_count: int) -> tf.data.Dataset:
     files = self._files(split)

@@ -226,20 +226,21 @@ def _cache_key(images: np.ndarray, labels: np.ndarray, hyper: dict[str, Any]) ->
 
 
 def load_or_train(cache_path: str | os.PathLike, images, labels, *, seed: int = 0,
-                  num_steps: int = NUM_STEPS, batch_size: int = BATCH_SIZE,
+                  num_steps: int = NUM_STEPS, batch_size: int = BATCH_SIZE, save: bool = True,
                   **train_kwargs) -> tuple[Any, dict[str, Any]]:
   """The classifier cached in the file `cache_path`, trained by `train_classifier` if missing.
 
   The cache is keyed by a hash of the training images, labels, hyper-parameters and architecture: a cache
   written for other data or settings is retrained and overwritten, never silently reused. The file is
   written whole (temporary file + rename), through epath (local or `gs://`). Training is deterministic, so
-  on multi-host jobs every process may call it; each writes the same bytes.
+  on multi-host jobs every process may call it and one of them (`save`) writes the cache.
 
   Args:
     cache_path: the cache file, e.g. `Workdir.classifier_cache` (its folder is created if missing).
     images: f32[N, H, W, C] in [-1, 1], the training split.
     labels: i32[N].
     seed, num_steps, batch_size, **train_kwargs: passed to `train_classifier`.
+    save: write the cache after training (False on all but one process of a multi-host job).
 
   Returns:
     (params, meta) as from `train_classifier`; meta['cached'] tells whether it was loaded.
@@ -260,8 +261,9 @@ def load_or_train(cache_path: str | os.PathLike, images, labels, *, seed: int = 
       return blob["params"], dict(meta, cached=True)
   params, meta = train_classifier(images, labels, **hyper)
   meta["cache_key"] = key
-  workdir_lib.write_bytes(path, serialization.msgpack_serialize(
-      {"params": serialization.to_state_dict(params), "meta": json.dumps(meta)}))
+  if save:
+    workdir_lib.write_bytes(path, serialization.msgpack_serialize(
+        {"params": serialization.to_state_dict(params), "meta": json.dumps(meta)}))
   return params, dict(meta, cached=False)
 
 

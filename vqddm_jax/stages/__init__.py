@@ -64,9 +64,11 @@ BY_NAME: dict[str, Stage] = {s.name: s for s in REGISTRY}
 
 
 def run_stage(stage: Stage, config: Any, workdir: Workdir) -> StageResult:
-  """Runs `stage` unless it is done; returns what it did."""
+  """Runs `stage` unless it is done; returns what it did. On several hosts every host must see the stage
+  in the same state (they run its collectives together), which is checked."""
+  from vqddm_jax import parallel
   module = stage.module()
-  if module.is_done(config, workdir):
+  if parallel.same_on_every_process(module.is_done(config, workdir), f"whether {stage.name} is done"):
     logging.info("%s: already done under %s: skipping", stage.name, workdir.root)
     return StageResult(stage.name, skipped=True)
   return module.run(config, workdir)

@@ -2,7 +2,8 @@
 
 The tokenizer is the final VQ-VAE of the pipeline: the ReFiT checkpoint when ReFiT is enabled, otherwise
 stage 1 (EMA parameters, restored read-only). The store records which checkpoint made it; the stage is done
-while that is still the latest one, and re-encodes (replacing the store whole) when it is not.
+while that is still the latest one, and re-encodes (replacing the store whole) when it is not. On several
+hosts each encodes its share of every split; process 0 gathers them in split order and writes the one store.
 """
 from __future__ import annotations
 
@@ -29,13 +30,13 @@ def wanted_record(config: Any, workdir: Workdir, step: int | None = None) -> dic
 
 
 def is_done(config: Any, workdir: Workdir) -> bool:
-  meta = codes_lib.read_meta(codes_lib.host_store(workdir))
+  meta = codes_lib.read_meta(workdir.code_store)
   wanted = wanted_record(config, workdir)
   return meta is not None and wanted["step"] is not None and all(meta.get(k) == v for k, v in wanted.items())
 
 
 def encode_split(model: Any, rparams: Any, cfg_data: Any, split: str, batch_size: int) -> np.ndarray:
-  """All code maps of `split` on this host, in the pipeline's deterministic order: `i32[N, h, w]`."""
+  """All code maps of `split` (every host's share, gathered), in the split's order: `i32[N, h, w]`."""
   p_encode = parallel.pmap_eval(
       lambda p, x: model.apply({"params": p}, x, method=type(model).encode_to_indices))
   total = -(-data.num_examples(cfg_data, split) // parallel.process_count())
@@ -52,7 +53,7 @@ def encode_split(model: Any, rparams: Any, cfg_data: Any, split: str, batch_size
       rate = done / max(now, 1e-9)
       logging.info("encode %s: %d/%d images (%.0f images/s, ETA %.0fs)", split, done, total, rate,
                    max(total - done, 0) / max(rate, 1e-9))
-  return np.concatenate(out).astype(np.int32)
+  return parallel.gather_rows(np.concatenate(out).astype(np.int32))
 
 
 def run(config: Any, workdir: Workdir) -> StageResult:
@@ -63,10 +64,12 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   rparams = parallel.replicate(tokenizer.params)
   splits = {s: encode_split(tokenizer.model, rparams, config.data, s, config.encode.batch_size)
             for s in dict.fromkeys(wanted["splits"])}
-  store = codes_lib.host_store(workdir)
-  if store.exists():  # Stale maps from another checkpoint: replace them whole.
-    store.rmtree()
-  store.mkdir(parents=True)
-  codes_lib.write_codes(store, splits, wanted)
+  store = workdir.code_store
+  if parallel.is_main_process():
+    if store.exists():  # Stale maps from another checkpoint: replace them whole.
+      store.rmtree()
+    store.mkdir(parents=True)
+    codes_lib.write_codes(store, splits, wanted)
+  parallel.barrier("encode: code maps written")
   logging.info("stored %s code maps under %s", {s: c.shape for s, c in splits.items()}, store)
   return StageResult("encode", True, (str(store),))

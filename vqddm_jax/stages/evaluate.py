@@ -55,7 +55,7 @@ def feature_extractor(config: Any, workdir: Workdir) -> tuple[Callable | None, d
   held, held_labels = evaluation.labelled_split(config.data, config.data.eval_split)
   t0 = time.perf_counter()
   params, meta = evaluation.load_or_train(workdir.classifier_cache, images, labels, seed=config.seed,
-                                          num_steps=ecfg.classifier_steps)
+                                          num_steps=ecfg.classifier_steps, save=parallel.is_main_process())
   acc = evaluation.accuracy(params, held, held_labels)
   logging.info("evaluate: classifier held-out accuracy %.2f%% (%s in %.1fs)", 100 * acc,
                "loaded" if meta.get("cached") else "trained", time.perf_counter() - t0)
@@ -83,7 +83,7 @@ def steps_table(config: Any, gen: generation.Generator, feats_fn: Callable | Non
   Returns the rows and the images sampled with the first fraction (all T steps by default).
   """
   rparams = parallel.replicate(gen.prior.params)
-  per_device = -(-num // parallel.local_device_count())
+  per_device = -(-num // parallel.device_count())
   rows, first = [], None
   for frac in config.eval.step_fractions:
     steps = max(1, gen.sched.num_steps // frac)

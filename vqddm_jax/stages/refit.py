@@ -68,10 +68,12 @@ def frozen_encoder_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTr
 def sample_features(model: Any, rparams: Any, cfg_data: Any, *, num_features: int, batch_size: int,
                     seed: int) -> np.ndarray:
   """P feature vectors `f32[P, d]`: one random position of each of P random training images (more distinct
-  positions per image when P > N), streamed in batches so only the sampled vectors are kept."""
+  positions per image when P > N), streamed in batches so only the sampled vectors are kept. On several hosts
+  each samples its share of P from its share of the images, and every host gets all P (in host order)."""
   p_encode = parallel.pmap_eval(lambda p, x: model.apply({"params": p}, x, method=type(model).encode))
-  n = data.num_examples(cfg_data, cfg_data.train_split) // parallel.process_count()
-  rng = np.random.default_rng([seed, parallel.process_index()])
+  n = data.num_examples(cfg_data, cfg_data.train_split)
+  pi, pc = parallel.process_index(), parallel.process_count()
+  rng = np.random.default_rng([seed, pi])
   chosen = []
   for batch in data.eval_batches(cfg_data, split=cfg_data.train_split, global_batch_size=batch_size,
                                  num_shards=parallel.local_device_count()):
@@ -83,9 +85,10 @@ def sample_features(model: Any, rparams: Any, cfg_data: Any, *, num_features: in
     pos = np.argsort(rng.random((b, h * w)), axis=1)[:, :per_image]
     chosen.append(feats.reshape(b, h * w, d)[np.arange(b)[:, None], pos].reshape(-1, d))
   features = np.concatenate(chosen)
-  if len(features) > num_features:  # P random images (or positions) out of those visited.
-    features = features[np.sort(rng.choice(len(features), num_features, replace=False))]
-  return features.astype(np.float32)
+  share = num_features * (pi + 1) // pc - num_features * pi // pc  # this host's part of P
+  if len(features) > share:  # random images (or positions) out of those visited
+    features = features[np.sort(rng.choice(len(features), share, replace=False))]
+  return parallel.gather_rows(features.astype(np.float32))
 
 
 def rebuild_codebook(config: Any, workdir: Workdir) -> tuple[Any, Any, dict]:

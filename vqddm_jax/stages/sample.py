@@ -38,7 +38,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   gen = generation.load_generator(config, workdir)
   record = _record(config, gen.record())
   steps = record["steps"]
-  per_device = -(-scfg.num_samples // parallel.local_device_count())
+  per_device = -(-scfg.num_samples // parallel.device_count())
   t0 = time.perf_counter()
   codes = generation.sample_code_maps(
       gen, parallel.replicate(gen.prior.params), key=jax.random.key(scfg.seed), per_device=per_device,

@@ -41,7 +41,7 @@ def is_done(config: Any, workdir: Workdir) -> bool:
 
 def _check_codes_unchanged(workdir: Workdir, directory: Any, step: int) -> None:
   """Raises when checkpoint `step` was trained on other code maps than the store now holds."""
-  meta = codes_lib.read_meta(codes_lib.host_store(workdir))
+  meta = codes_lib.read_meta(workdir.code_store)
   if meta is None:
     return
   ckpt = checkpointing.Checkpointer(directory, read_only=True)
@@ -60,7 +60,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   """Trains (or resumes) stage 2 to `config.prior_train.num_steps`."""
   tcfg = config.prior_train
   paths = workdir.train(STAGE)
-  store = codes_lib.host_store(workdir)
+  store = workdir.code_store
   meta = codes_lib.require_meta(store)
   latest = checkpointing.latest_step(paths.checkpoints)
   if latest is not None:
@@ -87,7 +87,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   run_eval = _heldout_evaluation(config, workdir, model, sched, eval_codes, writer, key)
   open_batches = lambda pos: codes_lib.CodeBatches(  # noqa: E731
       train_codes, per_shard=per_device, num_shards=parallel.local_device_count(), seed=config.seed,
-      position=pos)
+      position=pos, process_index=parallel.process_index(), process_count=parallel.process_count())
   spec = loop.LoopConfig(STAGE, paths.checkpoints, tcfg.num_steps, tcfg.log_every,
                          tcfg.checkpoint_every, tcfg.keep_checkpoints)
   _, completed = loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,
@@ -108,7 +108,9 @@ def _heldout_evaluation(config: Any, workdir: Workdir, model: Any, sched: Any, e
   def run_eval(step: int, rstate: Any) -> None:
     batches = codes_lib.eval_code_batches(eval_codes, per_shard=per_device,
                                           num_shards=parallel.local_device_count(),
-                                          max_examples=tcfg.eval_examples or None)
+                                          max_examples=tcfg.eval_examples or None,
+                                          process_index=parallel.process_index(),
+                                          process_count=parallel.process_count())
     results = prior_step.heldout_nelbo(p_eval, rstate.ema_params, (parallel.to_devices(b) for b in batches),
                                        jax.random.fold_in(key, 11))
     results.update(uniform_bits_per_code=float(np.log2(sched.num_classes)), step=step,

@@ -1,4 +1,4 @@
-"""The training loop every stage shares: resume, step, log, checkpoint, stop on SIGTERM.
+"""The training loop every stage shares: resume, step, log, checkpoint, stop on SIGTERM (on any host).
 
 A stage supplies its initial host state, its pmapped step `(state, batch, key) -> (state, metrics)`, and a
 function that opens its input iterator at a saved position. Everything the next step depends on — the state,
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import signal
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -35,30 +34,6 @@ class LoopConfig:
   checkpoint_every: int
   keep_checkpoints: int = 2
   prefetch: int = 2
-
-
-class _StopFlag:
-  """Turns SIGTERM into a flag checked between steps (the running step finishes first)."""
-
-  def __init__(self):
-    self.raised = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: leave signals alone.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
-    self.raised = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _device_batches(batches: Any, size: int) -> Iterator[tuple[Any, Any]]:
@@ -123,13 +98,13 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
     ckpt.save(at_step, host, dict(meta or {}, position=position, nonfinite_steps=nonfinite))
 
   completed = True
-  with _StopFlag() as stop:
+  with parallel.StopAgreement() as stop:
     device_batches = _device_batches(batches, loop.prefetch)
     while step < loop.num_steps:
       batch, position = next(device_batches)
       rstate, step_metrics = p_step(rstate, batch, key)
       step += 1
-      history.append(jax.tree_util.tree_map(lambda x: x[0], step_metrics))
+      history.append(parallel.first_local(step_metrics))
       last = step == loop.num_steps
       if step % loop.log_every == 0 or last:
         nonfinite = _log(loop, writer, step, history, nonfinite)
@@ -137,13 +112,14 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
       progress(step)
       for action in actions:
         action(step, rstate=rstate)
-      if step % loop.checkpoint_every == 0 or last or stop.raised:
+      stopping = stop.reached(step)  # The same answer on every host.
+      if step % loop.checkpoint_every == 0 or last or stopping:
         if history:  # Count skipped steps up to here before they are saved.
           nonfinite = _log(loop, writer, step, history, nonfinite)
           history = []
         save(step)
-      if stop.raised:
-        completed = False
+      if stopping:
+        completed = last
         break
   writer.flush()
   ckpt.close()
@@ -152,7 +128,7 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
 
 def _log(loop: LoopConfig, writer: Any, step: int, history: list, nonfinite: int) -> int:
   """Writes the scalars averaged since the last log; returns the updated count of skipped steps."""
-  fetched = jax.device_get(history)
+  fetched = [parallel.unreplicate(h) for h in history]
   skipped = int(sum(1 for h in fetched if float(h["finite"]) < 1.0))
   if skipped:
     logging.warning("%s: %d non-finite step(s) skipped before step %d (%d in total)",

@@ -117,12 +117,14 @@ def eval_step(params: Any, batch: dict, key: jax.Array, *, model: UNet, sched: d
 
 
 def heldout_nelbo(p_eval: Callable, rparams: Any, batches: Any, key: jax.Array) -> dict[str, float]:
-  """Held-out −ELBO in bits per code (mean over maps) and the standard error of that mean over t draws."""
+  """Held-out −ELBO in bits per code (mean over maps, all hosts' shares) and the standard error of that mean
+  over t draws."""
   total = {"bits": 0.0, "se_sq": 0.0, "count": 0.0}
   for i, batch in enumerate(batches):
     out = jax.device_get(p_eval(rparams, batch, jax.random.fold_in(key, i)))
     for k in total:
       total[k] += float(np.asarray(out[k], np.float64).sum())
+  total = {k: float(v) for k, v in parallel.sum_over_processes(total).items()}
   n = max(total["count"], 1.0)
   return {"nelbo_bits_per_code": total["bits"] / n, "stderr": float(np.sqrt(total["se_sq"]) / n),
           "num_maps": int(total["count"])}

@@ -99,12 +99,14 @@ def eval_step(params: Any, batch: dict, *, model: VQVAE) -> dict:
 
 
 def heldout_metrics(p_eval: Callable, rparams: Any, batches: Any) -> dict[str, float]:
-  """Held-out reconstruction MSE, codebook usage (≥1 and ≥10 uses) and perplexity, summed over batches."""
+  """Held-out reconstruction MSE, codebook usage (≥1 and ≥10 uses) and perplexity, summed over batches and
+  hosts (each host passes its share of the held-out split)."""
   total = None
   for batch in batches:
     out = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64).sum(0),
                                  jax.device_get(p_eval(rparams, batch)))
     total = out if total is None else jax.tree_util.tree_map(np.add, total, out)
+  total = parallel.sum_over_processes(total)
   hist = jnp.asarray(total["hist"])
   return {"mse": float(total["sq_err"] / max(total["pixels"], 1)),
           "usage": float(quantizer.usage_fraction(hist)),
