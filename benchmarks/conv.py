@@ -2,7 +2,7 @@
 
     python benchmarks/conv.py                       # the models' conv shapes (UNets, VQ-VAE f16)
     python benchmarks/conv.py --tables=mnist_unet   # one table
-    python benchmarks/conv.py --tables= --unet      # only the whole MNIST-size UNet, nn.Conv vs conv.Conv
+    python benchmarks/conv.py --tables= --unet      # only the whole MNIST-size UNet, XLA vs conv.Conv
     python benchmarks/conv.py --tables= --sweep --sizes=2,4 --channels=256,1024 --batches=8
 
 Shape tables: every convolution the model makes (recorded by tracing its init with `jax.eval_shape`), once
@@ -12,8 +12,8 @@ and of forward + backward (gradients w.r.t. input and kernel), XLA (`lax.conv_ge
 count x time for XLA only, im2col only and the auto choice. `--sweep` times a grid of square maps, widths
 (C_in = C_out), batches and kinds (3x3 stride 1, 1x1, 3x3 stride 2, 4x4 stride-2 transposed): the data
 behind `conv.use_im2col`. `--unet` times the whole MNIST-size denoiser, forward and loss + gradient, with
-flax's convs, with conv.py's (`impl='auto'`) and with conv.py's forced to im2col, by pointing
-`vqddm_jax.models.unet.nn.Conv` / `.ConvTranspose` at conv.py's classes in this process only.
+XLA's convs (`impl='xla'`, which is flax's call), with the `impl='auto'` choice and with im2col forced, through
+the `VQDDM_CONV_IMPL` switch the model's convs read while tracing.
 
 Compile time is excluded: an untimed warm-up call after compiling, then repeats until `--budget` seconds or
 `--repeats` calls, and the median is reported; a warm-up call longer than the budget is the measurement
@@ -189,17 +189,6 @@ def sweep_shapes(kinds, sizes, channels, batches) -> collections.Counter:
 
 
 @contextlib.contextmanager
-def _patched_unet_convs():
-  """Points `vqddm_jax.models.unet.nn.Conv` / `.ConvTranspose` (flax.linen's, process-wide) at conv.py's."""
-  orig = unet.nn.Conv, unet.nn.ConvTranspose
-  unet.nn.Conv, unet.nn.ConvTranspose = conv.Conv, conv.ConvTranspose
-  try:
-    yield
-  finally:
-    unet.nn.Conv, unet.nn.ConvTranspose = orig
-
-
-@contextlib.contextmanager
 def _env(name: str, value: str):
   old = os.environ.get(name)
   os.environ[name] = value
@@ -213,7 +202,7 @@ def _env(name: str, value: str):
 
 
 def bench_unet(budget: float, repeats: int) -> None:
-  """Whole MNIST-size UNet, forward and forward + backward (grad w.r.t. params), nn.Conv vs conv.Conv."""
+  """Whole MNIST-size UNet, forward and forward + backward (grad w.r.t. params), per conv implementation."""
   model = unet.UNet(num_classes=512, ch=64, ch_mult=(1, 2, 4), num_res_blocks=2)
   z = jax.random.randint(jax.random.PRNGKey(1), (32, 8, 8), 0, 512, dtype=jnp.int32)
   t = jax.random.randint(jax.random.PRNGKey(2), (32,), 1, 251, dtype=jnp.int32)
@@ -233,12 +222,10 @@ def bench_unet(budget: float, repeats: int) -> None:
 
   print("\n## whole UNet(num_classes=512, ch=64, ch_mult=(1,2,4), num_res_blocks=2), z i32[32,8,8]")
   print(f"{'convs':<28} {'fwd ms':>8} {'fwd+bwd ms':>11}")
-  variants = (("nn.Conv (XLA)", None), ("conv.Conv impl=auto", "auto"), ("conv.Conv impl=im2col", "im2col"))
+  variants = (("XLA convs (impl=xla)", "xla"), ("conv.Conv impl=auto", "auto"),
+              ("conv.Conv impl=im2col", "im2col"))
   for name, impl in variants:
-    with contextlib.ExitStack() as stack:
-      if impl:
-        stack.enter_context(_patched_unet_convs())
-        stack.enter_context(_env(conv.IMPL_ENV, impl))
+    with _env(conv.IMPL_ENV, impl):  # the UNet's convs read it while tracing
       f, g = compiled()
     ms = _time_ms(f, (params, z, t), budget, repeats), _time_ms(g, (params, z, t), budget, repeats)
     print(f"{name:<28} {ms[0]:>8.1f} {ms[1]:>11.1f}", flush=True)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqddm_jax.models.conv import Conv, ConvTranspose
+
 Dtype = Any
 
 # PyTorch's GroupNorm default, which the authors' network uses (flax defaults to 1e-6).
@@ -68,7 +70,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv")(x)
+    x = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv")(x)
     x = nn.GroupNorm(num_groups=self.groups, epsilon=_GN_EPS, dtype=self.dtype, name="norm")(x)
     return mish(x)
 
@@ -88,7 +90,7 @@ class ResnetBlock(nn.Module):
     h = h + nn.Dense(self.features, dtype=self.dtype, name="time_proj")(mish(temb))[:, None, None, :]
     h = Block(self.features, self.groups, self.dtype, name="block2")(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="res_conv")(x)
+      x = Conv(self.features, (1, 1), dtype=self.dtype, name="res_conv")(x)
     return h + x
 
 
@@ -109,7 +111,7 @@ class LinearAttention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     hidden = self.heads * self.dim_head
-    qkv = nn.Conv(3 * hidden, (1, 1), use_bias=False, dtype=self.dtype, name="to_qkv")(x)
+    qkv = Conv(3 * hidden, (1, 1), use_bias=False, dtype=self.dtype, name="to_qkv")(x)
     # Channel order (qkv, heads, dim_head) as in the original's rearrange.
     qkv = qkv.reshape(b, hgt * wid, 3, self.heads, self.dim_head)
     q, k, v = (qkv[:, :, i] for i in range(3))  # each [B, N, heads, d]
@@ -119,7 +121,7 @@ class LinearAttention(nn.Module):
       q = jax.nn.softmax(q.astype(jnp.float32), axis=-1).astype(self.dtype)
     context = jnp.einsum("bnhd,bnhe->bhde", k, v)
     out = jnp.einsum("bhde,bnhd->bnhe", context, q).reshape(b, hgt, wid, hidden)
-    return nn.Conv(c, (1, 1), dtype=self.dtype, name="to_out")(out)
+    return Conv(c, (1, 1), dtype=self.dtype, name="to_out")(out)
 
 
 class ReZeroAttention(nn.Module):
@@ -239,8 +241,8 @@ class UNet(nn.Module):
         x = ReZeroAttention(self.softmax_q, self.dtype, name=f"down_{lvl}_attn")(x)
       skips.append(x)
       if lvl < levels - 1:
-        x = nn.Conv(width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                    name=f"down_{lvl}_downsample")(x)
+        x = Conv(width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                 name=f"down_{lvl}_downsample")(x)
 
     x = ResnetBlock(widths[-1], name="mid_res_0", **kw)(x, temb)
     if self.mid_attention:
@@ -256,11 +258,11 @@ class UNet(nn.Module):
         x = ReZeroAttention(self.softmax_q, self.dtype, name=f"up_{lvl}_attn")(x)
       # Kernel 4, stride 2, padding 2 on the dilated input = PyTorch ConvTranspose2d(4, 2, padding=1):
       # exactly doubles H and W.
-      x = nn.ConvTranspose(widths[lvl - 1], (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                           dtype=self.dtype, name=f"up_{lvl}_upsample")(x)
+      x = ConvTranspose(widths[lvl - 1], (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                        dtype=self.dtype, name=f"up_{lvl}_upsample")(x)
 
     x = Block(self.ch, name="head_block", **kw)(x)
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head_out")(x)
+    x = Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head_out")(x)
     return x.astype(jnp.float32)
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vqddm_jax.models import quantizer
+from vqddm_jax.models.conv import Conv
 
 Dtype = Any
 
@@ -32,12 +33,12 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm1")(x))
-    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv1")(h)
+    h = Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv1")(h)
     h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv2")(h)
+    h = Conv(self.out_ch, (3, 3), dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)
+      x = Conv(self.out_ch, (1, 1), dtype=self.dtype, name="nin_shortcut")(x)
     return x + h
 
 
@@ -71,7 +72,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     block = lambda c: ResnetBlock(c, self.groups, self.dropout, self.dtype)  # noqa: E731
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x)
+    h = Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x)
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = block(self.ch * mult)(h, train=train)
@@ -80,12 +81,12 @@ class Encoder(nn.Module):
       if level != len(self.ch_mult) - 1:
         # Asymmetric (0, 1) padding then a VALID stride-2 conv, as in the authors' VQGAN.
         h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype)(h)
+        h = Conv(h.shape[-1], (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype)(h)
     h = block(h.shape[-1])(h, train=train)
     h = AttnBlock(self.groups, self.dtype)(h)
     h = block(h.shape[-1])(h, train=train)
     h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
-    return nn.Conv(self.z_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    return Conv(self.z_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
 
 
 class Decoder(nn.Module):
@@ -102,7 +103,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, z: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     block = lambda c: ResnetBlock(c, self.groups, self.dropout, self.dtype)  # noqa: E731
-    h = nn.Conv(self.ch * self.ch_mult[-1], (3, 3), dtype=self.dtype, name="conv_in")(z)
+    h = Conv(self.ch * self.ch_mult[-1], (3, 3), dtype=self.dtype, name="conv_in")(z)
     h = block(h.shape[-1])(h, train=train)
     h = AttnBlock(self.groups, self.dtype)(h)
     h = block(h.shape[-1])(h, train=train)
@@ -114,9 +115,9 @@ class Decoder(nn.Module):
       if level != 0:
         b, hh, ww, c = h.shape
         h = jax.image.resize(h, (b, hh * 2, ww * 2, c), method="nearest")
-        h = nn.Conv(c, (3, 3), dtype=self.dtype)(h)
+        h = Conv(c, (3, 3), dtype=self.dtype)(h)
     h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
-    return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    return Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
 
 
 def _codebook_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jnp.ndarray:
@@ -143,9 +144,9 @@ class VQVAE(nn.Module):
                   attn_resolutions=tuple(self.attn_resolutions), groups=self.groups,
                   dropout=self.dropout, dtype=self.dtype)
     self.encoder = Encoder(z_channels=self.z_channels, **common)
-    self.quant_conv = nn.Conv(self.embed_dim, (1, 1), dtype=self.dtype)
+    self.quant_conv = Conv(self.embed_dim, (1, 1), dtype=self.dtype)
     self.codebook = self.param("codebook", _codebook_init, (self.codebook_size, self.embed_dim))
-    self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), dtype=self.dtype)
+    self.post_quant_conv = Conv(self.z_channels, (1, 1), dtype=self.dtype)
     self.decoder = Decoder(out_channels=self.out_channels, **common)
 
   def encode(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

@@ -1,0 +1,232 @@
+"""Step times of the prior (train step, one reverse step) and of stage 1, with FLOPs, FLOP/s and MFU.
+
+    python benchmarks/step_time.py --preset=celeba          # the paper's 117 M denoiser, K 512, 16x16, batch 8
+    python benchmarks/step_time.py --preset=mnist           # ch 64, mults 1,2,4, K 512, 8x8, batch 32
+    python benchmarks/step_time.py --ch=128 --mults=1,2,4,8 --k=512 --hw=16 --batch=8 --T=4000 [--dtype=bfloat16]
+    python benchmarks/step_time.py --preset=celeba --sampling   # + samples/s at T and T/10 steps
+    python benchmarks/step_time.py --stage1=mnist,f16          # stage-1 train steps
+    python benchmarks/step_time.py --preset=celeba --peak_flops=989e12   # MFU on an H200 (bf16 dense)
+
+Prints `name=value` lines: `prior_train_step_s`, `prior_sample_step_s` (one reverse step of the whole batch),
+`vqvae_train_step_s[...]`, each with the step's FLOPs from XLA's `cost_analysis` (per device), the achieved
+FLOP/s and, with `--peak_flops` (per device), the MFU; then the ratio to the authors' PyTorch figures measured
+on a 2-core CPU (presets only). Times: compile excluded (a warm-up call first), median of `--repeats` calls
+with `block_until_ready`. The steps are the project's own (`training.prior_step.train_step`,
+`generation`'s reverse chunk, `training.vqvae_step.train_step`), pmapped over `--devices` local devices (the
+global batch split over them, as the main command does); on a CPU host `--host_devices=n` makes n XLA
+devices of its cores.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+# The authors' PyTorch (their Unet + DiscreteDiffusion, Adam, float32) on a 2-core CPU, seconds per train step
+# and per reverse step of the batch; targets are 0.8x these.
+AUTHORS = {"celeba": (1.89, 0.37), "mnist": (0.19, 0.075)}
+PRESETS = {
+    "celeba": dict(ch=128, mults="1,2,4,8", k=512, hw=16, batch=8, T=4000, res_blocks=2),
+    "mnist": dict(ch=64, mults="1,2,4", k=512, hw=8, batch=32, T=4000, res_blocks=2),
+}
+STAGE1 = {  # (config sizes, image size, channels, batch)
+    "mnist": (dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32,
+                   embed_dim=32, codebook_size=256, norm_groups=8), 32, 1, 16),
+    "f16": (dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=256,
+                 embed_dim=256, codebook_size=1024, norm_groups=32), 256, 3, 2),
+}
+
+
+def _args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--preset", choices=sorted(PRESETS), default=None)
+  for name, kind in (("ch", int), ("mults", str), ("k", int), ("hw", int), ("batch", int), ("T", int),
+                     ("res_blocks", int)):
+    p.add_argument(f"--{name}", type=kind, default=None)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--no_prior", action="store_true", help="skip the prior")
+  p.add_argument("--sampling", action="store_true", help="also samples/s at T and T/10 steps (chunked)")
+  p.add_argument("--stage1", default="", help="comma-separated stage-1 configs to time: mnist, f16")
+  p.add_argument("--devices", type=int, default=0, help="local devices to map over (0 = all)")
+  p.add_argument("--host_devices", type=int, default=0, help="XLA CPU devices to make (0 = JAX's default)")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--peak_flops", type=float, default=0.0, help="peak FLOP/s of one device, for MFU")
+  args = p.parse_args(argv)
+  base = dict(PRESETS[args.preset or "mnist"])
+  for key in base:
+    if getattr(args, key) is None:
+      setattr(args, key, base[key])
+  return args
+
+
+def _on_devices(tree, devices, replicate: bool):
+  """Puts `[n, ...]` host arrays (or, with `replicate`, copies of each leaf) on `devices`, one slice each."""
+  import jax
+  import numpy as np
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)),
+                                        jax.sharding.PartitionSpec("d"))
+  def put(x):
+    x = np.asarray(x)
+    return jax.device_put(np.broadcast_to(x, (len(devices),) + x.shape) if replicate else x, sharding)
+  return jax.tree_util.tree_map(put, tree)
+
+
+def _timed(fn, repeats: int) -> float:
+  import jax
+  jax.block_until_ready(fn())  # warm-up: compile and first run
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _flops(p_fn, *args) -> float | None:
+  """Per-device FLOPs of a pmapped function from XLA's cost analysis (None when unavailable)."""
+  try:
+    cost = p_fn.lower(*args).compile().cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _report(name: str, seconds: float, flops: float | None, peak: float, authors: float | None) -> None:
+  print(f"{name}={seconds:.4f}", flush=True)
+  if flops:
+    print(f"  {name}_gflop_per_device={flops / 1e9:.2f}  achieved_gflop_per_s_per_device="
+          f"{flops / seconds / 1e9:.1f}" + (f"  mfu={flops / seconds / peak:.3%}" if peak else ""), flush=True)
+  if authors:
+    print(f"  vs authors' PyTorch {authors:.3f} s: ratio {seconds / authors:.2f} (target <= 0.80)", flush=True)
+
+
+def bench_prior(args, devices) -> None:
+  """Train step and one reverse step of the denoiser at the given architecture."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  from vqddm_jax import diffusion, generation, parallel
+  from vqddm_jax.models import prior as prior_lib
+  from vqddm_jax.training import optim, prior_step
+  cfg = ml_collections.ConfigDict(dict(
+      prior=dict(ch=args.ch, ch_mult=tuple(int(m) for m in args.mults.split(",")),
+                 num_res_blocks=args.res_blocks, attention=True, mid_attention=True, groups=8, dropout=0.0,
+                 softmax_q=True, time_scale=1.0, dtype=args.dtype),
+      diffusion=dict(num_steps=args.T, schedule="cosine")))
+  model = prior_lib.build_denoiser(cfg, args.k)
+  sched = prior_lib.build_schedule(cfg, args.k)
+  opt = optim.make_optimizer(ml_collections.ConfigDict(dict(
+      lr=1e-4, b1=0.9, b2=0.999, schedule="cosine", warmup_steps=0, grad_clip=0.0)), 1000)
+  state = prior_step.init_state(model, opt, jax.random.key(0), (args.hw, args.hw), args.T)
+  print(f"prior: {sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)) / 1e6:.2f} M parameters, "
+        f"ch {args.ch}, mults {args.mults}, K {args.k}, {args.hw}x{args.hw}, batch {args.batch}, T {args.T}, "
+        f"{args.dtype}, {len(devices)} device(s)", flush=True)
+  n = len(devices)
+  step = functools.partial(prior_step.train_step, model=model, optimizer=opt, sched=sched,
+                           parametrization="residual", use_importance=True, ema_decay=0.999, t_buckets=4)
+  p_step = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(0, 0, None), devices=devices)
+  codes = np.random.default_rng(0).integers(0, args.k, (n, args.batch // n, args.hw, args.hw)).astype(np.int32)
+  rstate = _on_devices(state, devices, replicate=True)
+  batch = {"codes": _on_devices(codes, devices, replicate=False)}
+  key = jax.random.key(1)
+  holder = [rstate]
+
+  def train():
+    holder[0], metrics = p_step(holder[0], batch, key)
+    return metrics
+  seconds = _timed(train, args.repeats)
+  _report("prior_train_step_s", seconds, _flops(p_step, rstate, batch, key), args.peak_flops,
+          AUTHORS[args.preset][0] if args.preset else None)
+
+  def chunk_fn(params, z, key, ts):
+    return diffusion.reverse_chunk(generation.device_key(key), z, ts,
+                                   prior_lib.logits_fn(model, params, "residual"), sched)
+  p_chunk = jax.pmap(chunk_fn, axis_name=parallel.AXIS, in_axes=(0, 0, None, None), devices=devices)
+  rparams = _on_devices(state.ema_params, devices, replicate=True)
+  z = batch["codes"]
+  ts = jnp.asarray([args.T, args.T - 1], jnp.int32)
+  seconds = _timed(lambda: p_chunk(rparams, z, key, ts), args.repeats)
+  _report("prior_sample_step_s", seconds, _flops(p_chunk, rparams, z, key, ts), args.peak_flops,
+          AUTHORS[args.preset][1] if args.preset else None)
+  if args.sampling:
+    bench_sampling(args, p_chunk, rparams, z, key)
+
+
+def bench_sampling(args, p_chunk, rparams, z, key) -> None:
+  """Samples per second of whole chains of T and T/10 strided steps, in chunks of 200 steps."""
+  import jax
+  import jax.numpy as jnp
+  from vqddm_jax import diffusion
+  for steps in (args.T, max(1, args.T // 10)):
+    ts = diffusion.sampling_timesteps(args.T, None if steps == args.T else steps)
+    chunk = min(200, len(ts) - 1)
+
+    def chain():
+      out = z
+      for i in range(0, len(ts) - 1, chunk):
+        out = p_chunk(rparams, out, key, jnp.asarray(ts[i:i + chunk + 1]))
+      return out
+    jax.block_until_ready(chain())  # compiles every chunk length once
+    t0 = time.perf_counter()
+    jax.block_until_ready(chain())
+    seconds = time.perf_counter() - t0
+    print(f"sampling_{steps}_steps: {args.batch} samples in {seconds:.1f} s = "
+          f"{args.batch / seconds:.3f} samples/s", flush=True)
+
+
+def bench_stage1(name: str, args, devices) -> None:
+  import jax
+  import ml_collections
+  import numpy as np
+  from vqddm_jax import parallel
+  from vqddm_jax.models.vqvae import build_vqvae
+  from vqddm_jax.training import optim, vqvae_step
+  sizes, image, channels, batch = STAGE1[name]
+  cfg = ml_collections.ConfigDict(dict(sizes, dropout=0.0, dtype=args.dtype, beta=0.25))
+  model = build_vqvae(cfg, channels)
+  opt = optim.make_optimizer(ml_collections.ConfigDict(dict(
+      lr=1e-4, b1=0.9, b2=0.999, schedule="constant", warmup_steps=0, grad_clip=0.0)), 1000)
+  state = vqvae_step.init_state(model, opt, jax.random.key(0), (image, image, channels))
+  n = len(devices)
+  batch = max(batch, n) // n * n
+  step = functools.partial(vqvae_step.train_step, model=model, optimizer=opt, beta=0.25, recon_loss="mse",
+                           ema_decay=0.999)
+  p_step = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(0, 0, None), devices=devices)
+  images = np.random.default_rng(0).uniform(-1, 1, (n, batch // n, image, image, channels)).astype(np.float32)
+  rstate = _on_devices(state, devices, replicate=True)
+  data = {"image": _on_devices(images, devices, replicate=False)}
+  key = jax.random.key(1)
+  holder = [rstate]
+  print(f"stage 1 [{name}]: {sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params)) / 1e6:.2f} M "
+        f"parameters, {image}x{image}x{channels}, batch {batch}, {args.dtype}", flush=True)
+
+  def train():
+    holder[0], metrics = p_step(holder[0], data, key)
+    return metrics
+  seconds = _timed(train, args.repeats)
+  _report(f"vqvae_train_step_s[{name}]", seconds, _flops(p_step, rstate, data, key), args.peak_flops, None)
+
+
+def main(argv=None) -> int:
+  args = _args(argv)
+  if args.host_devices:  # Before JAX starts: XLA reads its flags once.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.host_devices}")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax
+  devices = jax.local_devices()[:args.devices or None]
+  print(f"backend {jax.default_backend()}, {len(devices)} device(s): {devices[0].device_kind}", flush=True)
+  if not args.no_prior:
+    bench_prior(args, devices)
+  for name in filter(None, args.stage1.split(",")):
+    bench_stage1(name, args, devices)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
