@@ -1,4 +1,5 @@
-"""Image-folder source: bad files skipped and counted, splits, exact resume when a file fails to decode."""
+"""Image-folder source: bad files skipped and counted, greyscale/RGBA converted to RGB and counted, splits,
+exact resume when a file fails to decode."""
 from __future__ import annotations
 
 import io
@@ -13,7 +14,8 @@ from PIL import Image
 from vqddm_jax import data
 from vqddm_jax.data import folder
 
-BAD_NAMES = ("empty.png", "trunc.jpg", "text.png", "alpha.png", "grey.png")
+BAD_NAMES = ("empty.png", "trunc.jpg", "text.png")
+CONVERTED_NAMES = ("alpha.png", "grey.png")  # Usable in an RGB config: converted as torchvision does.
 
 
 def folder_config(root, **overrides) -> ml_collections.ConfigDict:
@@ -39,9 +41,10 @@ def _corrupt_png(rng) -> bytes:
   return bytes(raw)
 
 
-def make_folder(root, *, good: int, seed: int = 0) -> list[str]:
-  """Writes `good` usable RGB images (PNG, JPEG, upper-case .JPG, palette PNG), the bad files of BAD_NAMES
-  and one PNG that passes the pre-check but fails to decode; returns the usable file names."""
+def make_folder(root, *, good: int, seed: int = 0, odd_modes: bool = True) -> list[str]:
+  """Writes `good` usable RGB images (PNG, JPEG, upper-case .JPG, palette PNG), the bad files of BAD_NAMES,
+  the greyscale and RGBA files of CONVERTED_NAMES (unless `odd_modes` is False) and one PNG that passes the
+  pre-check but fails to decode; returns the RGB file names."""
   rng = np.random.default_rng(seed)
   os.makedirs(root, exist_ok=True)
   names = []
@@ -63,8 +66,9 @@ def make_folder(root, *, good: int, seed: int = 0) -> list[str]:
     f.write(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
   with open(os.path.join(root, "text.png"), "w") as f:
     f.write("not an image\n")
-  Image.fromarray(_noise(rng, 16, 16, 4), mode="RGBA").save(os.path.join(root, "alpha.png"))
-  Image.fromarray(_noise(rng, 16, 16, 1)[..., 0], mode="L").save(os.path.join(root, "grey.png"))
+  if odd_modes:
+    Image.fromarray(_noise(rng, 16, 16, 4), mode="RGBA").save(os.path.join(root, "alpha.png"))
+    Image.fromarray(_noise(rng, 16, 16, 1)[..., 0], mode="L").save(os.path.join(root, "grey.png"))
   with open(os.path.join(root, "corrupt.png"), "wb") as f:
     f.write(_corrupt_png(rng))
   with open(os.path.join(root, "notes.txt"), "w") as f:  # Not an image extension: ignored, not "bad".
@@ -81,13 +85,14 @@ def test_bad_files_are_skipped_counted_and_logged(tmp_path, caplog):
                                  holdout_fraction=0.25)
   assert folder.BAD_FILES.count - before == len(BAD_NAMES)
   listed = sorted(os.path.relpath(p, root) for s in listing.splits.values() for p in s)
-  assert listed == sorted(good + ["corrupt.png"])  # Passes the cheap pre-check; fails when decoded.
+  # corrupt.png passes the cheap pre-check and fails when decoded.
+  assert listed == sorted(good + list(CONVERTED_NAMES) + ["corrupt.png"])
   for name in BAD_NAMES:
     assert any(name in r.getMessage() and "bad image files skipped so far" in r.getMessage()
                for r in caplog.records), name
   cfg = folder_config(root)
   n_train, n_test = data.num_examples(cfg, "train"), data.num_examples(cfg, "test")
-  assert n_train + n_test == 13 and n_test > 0
+  assert n_train + n_test == 15 and n_test > 0
   # The corrupt file is dropped when decoded, logged once, and the pass goes on.
   with caplog.at_level(logging.WARNING):
     seen = 0
@@ -95,7 +100,7 @@ def test_bad_files_are_skipped_counted_and_logged(tmp_path, caplog):
       for b in data.eval_batches(cfg, split=split, global_batch_size=4, num_shards=2):
         assert b["image"].shape == (2, 2, 16, 16, 3)
         seen += int(b["mask"].sum())
-  assert seen == 12
+  assert seen == 14
   assert folder.BAD_FILES.count - before == len(BAD_NAMES) + 1
   assert any("corrupt.png" in r.getMessage() and "decoding failed" in r.getMessage() for r in caplog.records)
 
@@ -114,21 +119,22 @@ def test_holdout_by_hash_and_split_subfolders(tmp_path):
   a = folder.list_folder(str(flat), train_split="train", eval_split="test", channels=3, holdout_fraction=0.25)
   b = folder.list_folder(str(flat), train_split="train", eval_split="test", channels=3, holdout_fraction=0.25)
   assert a == b and not set(a.splits["train"]) & set(a.splits["test"])
-  assert 3 <= len(a.splits["test"]) <= 20  # About a quarter of 41.
+  assert 3 <= len(a.splits["test"]) <= 20  # About a quarter of 43.
   assert data.prepare(cfg) == {"train": len(a.splits["train"]), "test": len(a.splits["test"])}
   split = tmp_path / "split"
   make_folder(split / "train", good=6, seed=1)
   make_folder(split / "val", good=3, seed=2)
   cfg = folder_config(split, eval_split="val")
-  assert data.num_examples(cfg, "train") == 7 and data.num_examples(cfg, "val") == 4  # + corrupt.png each.
+  # + alpha.png, grey.png and corrupt.png each.
+  assert data.num_examples(cfg, "train") == 9 and data.num_examples(cfg, "val") == 6
   with pytest.raises(ValueError, match="split 'test'"):
     data.num_examples(cfg, "test")
 
 
 def test_folder_train_stream_resumes_exactly_across_decode_failures(tmp_path):
   root = tmp_path / "train_only"
-  make_folder(root / "train", good=11)
-  make_folder(root / "test", good=2, seed=5)
+  make_folder(root / "train", good=11, odd_modes=False)
+  make_folder(root / "test", good=2, seed=5, odd_modes=False)
   cfg = folder_config(root)
   # 12 listed train files, one fails to decode: 11 usable -> 2 batches of 4 per epoch (+ 3 left over).
   it = data.train_batches(cfg, global_batch_size=4, num_shards=2, seed=7)
@@ -164,3 +170,35 @@ def test_open_iterators_are_closed_before_interpreter_exit(tmp_path):
   with pytest.raises(StopIteration):
     next(evals)
   assert train.position == position
+
+
+def test_greyscale_and_rgba_files_are_converted_to_rgb_and_counted(tmp_path, caplog):
+  rng = np.random.default_rng(3)
+  root = tmp_path / "modes"
+  os.makedirs(root)
+  grey, rgba, rgb = _noise(rng, 16, 16, 1)[..., 0], _noise(rng, 16, 16, 4), _noise(rng, 16, 16)
+  Image.fromarray(grey, mode="L").save(root / "grey.png")
+  Image.fromarray(rgba, mode="RGBA").save(root / "alpha.png")
+  Image.fromarray(rgb).save(root / "rgb.png")
+  Image.fromarray(np.stack([grey, rgba[..., 3]], -1), mode="LA").save(root / "grey_alpha.png")
+  before = folder.BAD_FILES.count
+  with caplog.at_level(logging.INFO):
+    listing = folder.list_folder(str(root), train_split="train", eval_split="test", channels=3,
+                                 holdout_fraction=0.01)
+  assert folder.BAD_FILES.count == before  # Nothing skipped.
+  assert sorted(os.path.basename(p) for p in listing.splits["train"] + listing.splits["test"]) == [
+      "alpha.png", "grey.png", "grey_alpha.png", "rgb.png"]
+  assert any("converted 3 greyscale/RGBA files to RGB" in r.getMessage() for r in caplog.records)
+  # As PIL's convert('RGB') (torchvision's ImageFolder): grey repeated to three channels, alpha dropped.
+  decoded = {name: folder.decode_file(str(root / name).encode(), 3) for name in
+             ("grey.png", "alpha.png", "rgb.png", "grey_alpha.png")}
+  assert all(ok and img.shape == (16, 16, 3) for img, ok in decoded.values())
+  np.testing.assert_array_equal(decoded["grey.png"][0], np.repeat(grey[..., None], 3, -1))
+  np.testing.assert_array_equal(decoded["grey_alpha.png"][0], np.repeat(grey[..., None], 3, -1))
+  np.testing.assert_array_equal(decoded["alpha.png"][0], rgba[..., :3])
+  np.testing.assert_array_equal(decoded["rgb.png"][0], rgb)
+  # Through the pipeline every file comes out as a 3-channel image.
+  batches = list(data.eval_batches(folder_config(root, holdout_fraction=0.01), split="train",
+                                   global_batch_size=4, num_shards=2))
+  assert sum(int(b["mask"].sum()) for b in batches) == len(listing.splits["train"])
+  assert all(b["image"].shape[-1] == 3 for b in batches)

@@ -1,7 +1,11 @@
-"""The evaluation report of the shared tiny pipeline run: every field present, reference rows ordered."""
+"""The evaluation report of the shared tiny pipeline run: every field present, reference rows ordered, the
+protocol stated above the table, and a sample count beyond the held-out set honoured."""
+import dataclasses
 import json
+import shutil
 
-from vqddm_jax import stages
+from vqddm_jax import generation, stages
+from vqddm_jax.evaluation import reference_stats
 from vqddm_jax.stages import evaluate
 from vqddm_jax.workdir import Workdir
 
@@ -42,8 +46,51 @@ def test_report_holds_every_field_and_references_order(pipeline_run):
   assert evaluate.is_done(config, workdir)
 
 
-def test_quality_metrics_are_skipped_with_a_note_without_inception_weights(tmp_path):
+def test_without_inception_weights_rgb_data_is_measured_in_vgg16_space(tmp_path):
   from conftest import load_config
   config = load_config("configs/celeba.py")
-  fn, facts = evaluate.feature_extractor(config, Workdir(tmp_path))
-  assert fn is None and "inception_weights" in facts["note"]
+  net, facts = evaluate.feature_network(config, Workdir(tmp_path))
+  assert net.key == "vgg16" and net.metric_names()["fd"] == "FD_VGG16"
+  assert "inception_weights" in facts["note"] and "not FID" in facts["note"]
+
+
+def test_report_states_the_protocol_above_the_table(pipeline_run):
+  config, workdir = pipeline_run
+  protocol = json.loads(workdir.eval_report("json").read_text())["protocol"]
+  assert protocol["num_samples"] == config.eval.num_samples
+  assert protocol["reference"]["split"] == "train" and protocol["reference"]["count"] == 4500
+  assert protocol["metric_names"]["fd"] == "FD_classifier"
+  assert workdir.reference_stats("classifier").exists()
+  head, table = workdir.eval_report("md").read_text().split("| images |", 1)
+  for words in ("**Protocol.**", "SmallCNN", f"N = {config.eval.num_samples}", "`train` of mnist5k",
+                "4,500 images", "reference_stats_classifier.npz", "500 held-out images (`test`)"):
+    assert words in head, words
+  assert table.startswith(" FD_classifier | KID_classifier | precision_classifier | recall_classifier | n |")
+
+
+def test_num_samples_beyond_the_heldout_set_is_honoured(pipeline_run, tmp_path, monkeypatch):
+  config, workdir = pipeline_run
+  shutil.copytree(workdir.root, tmp_path / "w")
+  config, workdir = config.copy_and_resolve_references(), Workdir(tmp_path / "w")
+  # Shapes the shared run compiled already (chunks of 32, 16 completions), so mostly cache hits.
+  config.eval.update(num_samples=40, step_fractions=(4,), chunk_size=32)
+  load = generation.load_generator
+
+  def few_heldout(c, w):
+    gen = load(c, w)
+    return dataclasses.replace(gen, heldout_codes=gen.heldout_codes[:32])
+
+  def no_second_pass(*args, **kwargs):
+    raise AssertionError("the cached reference statistics must be reused")
+
+  monkeypatch.setattr(generation, "load_generator", few_heldout)
+  monkeypatch.setattr(reference_stats, "compute", no_second_pass)
+  assert evaluate.run(config, workdir).completed
+  report = json.loads(workdir.eval_report("json").read_text())
+  rows = report["quality"]
+  assert rows["samples (5 steps)"]["n"] == 40 and report["steps_vs_quality"][0]["n"] == 40
+  assert rows["decoded uniformly random codes (ceiling)"]["n"] == 40
+  assert rows["real training images (floor)"]["n"] == 40
+  assert rows["stage-1 reconstructions of held-out images"]["n"] == 32
+  assert report["protocol"]["kid_pr_real"]["count"] == 32
+  assert "N = 40" in workdir.eval_report("md").read_text()

@@ -7,8 +7,9 @@ device draws from `fold_in(key, global device index)`, so the same seed gives th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +94,20 @@ def run_chunks(p_chunk: Callable, z: Any, ts: np.ndarray, chunk: int, what: str)
   return z
 
 
+def reverse_program(gen: Generator) -> Callable:
+  """The pmapped reverse-chunk program `(rparams, z, key, ts_chunk) -> z` of `gen`'s prior; build it once
+  and pass it to every `sample_code_maps` call that should reuse its compilation."""
+  model, sched = gen.prior.model, gen.sched
+
+  def chunk_fn(params, z, key, ts_chunk):
+    logits_fn = prior_lib.logits_fn(model, params, gen.parametrization)
+    return diffusion.reverse_chunk(device_key(key), z, ts_chunk, logits_fn, sched)
+
+  return parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, None, None))
+
+
 def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device: int,
-                     num_sampling_steps: int | None, chunk: int) -> np.ndarray:
+                     num_sampling_steps: int | None, chunk: int, program: Callable | None = None) -> np.ndarray:
   """Ancestral (or strided) sampling on every device of every host: `i32[devices * per_device, h, w]`
   (all hosts' chains, in device order, on every host).
 
@@ -105,21 +118,38 @@ def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device
     per_device: chains per device.
     num_sampling_steps: None for all T reverse steps, S < T for a strided subset of S.
     chunk: reverse steps per compiled call.
+    program: `reverse_program(gen)`, to reuse its compilation across calls; None builds a new one.
   """
-  model, sched = gen.prior.model, gen.sched
+  sched = gen.sched
   ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
-
-  def chunk_fn(params, z, key, ts_chunk):
-    logits_fn = prior_lib.logits_fn(model, params, gen.parametrization)
-    return diffusion.reverse_chunk(device_key(key), z, ts_chunk, logits_fn, sched)
-
-  p_chunk = parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, None, None))
+  p_chunk = program or reverse_program(gen)
   # z_T per device from fold_in(fold_in(key, global device index), 0), as `diffusion.sample` draws it.
   z = parallel.to_devices(np.asarray(jax.vmap(lambda d: diffusion.uniform_codes(
       jax.random.fold_in(jax.random.fold_in(key, d), 0), (per_device,) + tuple(gen.code_shape),
       sched.num_classes))(device_indices())))
   z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, key, ts_chunk), z, ts, chunk, "sampling")
   return parallel.gather_rows(parallel.unshard(z))
+
+
+def sample_in_chunks(gen: Generator, rparams: Any, *, key: jax.Array, num: int, chunk_size: int,
+                     num_sampling_steps: int | None, chunk_steps: int) -> Iterator[tuple[int, np.ndarray]]:
+  """`num` code maps sampled `chunk_size` at a time (rounded up to a multiple of the global device count),
+  so that evaluating 10k-50k samples never holds more than one chunk.
+
+  Chunk c draws with `fold_in(key, c)`; every host takes part in every chunk and gets all of its maps.
+
+  Yields:
+    (start, i32[n, h, w]): maps start .. start + n − 1 of the `num` (the last chunk's surplus is dropped:
+    one chunk shape, one compiled program).
+  """
+  ndev = parallel.device_count()
+  per_device = max(1, -(-min(chunk_size, num) // ndev))
+  per_chunk = per_device * ndev
+  program = reverse_program(gen)  # One compilation for every chunk.
+  for index, start in enumerate(range(0, num, per_chunk)):
+    codes = sample_code_maps(gen, rparams, key=jax.random.fold_in(key, index), per_device=per_device,
+                             num_sampling_steps=num_sampling_steps, chunk=chunk_steps, program=program)
+    yield start, codes[:min(per_chunk, num - start)]
 
 
 def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.ndarray,
@@ -150,11 +180,17 @@ def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.
   return parallel.gather_rows(parallel.unshard(z))
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _decode(params: Any, z: jax.Array, model: Any) -> jax.Array:
+  # Module level with the model static: repeated calls (evaluation decodes chunk after chunk) reuse one
+  # compilation per batch shape.
+  return model.apply({"params": params}, z, method=type(model).decode_indices)
+
+
 def decode_codes(tokenizer: loaders.Restored, codes: np.ndarray, batch_size: int) -> np.ndarray:
   """Images `f32[N, H, W, C]` in [-1, 1] for code maps `i32[N, h, w]`, in host batches."""
-  model = tokenizer.model
-  decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=type(model).decode_indices))
-  return np.concatenate([np.asarray(decode(tokenizer.params, jnp.asarray(codes[i:i + batch_size])))
+  return np.concatenate([np.asarray(_decode(tokenizer.params, jnp.asarray(codes[i:i + batch_size]),
+                                            tokenizer.model))
                          for i in range(0, len(codes), batch_size)])
 
 

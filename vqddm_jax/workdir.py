@@ -9,6 +9,7 @@ W/prior/    stage 2        checkpoints/  tensorboard/  eval.json
 W/samples/<prior step>/samples_S<steps>.png|.npz|.json
 W/inpaint/<mask>/grid.png  inpaint.npz  inpaint.json
 W/eval/     report.json  report.md  samples.png  classifier.msgpack  inpaint/ (evaluate's own completions)
+            reference_stats_<network>.npz (feature statistics of the whole training split)
 ```
 Stages ask a `Workdir` for paths and never join strings. Paths are `etils.epath.Path`s and every read and
 write below goes through them, so `gs://` work directories work wherever local ones do (TensorFlow's file
@@ -136,6 +137,11 @@ class Workdir:
   def classifier_cache(self) -> epath.Path:
     """The evaluation classifier trained on the embedded data, reused across evaluations."""
     return self.eval_dir / "classifier.msgpack"
+
+  def reference_stats(self, network: str) -> epath.Path:
+    """The cached feature statistics of the whole training split in the space of `network` ('inception',
+    'vgg16' or 'classifier'), computed once and reused by every evaluation of this run."""
+    return self.eval_dir / f"reference_stats_{network}.npz"
 
   def eval_inpaint(self, mask_name: str) -> OutputFiles:
     """Evaluate's own completions: never in `inpaint/`, where a user's `--mode=inpaint` writes."""

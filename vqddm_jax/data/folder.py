@@ -2,18 +2,21 @@
 
 Decoding uses PIL inside `tf.numpy_function`, mapped with parallel calls, rather than TF's decode ops:
 - one library both vets a file and decodes it, so "usable" means the same thing at listing and at decoding;
-- PIL converts palette PNGs and CMYK JPEGs to RGB and reports the true mode, so channel-count rules
-  (greyscale or RGBA in an RGB config = bad) are exact, whereas `tf.io.decode_image(channels=3)` would
-  silently convert greyscale and drop alpha;
+- PIL reports each file's true mode and converts it with `convert('RGB')`, as torchvision's ImageFolder
+  does: palette and CMYK files become RGB, greyscale is repeated to three channels and alpha is dropped. The
+  greyscale and alpha files an RGB config converts are counted and logged ("converted N greyscale/RGBA files
+  to RGB") instead of passing silently as they would through `tf.io.decode_image(channels=3)`. A greyscale
+  config takes greyscale files only (an RGB file is not silently turned grey);
 - a TF decode error aborts the whole `tf.data` pipeline (or, with `ignore_errors`, drops the file without
   telling us which one), while a Python exception here is caught, logged with the file name and counted;
 - Pillow releases the GIL while decoding, so parallel calls decode on several cores.
 
 Bad files are found in two places. A cheap pre-check at listing time (header via `Image.open`, which reads
 no pixel data, plus the end-of-image marker in the file's last KiB, which catches truncated JPEG/PNG files)
-removes zero-byte, non-image, truncated and wrong-channel files before the split sizes and epoch lengths are
-fixed. A file that passes the pre-check but still fails to decode (corrupt data mid-file) is dropped from the
-stream at decoding time; `TrainIterator` tracks positions in listed files, so resume stays exact on one host.
+removes zero-byte, non-image, truncated and (in a greyscale config) colour files before the split sizes and
+epoch lengths are fixed. A file that passes the pre-check but still fails to decode (corrupt data mid-file) is
+dropped from the stream at decoding time; `TrainIterator` tracks positions in listed files, so resume stays
+exact on one host.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from PIL import Image
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 # PIL modes that give exactly `channels` channels after a lossless conversion.
 _MODES = {1: ("L", "1"), 3: ("RGB", "P", "CMYK", "YCbCr")}
+# Greyscale and alpha modes an RGB config converts as torchvision does (grey repeated, alpha dropped); counted.
+_CONVERTED_TO_RGB = ("L", "1", "LA", "I", "I;16", "F", "RGBA", "RGBa", "PA")
 _TAIL_BYTES = 1024
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 
@@ -57,36 +62,45 @@ class _BadFiles:
 
 
 BAD_FILES = _BadFiles()
-# (path, size, mtime_ns, channels) -> reason the file is unusable, or None; rescans vet only changed files.
-_CHECKED: dict[tuple[str, int, int, int], str | None] = {}
+# (path, size, mtime_ns, channels) -> (reason the file is unusable or None, converted to RGB); rescans vet
+# only changed files.
+_CHECKED: dict[tuple[str, int, int, int], tuple[str | None, bool]] = {}
 
 
-def check_file(path: str, channels: int) -> str | None:
-  """Returns why `path` is not a usable image with `channels` channels, or None if it looks fine.
+def _accepts(mode: str, channels: int) -> bool:
+  return mode in _MODES[channels] or (channels == 3 and mode in _CONVERTED_TO_RGB)
 
-  Reads the header and the last KiB only; no pixel data is decoded.
-  """
+
+def inspect_file(path: str, channels: int) -> tuple[str | None, bool]:
+  """(why `path` is not a usable image with `channels` channels or None, whether it is a greyscale/alpha file
+  that decoding converts to RGB). Reads the header and the last KiB only; no pixel data is decoded."""
   try:
     size = os.path.getsize(path)
     if size == 0:
-      return "empty file"
+      return "empty file", False
     with Image.open(path) as im:
       fmt, mode = im.format, im.mode
     if fmt not in _END_MARKERS:
-      return f"format {fmt}, expected PNG or JPEG"
-    if mode not in _MODES[channels]:
-      return f"mode {mode} cannot give {channels} channel(s)"
+      return f"format {fmt}, expected PNG or JPEG", False
+    if not _accepts(mode, channels):
+      return f"mode {mode} cannot give {channels} channel(s)", False
     with open(path, "rb") as f:
       f.seek(max(0, size - _TAIL_BYTES))
       if _END_MARKERS[fmt] not in f.read():
-        return f"truncated {fmt} (no end-of-image marker)"
+        return f"truncated {fmt} (no end-of-image marker)", False
   except Exception as e:  # pylint: disable=broad-except  # Any failure means "skip this file".
-    return f"{type(e).__name__}: {e}"
-  return None
+    return f"{type(e).__name__}: {e}", False
+  return None, channels == 3 and mode in _CONVERTED_TO_RGB
 
 
-def _vet(paths: list[str], channels: int) -> list[str]:
-  """The paths that pass `check_file`, in the given order; reports the others."""
+def check_file(path: str, channels: int) -> str | None:
+  """Returns why `path` is not a usable image with `channels` channels, or None if it looks fine."""
+  return inspect_file(path, channels)[0]
+
+
+def _vet(paths: list[str], channels: int) -> tuple[list[str], int]:
+  """The paths that pass `check_file`, in the given order, and how many of them are converted to RGB;
+  reports the others."""
   keys = []
   for p in paths:
     st = os.stat(p)
@@ -95,16 +109,17 @@ def _vet(paths: list[str], channels: int) -> list[str]:
   if todo:
     # I/O bound (open + two small reads per file): threads hide the latency of network disks.
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-      for key, reason in zip(todo, pool.map(lambda k: check_file(k[0], channels), todo)):
-        _CHECKED[key] = reason
-  good = []
+      for key, result in zip(todo, pool.map(lambda k: inspect_file(k[0], channels), todo)):
+        _CHECKED[key] = result
+  good, converted = [], 0
   for key in keys:
-    reason = _CHECKED[key]
+    reason, to_rgb = _CHECKED[key]
     if reason is None:
       good.append(key[0])
+      converted += to_rgb
     else:
       BAD_FILES.report(key[0], reason)
-  return good
+  return good, converted
 
 
 def _find_images(root: str) -> list[str]:
@@ -145,9 +160,14 @@ def list_folder(root: str, *, train_split: str, eval_split: str, channels: int,
     held = [_held_out(r, holdout_fraction) for r in everything]
     rel = {train_split: [r for r, h in zip(everything, held) if not h],
            eval_split: [r for r, h in zip(everything, held) if h]}
-  splits = {s: _vet([os.path.join(root, r) for r in rs], channels) for s, rs in rel.items()}
+  vetted = {s: _vet([os.path.join(root, r) for r in rs], channels) for s, rs in rel.items()}
+  splits = {s: v[0] for s, v in vetted.items()}
   logging.info("Image folder %s: %s usable images; %d bad files skipped in this process so far.", root,
                {s: len(v) for s, v in splits.items()}, BAD_FILES.count)
+  converted = sum(v[1] for v in vetted.values())
+  if converted:
+    logging.info("Image folder %s: converted %d greyscale/RGBA files to RGB (grey repeated, alpha dropped).",
+                 root, converted)
   return FolderListing(splits)
 
 
@@ -157,8 +177,11 @@ def decode_file(path: bytes, channels: int) -> tuple[np.ndarray, bool]:
   try:
     with Image.open(name) as im:
       im.load()  # Forces a full decode so corrupt data raises here, not later.
-      if im.mode not in _MODES[channels]:
+      if not _accepts(im.mode, channels):
         raise ValueError(f"mode {im.mode} cannot give {channels} channel(s)")
+      if channels == 3 and im.mode == "P":
+        # The same colours as P -> RGB, without PIL's warning about palette transparency stored as bytes.
+        im = im.convert("RGBA")
       im = im.convert("L" if channels == 1 else "RGB")
       array = np.asarray(im, dtype=np.uint8)
     return array.reshape(array.shape[:2] + (channels,)), True

@@ -11,6 +11,11 @@ Public API:
   labelled_split(data_config, split) -> (images f32[N, S, S, C], labels i32[N])
   load_inception(path) -> variables;  inception_features(variables, images) -> f32[N, 2048]
   convert_pytorch_fid_weights(state_dict_path, out_path) -> out_path
+
+Submodules for the evaluate stage: `feature_net` (the three feature networks behind one interface, with their
+metric names), `moments` (float64 mean and covariance streamed over chunks), `inception_score` (streamed IS),
+`streamed` (a chunked image set -> one report row), `reference_stats` (the training split's statistics,
+cached and checked), `report` (the report's Markdown).
 """
 from vqddm_jax.evaluation.classifier import (accuracy, classifier_features, labelled_split, load_or_train,
                                              train_classifier)

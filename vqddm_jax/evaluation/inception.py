@@ -4,7 +4,8 @@ Architecture: torchvision's Inception3 with the FID-specific blocks of pytorch-f
 that the original FID code used): average pools in Mixed_5b-d, 6b-e and 7b do not count padding, and
 Mixed_7c's pool branch is a max pool. No auxiliary classifier and no final fc layer: only the features, the
 global average of the last 8×8×2048 map. 21,785,568 trainable parameters (conv kernels, BN scale and bias)
-plus BN running statistics.
+plus BN running statistics. When the weights file holds the graph's 1008-way classifier (`params/fc`),
+`inception_features_and_logits` also gives the class logits the Inception Score needs.
 
 Weights. This project cannot download anything where it is built and tested, so the weights come from a file
 the user gives (`load_inception(path)`). Module names mirror the PyTorch state-dict names, which makes the
@@ -33,6 +34,7 @@ from vqddm_jax.evaluation import inception_weights
 
 INPUT_SIZE = 299
 FEATURES = 2048
+CLASSES = 1008
 Padding = Any  # "VALID" or ((top, bottom), (left, right)).
 
 
@@ -238,12 +240,40 @@ def load_inception(path: str) -> dict[str, Any]:
     FileNotFoundError: `path` does not exist (the message says how to produce it).
     ValueError: the file is not in the expected layout (missing / unexpected keys, wrong shapes).
   """
-  return inception_weights.load_npz(path, variable_shapes())
+  return inception_weights.load_npz(path, variable_shapes(), inception_weights.FC_SHAPES)
+
+
+def has_classifier(variables) -> bool:
+  """Whether `variables` hold the fc layer (the weights file was converted with it), so IS can be computed."""
+  return "fc" in variables["params"]
 
 
 @jax.jit
 def _features(variables, images):
   return InceptionV3().apply(variables, preprocess(images))
+
+
+@jax.jit
+def _features_and_logits(variables, images):
+  pool3 = InceptionV3().apply(variables, preprocess(images))
+  # No bias: the original Inception Score code multiplies pool_3 by the 'softmax/logits/MatMul' weights only.
+  logits = jnp.dot(pool3, variables["params"]["fc"]["kernel"], precision=jax.lax.Precision.HIGHEST)
+  return pool3, logits
+
+
+def _batched(fn, variables, images: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, ...]]:
+  """`fn(variables, batch)` over jitted batches (the last one padded so shapes compile once)."""
+  images = np.asarray(images, np.float32)
+  variables = jax.device_put(variables)  # Once, not with every batch (87 MB of weights).
+  out = []
+  for start in range(0, images.shape[0], batch_size):
+    chunk = images[start:start + batch_size]
+    n = chunk.shape[0]
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], np.float32)])
+    result = fn(variables, chunk)
+    out.append(tuple(np.asarray(r)[:n] for r in (result if isinstance(result, tuple) else (result,))))
+  return out
 
 
 def inception_features(variables, images, *, batch_size: int = 50) -> np.ndarray:
@@ -257,16 +287,29 @@ def inception_features(variables, images, *, batch_size: int = 50) -> np.ndarray
   Returns:
     f32[N, 2048].
   """
-  images = np.asarray(images, np.float32)
-  variables = jax.device_put(variables)  # Once, not with every batch (87 MB of weights).
-  out = []
-  for start in range(0, images.shape[0], batch_size):
-    chunk = images[start:start + batch_size]
-    n = chunk.shape[0]
-    if n < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], np.float32)])
-    out.append(np.asarray(_features(variables, chunk))[:n])
-  return np.concatenate(out) if out else np.zeros((0, FEATURES), np.float32)
+  out = _batched(_features, variables, images, batch_size)
+  return np.concatenate([o[0] for o in out]) if out else np.zeros((0, FEATURES), np.float32)
+
+
+def inception_features_and_logits(variables, images, *,
+                                  batch_size: int = 50) -> tuple[np.ndarray, np.ndarray]:
+  """pool_3 features and the classifier's logits (for the Inception Score) in one pass.
+
+  Args:
+    variables: from `load_inception` of a file with the fc layer (`has_classifier`).
+    images: f32[N, H, W, C] in [-1, 1], C = 1 or 3.
+    batch_size: images per call.
+
+  Returns:
+    (f32[N, 2048], f32[N, 1008]); the logits are pool_3 · W_fc without the fc bias (see `_features_and_logits`).
+  """
+  if not has_classifier(variables):
+    raise ValueError("the Inception weights hold no fc layer (params/fc): convert pytorch-fid's .pth again "
+                     "with `python -m vqddm_jax.evaluation.inception_weights` to keep it")
+  out = _batched(_features_and_logits, variables, images, batch_size)
+  if not out:
+    return np.zeros((0, FEATURES), np.float32), np.zeros((0, CLASSES), np.float32)
+  return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
 def count_parameters(shapes: dict[str, tuple[int, ...]], collection: str = "params") -> int:

@@ -8,8 +8,11 @@ Layout (`.npz`, written by `save_npz`, read by `load_npz` / `inception.load_ince
     batch_stats/<block>[/<branch>]/bn/mean  f32[C_out]
     batch_stats/<block>[/<branch>]/bn/var   f32[C_out]
   e.g. `params/Mixed_7c/branch3x3dbl_3a/conv/kernel`; block and branch names are torchvision's;
+- optionally the 1008-way classifier the Inception Score needs: `params/fc/kernel` f32[2048, 1008] and
+  `params/fc/bias` f32[1008] (FID never uses it; files converted without it still give FID);
 - `__format__`: the string FORMAT.
-`inception.variable_shapes()` lists every expected key with its shape: 94 conv+BN units × 5 = 470 arrays.
+`inception.variable_shapes()` lists every expected key with its shape: 94 conv+BN units × 5 = 470 arrays;
+`FC_SHAPES` the optional classifier.
 
 Obtaining the weights (needs network access once, anywhere): download pytorch-fid's
 `pt_inception-2015-12-05-6726825d.pth` (GitHub project mseitzer/pytorch-fid, release "fid_weights"; it is the
@@ -25,7 +28,8 @@ and pass `--config.eval.inception_weights=inception_fid.npz`. Where PyTorch is a
 Conversion (`convert_state_dict`): `X.conv.weight` (OIHW) → `params/X/conv/kernel` (HWIO),
 `X.bn.weight` → `params/X/bn/scale`, `X.bn.bias` → `params/X/bn/bias`, `X.bn.running_mean` →
 `batch_stats/X/bn/mean`, `X.bn.running_var` → `batch_stats/X/bn/var`, with X's dots turned into '/';
-`num_batches_tracked`, the 1008-way `fc` layer and any `AuxLogits` are dropped (FID uses pool_3 only).
+`fc.weight` (1008×2048) → `params/fc/kernel` (transposed), `fc.bias` → `params/fc/bias`;
+`num_batches_tracked` and any `AuxLogits` are dropped.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ FORMAT = "vqddm_jax.fid_inception.v1"
 _HOW_TO = ("produce it from pytorch-fid's pt_inception-2015-12-05-6726825d.pth with "
            "`python -m vqddm_jax.evaluation.inception_weights --pth=PTH --out=NPZ` "
            "(see vqddm_jax/evaluation/inception_weights.py; nothing is downloaded by this project)")
+# The 2015 graph's classifier layer (1008 outputs), which the Inception Score reads.
+FC_SHAPES = {"params/fc/kernel": (2048, 1008), "params/fc/bias": (1008,)}
 _BN_SUFFIXES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
                 "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 
@@ -79,12 +85,14 @@ def save_npz(variables: Mapping[str, Any], path: str) -> str:
   return path
 
 
-def load_npz(path: str, expected_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+def load_npz(path: str, expected_shapes: Mapping[str, tuple[int, ...]],
+             optional_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
   """Reads and validates a weights file.
 
   Args:
     path: the .npz.
     expected_shapes: {flat key: shape}, e.g. `inception.variable_shapes()`.
+    optional_shapes: {flat key: shape} of arrays the file may hold (all or none), e.g. `FC_SHAPES`.
 
   Returns:
     The nested variables {'params': ..., 'batch_stats': ...} of f32 NumPy arrays.
@@ -105,8 +113,15 @@ def load_npz(path: str, expected_shapes: Mapping[str, tuple[int, ...]]) -> dict[
   if fmt is None or str(fmt) != FORMAT:
     raise ValueError(f"{path!r} has format {None if fmt is None else str(fmt)!r}, expected {FORMAT!r} "
                      f"(was it converted? a raw state-dict .npz must go through the converter); {_HOW_TO}")
-  _check_layout(arrays, expected_shapes, path)
+  _check_layout(arrays, _with_optional(arrays, expected_shapes, optional_shapes), path)
   return unflatten({k: np.asarray(v, np.float32) for k, v in arrays.items()})
+
+
+def _with_optional(arrays: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
+                   optional: Mapping[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
+  """`expected`, plus the optional arrays when the file holds any of them (then it must hold all)."""
+  optional = optional or {}
+  return {**expected, **optional} if set(optional) & set(arrays) else dict(expected)
 
 
 def _check_layout(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
@@ -137,10 +152,14 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.nda
   out = {}
   for name, value in state_dict.items():
     parts = name.split(".")
-    if parts[0] in ("fc", "AuxLogits") or parts[-1] == "num_batches_tracked":
+    if parts[0] == "AuxLogits" or parts[-1] == "num_batches_tracked":
       continue
     value = np.asarray(value, np.float32)
-    if len(parts) >= 3 and parts[-2] == "conv" and parts[-1] == "weight" and value.ndim == 4:
+    if name == "fc.weight" and value.ndim == 2:
+      out["params/fc/kernel"] = np.ascontiguousarray(value.T)
+    elif name == "fc.bias":
+      out["params/fc/bias"] = value
+    elif len(parts) >= 3 and parts[-2] == "conv" and parts[-1] == "weight" and value.ndim == 4:
       out["params/" + "/".join(parts[:-2]) + "/conv/kernel"] = np.ascontiguousarray(value.transpose(2, 3, 1, 0))
     elif len(parts) >= 3 and parts[-2] == "bn" and parts[-1] in _BN_SUFFIXES:
       collection, leaf = _BN_SUFFIXES[parts[-1]]
@@ -183,7 +202,7 @@ def convert_pytorch_fid_weights(state_dict_path: str, out_path: str) -> str:
   """
   from vqddm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top  (it imports this module)
   flat = convert_state_dict(read_torch_or_npz(state_dict_path))
-  _check_layout(flat, inception.variable_shapes(), state_dict_path)
+  _check_layout(flat, _with_optional(flat, inception.variable_shapes(), FC_SHAPES), state_dict_path)
   return save_npz(unflatten(flat), out_path)
 
 

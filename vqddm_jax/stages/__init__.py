@@ -58,6 +58,10 @@ REGISTRY: tuple[Stage, ...] = (
           "(workdir/eval/)"),
     Stage("inpaint", "complete held-out images outside config.inpaint.mask (workdir/inpaint/)",
           in_pipeline=False),
+    # Not in `all`: evaluate computes the statistics on first use; this mode computes them once, apart from
+    # training, for reuse in other runs (--config.eval.reference_stats).
+    Stage("reference_stats", "FID reference statistics of the whole training split "
+          "(workdir/eval/reference_stats_<network>.npz; needs no trained model)", in_pipeline=False),
 )
 PIPELINE: tuple[Stage, ...] = tuple(s for s in REGISTRY if s.in_pipeline)
 BY_NAME: dict[str, Stage] = {s.name: s for s in REGISTRY}

@@ -1,0 +1,74 @@
+"""The evaluation report as Markdown: the protocol first, then the quality and steps tables, bits per code,
+codebook facts and the sample grid. A pure function of the report dictionary the evaluate stage writes as
+JSON, so both files always say the same thing.
+"""
+from __future__ import annotations
+
+
+def _fmt_int(n) -> str:
+  return f"{int(n):,}"
+
+
+def protocol_lines(report: dict) -> list[str]:
+  """What the numbers mean: N samples, the reference set and its size, the feature network, KID/PR's set."""
+  p = report["protocol"]
+  names, ref = p["metric_names"], p["reference"]
+  accuracy = report.get("classifier_heldout_accuracy")
+  lines = [f"**Protocol.** Feature network: {p['feature_network']}"
+           + (f" (held-out accuracy {accuracy:.2%})" if accuracy is not None else "") + ".",
+           "",
+           f"- {names['fd']}: each image set against the statistics of the whole training split "
+           f"`{ref['split']}` of {ref['dataset']} ({_fmt_int(ref['count'])} images, {ref['image_size']}×"
+           f"{ref['image_size']}; file `{ref['file']}`).",
+           f"- Samples: N = {_fmt_int(p['num_samples'])}, generated in chunks, with all T = {p['num_steps']} "
+           "reverse steps unless the steps table says otherwise.",
+           f"- {names['kid']}, {names['precision']} and {names['recall']}: up to the first "
+           f"{_fmt_int(p['kid_pr_max_images'])} images of each set, against "
+           f"{_fmt_int(p['kid_pr_real']['count'])} held-out images (`{p['kid_pr_real']['split']}`); "
+           "inpainting completions against their originals."]
+  if p.get("inception_score_splits"):
+    lines.append(f"- IS: Inception Score over {p['inception_score_splits']} splits (mean ± std).")
+  if report.get("note"):
+    lines += ["", report["note"]]
+  return lines
+
+
+def _quality_table(report: dict) -> list[str]:
+  names = report["protocol"]["metric_names"]
+  with_is = "is" in names and any("is" in r for r in report["quality"].values())
+  head = ["images", names["fd"], names["kid"], names["precision"], names["recall"]] + (
+      ["IS"] if with_is else []) + ["n"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, r in report["quality"].items():
+    cells = [name, f"{r['fd']:.3f}", f"{r['kid']:.4f} ± {r['kid_std']:.4f}", f"{r['precision']:.3f}",
+             f"{r['recall']:.3f}"]
+    if with_is:
+      cells.append(f"{r['is']:.2f} ± {r['is_std']:.2f}" if "is" in r else "–")
+    lines.append("| " + " | ".join(cells + [_fmt_int(r["n"])]) + " |")
+  return lines
+
+
+def _steps_table(report: dict) -> list[str]:
+  names = report["protocol"]["metric_names"]
+  lines = ["| steps | fraction of T | sampling time (s) | " + names["fd"] + " | " + names["kid"] + " |",
+           "|---|---|---|---|---|"]
+  lines += [f"| {r['steps']} | {r['fraction']} | {r['seconds']:.1f} | {r['fd']:.3f} | {r['kid']:.4f} |"
+            for r in report["steps_vs_quality"]]
+  return lines
+
+
+def markdown(report: dict) -> str:
+  """The whole report as Markdown."""
+  lines = ["# VQ-DDM evaluation report", ""] + protocol_lines(report) + [""] + _quality_table(report)
+  lines += ["", "## Sampling steps against quality and wall time", ""] + _steps_table(report)
+  ev = report.get("heldout_nelbo") or {}
+  if ev:
+    lines += ["", f"Held-out −ELBO: **{ev['nelbo_bits_per_code']:.3f} ± {ev['stderr']:.3f} bits per code** "
+              f"(uniform prior: {ev['uniform_bits_per_code']:.3f}; Monte Carlo over "
+              f"{ev['t_samples_per_map']} t per map, {ev['num_maps']} maps, step {ev['step']})."]
+  cb = report.get("codebook") or {}
+  if cb:
+    lines += ["", f"Codebook: {cb['usage']:.1%} of codes used on held-out images ({cb['usage_10']:.1%} at "
+              f"least 10 times), perplexity {cb['perplexity']:.1f}, reconstruction MSE {cb['mse']:.5f}."]
+  lines += ["", f"![samples]({report['samples_grid']})", ""]
+  return "\n".join(lines)
