@@ -3,20 +3,36 @@
 Data: the TFDS `celeb_a_hq/256` builder, which reads the files a user prepared (see README: "Real data");
 `:celeb_a` uses TFDS `celeb_a` (aligned 178×218 faces, centre-cropped) instead, and `:folder` a folder of
 images given by `--config.data.image_folder=...`. Pass `--config.data.data_dir=` / `manual_dir=` as needed.
+
+`:authors` (or `:celeb_a,authors`, `:folder,authors`) takes the settings of the authors' released models where
+they differ from the paper text (docs/method.md §5.1); without it the config follows the paper. It sets:
+- diffusion.schedule = "cosine_sqrt": their schedule, α_t = √clip(f(t)/f(t−1), 0.001, 1) (method.md §3.2).
+- diffusion.parametrization = "x0": their network outputs the logits of z_0 directly (§3.4).
+- prior.softmax_q = False: their linear attention normalises k only (§3.4).
+- prior.time_scale = 4000 / diffusion.num_steps: they embed t rescaled to T = 4000 (1.0 here; tracks T).
+- prior_train.ema_decay = 0.0: no parameter EMA, their checkpoints hold the raw weights (§5).
+- refit.kmeans_init = "afkmc2", refit.kmeans_iters = 0, refit.kmeans_refine_iters = 300: AFK-MC² seeding,
+  then full-batch Lloyd for at most 300 steps, as their scikit-learn KMeans (§4).
+- refit.{recon_loss, perceptual_weight, disc_weight, disc_start, disc_adaptive} = "l1", 1.0, 0.8, 0, False:
+  their ReFiT fine-tune's loss, L1 + LPIPS + a fixed 0.8 × the GAN loss from step 0 (§4).
+- refit.optim.{lr, b1, b2, schedule, warmup_steps, grad_clip} = 2e-6, 0.5, 0.9, "constant", 0, 0.0, and the
+  same for refit.disc_optim: the two Adams of their ReFiT fine-tune (§4).
 """
 from vqddm_jax.config_schema import base_config, paper_stage1_256, paper_stage2
+from vqddm_jax.config_variants import apply_authors, parse_arg
 
 
 def get_config(arg=None):
   config = base_config()
   config.data.update(source="tfds", tfds_name="celeb_a_hq/256", train_split="train[:29000]",
                      eval_split="train[29000:]")
-  if arg == "celeb_a":
+  source, variants = parse_arg(arg, file="configs/celeba.py", sources=("celeb_a", "folder"))
+  if source == "celeb_a":
     config.data.update(tfds_name="celeb_a", train_split="train", eval_split="validation")
-  elif arg == "folder":
+  elif source == "folder":
     config.data.update(source="image_folder", eval_split="test")
-  elif arg not in (None, ""):
-    raise ValueError(f"configs/celeba.py takes no argument, 'celeb_a' or 'folder', got {arg!r}")
   paper_stage1_256(config, num_steps=200_000, eval_examples=1_000)
   paper_stage2(config, num_codes=512, batch_size=1500, num_steps=350_000)
+  if "authors" in variants:
+    apply_authors(config)
   return config

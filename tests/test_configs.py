@@ -9,7 +9,7 @@ from conftest import ROOT, load_config
 from vqddm_jax import config_schema
 
 CONFIGS = ["configs/mnist.py", "configs/mnist.py:tiny", "configs/celeba.py", "configs/celeba.py:celeb_a",
-           "configs/lsun_church.py"]
+           "configs/lsun_church.py", "configs/celeba.py:authors", "configs/lsun_church.py:authors"]
 
 
 @pytest.mark.parametrize("spec", CONFIGS)

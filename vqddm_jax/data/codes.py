@@ -75,18 +75,32 @@ class CodeBatches:
   """Infinite shuffled batches `{'codes': i32[num_shards, per_shard, h, w]}` with an exact `.position`.
 
   Every host holds all `codes` and draws the same global batch of `per_shard * num_shards * process_count`
-  maps per step; host p keeps the p-th slice (its devices' share, in device order).
+  maps per step; host p keeps the p-th slice (its devices' share, in device order). With `max_maps` = N > 0
+  only the first N maps in store order are ever drawn (`config.prior_train.max_code_maps`; the authors'
+  LSUN-Church prior saw the first 31k); every host cuts the same prefix before drawing, so the subset is
+  the same on every host and independent of the host count.
+
+  Args:
+    codes: i32[N, h, w], the whole training split in store order (the same array on every host).
+    per_shard, num_shards: maps per device and this host's device count.
+    seed: seeds the per-epoch permutations (with the epoch number).
+    position: `{'epoch', 'batch'}` to resume from; None starts at the beginning.
+    process_index, process_count: this host's index and the number of hosts.
+    max_maps: draw only from `codes[:max_maps]`; 0 (or more than N) draws from all maps.
   """
 
   def __init__(self, codes: np.ndarray, *, per_shard: int, num_shards: int, seed: int,
-               position: Mapping[str, int] | None = None, process_index: int = 0, process_count: int = 1):
-    self._codes = codes
+               position: Mapping[str, int] | None = None, process_index: int = 0, process_count: int = 1,
+               max_maps: int = 0):
+    if max_maps < 0:
+      raise ValueError(f"max_maps must be >= 0 (0 = all maps), got {max_maps}")
+    self._codes = codes[:max_maps] if max_maps else codes
     self._per_shard, self._num_shards = per_shard, num_shards
     self._per_host = per_shard * num_shards
     self._process_index, self._global = process_index, self._per_host * process_count
-    if len(codes) < self._global:
-      raise ValueError(f"{len(codes)} code maps cannot fill one global batch of {self._global}")
-    self._batches_per_epoch = len(codes) // self._global
+    if len(self._codes) < self._global:
+      raise ValueError(f"{len(self._codes)} code maps cannot fill one global batch of {self._global}")
+    self._batches_per_epoch = len(self._codes) // self._global
     self._seed = seed
     position = position or {"epoch": 0, "batch": 0}
     self._epoch, self._batch = int(position["epoch"]), int(position["batch"])

@@ -70,6 +70,9 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   num_classes, code_shape = int(meta["codebook_size"]), tuple(train_codes.shape[1:])
   logging.info("stage 2 on %d training / %d held-out code maps of %s, K = %d", len(train_codes),
                len(eval_codes), code_shape, num_classes)
+  if 0 < tcfg.max_code_maps < len(train_codes):
+    logging.info("stage 2 draws only from the first %d of the %d training code maps "
+                 "(config.prior_train.max_code_maps)", tcfg.max_code_maps, len(train_codes))
   model = prior_lib.build_denoiser(config, num_classes)
   sched = prior_lib.build_schedule(config, num_classes)
   optimizer = optim.make_optimizer(tcfg.optim, tcfg.num_steps)
@@ -87,7 +90,8 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   run_eval = _heldout_evaluation(config, workdir, model, sched, eval_codes, writer, key)
   open_batches = lambda pos: codes_lib.CodeBatches(  # noqa: E731
       train_codes, per_shard=per_device, num_shards=parallel.local_device_count(), seed=config.seed,
-      position=pos, process_index=parallel.process_index(), process_count=parallel.process_count())
+      position=pos, process_index=parallel.process_index(), process_count=parallel.process_count(),
+      max_maps=tcfg.max_code_maps)
   spec = loop.LoopConfig(STAGE, paths.checkpoints, tcfg.num_steps, tcfg.log_every,
                          tcfg.checkpoint_every, tcfg.keep_checkpoints)
   _, completed = loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,

@@ -1,0 +1,95 @@
+"""Arguments of the experiment files and the authors'-release variant of the 256×256 configs.
+
+`--config=configs/celeba.py:ARG` passes ARG to `get_config`. ARG is a comma-separated list of at most one data
+source (e.g. `celeb_a`, `folder`) and any of the variants below, in any order: `:authors`, `:folder,authors`.
+
+The `authors` variant switches the settings in which the authors' released code and configs differ from the
+paper text, or from a choice this codebase makes where the paper says nothing (docs/method.md §5.1): use it to
+reproduce the behaviour of their released checkpoints; the default follows the paper. Like `config_schema`,
+this module imports neither JAX nor TensorFlow.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import ml_collections
+
+VARIANTS = ("authors",)
+
+# LSUN-Church: the authors' prior saw only the first 31,000 code maps of the training set (method.md §5.1).
+AUTHORS_LSUN_CODE_MAPS = 31_000
+
+# Field -> value of the authors' release, shared by both 256×256 data sets. `prior.time_scale` is not here: it
+# is tied to T (see `apply_authors`).
+AUTHORS_FIELDS = {
+    "diffusion.schedule": "cosine_sqrt",  # α_t = √clip(f(t)/f(t−1), 0.001, 1): method.md §3.2
+    "diffusion.parametrization": "x0",  # logits = F(z_t, t), no one-hot of z_t added: §3.4
+    "prior.softmax_q": False,  # their linear attention normalises k only: §3.4
+    "prior_train.ema_decay": 0.0,  # no parameter EMA: their checkpoints hold the raw weights (§5)
+    "refit.kmeans_init": "afkmc2",  # AFK-MC² seeding (§4)
+    "refit.kmeans_iters": 0,  # then full-batch Lloyd as scikit-learn KMeans, no mini-batch phase (§4)
+    "refit.kmeans_refine_iters": 300,  # scikit-learn's max_iter = 300 (§4)
+    # The ReFiT fine-tune: L1 + LPIPS + a fixed 0.8 × the GAN generator loss from step 0 (§4).
+    "refit.recon_loss": "l1",
+    "refit.perceptual_weight": 1.0,
+    "refit.disc_weight": 0.8,
+    "refit.disc_start": 0,
+    "refit.disc_adaptive": False,
+    # Both of its Adams (autoencoder and discriminator): lr 2e-6, betas (0.5, 0.9), constant (§4).
+    **{f"refit.{opt}.{name}": value for opt in ("optim", "disc_optim") for name, value in (
+        ("lr", 2e-6), ("b1", 0.5), ("b2", 0.9), ("schedule", "constant"), ("warmup_steps", 0),
+        ("grad_clip", 0.0))},
+}
+
+
+def parse_arg(arg: str | None, *, file: str, sources: Iterable[str]) -> tuple[str, frozenset[str]]:
+  """Splits a config-file argument into (data source or '', set of variants).
+
+  Args:
+    arg: the text after `:` in `--config=FILE:ARG`, or None / '' for none.
+    file: the config file's name, for error messages.
+    sources: the data-source words this file accepts (at most one may be given).
+
+  Raises:
+    ValueError: an unknown word, two data sources, or a word given twice; the message lists what is allowed.
+  """
+  sources = tuple(sources)
+  allowed = (f"{file} takes an argument of comma-separated words: at most one data source of "
+             f"{', '.join(repr(s) for s in sources) or '(none)'} and any of the variants "
+             f"{', '.join(repr(v) for v in VARIANTS)} (e.g. ':authors' or ':{(sources or ('x',))[0]},authors')")
+  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+  unknown = [w for w in words if w not in sources and w not in VARIANTS]
+  if unknown:
+    raise ValueError(f"unknown config argument {unknown[0]!r} in {arg!r}: {allowed}")
+  if len(set(words)) != len(words):
+    raise ValueError(f"config argument {arg!r} repeats a word: {allowed}")
+  given = [w for w in words if w in sources]
+  if len(given) > 1:
+    raise ValueError(f"config argument {arg!r} names two data sources {given}: {allowed}")
+  return (given[0] if given else ""), frozenset(w for w in words if w in VARIANTS)
+
+
+def _set(config: ml_collections.ConfigDict, field: str, value) -> None:
+  *parents, leaf = field.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def apply_authors(config: ml_collections.ConfigDict, *, max_code_maps: int = 0) -> None:
+  """Switches `config` (in place) to the authors' released settings; the experiment file lists them.
+
+  `prior.time_scale` becomes a reference 4000 / `diffusion.num_steps`: their network embeds the step scaled
+  to the range of T = 4000, so it is 1 at their T = 4000 and follows a `--config.diffusion.num_steps=`
+  override. (Their network also sees the step one lower, t − 1; that off-by-one is not reproduced, see
+  docs/method.md §6.)
+
+  Args:
+    config: a config built by `config_schema.base_config` and the paper presets.
+    max_code_maps: `prior_train.max_code_maps`, 0 to keep every training code map.
+  """
+  for field, value in AUTHORS_FIELDS.items():
+    _set(config, field, value)
+  config.prior.time_scale = 4000.0 / config.diffusion.get_ref("num_steps").to_float()
+  config.prior_train.max_code_maps = max_code_maps
