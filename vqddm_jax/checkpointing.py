@@ -132,6 +132,11 @@ def restore_latest_ema(directory: str | os.PathLike, abstract: Any, *,
     ckpt.close()
 
 
+def has_item(directory: str | os.PathLike, name: str, step: int) -> bool:
+  """Whether checkpoint `step` under `directory` holds an item `name` (e.g. a stage-extra field)."""
+  return (epath.Path(directory) / str(step) / name).exists()
+
+
 def read_item(directory: str | os.PathLike, name: str, step: int | None = None) -> Any:
   """One item (e.g. `ema_params`) of checkpoint `step` (default: latest) as stored, as host arrays; for
   inspecting and comparing checkpoints without building the model."""

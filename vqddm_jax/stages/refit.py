@@ -5,7 +5,9 @@
    from each of P random images (several distinct positions per image when P exceeds the number of images).
 3. `kmeans.kmeans` with K' clusters; the centroids replace the codebook (K' may differ from K).
 4. Fine-tune decoder, codebook and post_quant_conv with encoder and quant_conv frozen (their updates are
-   zero, so they stay bit-identical), with the stage-1 reconstruction loss plus the codebook term.
+   zero, so they stay bit-identical), with `config.refit`'s losses: `recon_loss` plus the codebook term, and
+   LPIPS and the PatchGAN when `perceptual_weight` / `disc_weight` are positive (docs/method.md §2.1). The
+   discriminator starts from stage 1's when stage 1 trained one (as the authors' fine-tune did), else fresh.
 Writes `workdir/refit/`: `checkpoints/`, `tensorboard/`, `images/`, `eval.json`, `rebuild.json` (metrics
 before and right after the rebuild, written once), `features.npy` (the k-means input), `report.json` and
 `report.md` (before / rebuilt / fine-tuned).
@@ -24,9 +26,11 @@ from vqddm_jax import checkpointing, data, kmeans, parallel
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.errors import MismatchError
 from vqddm_jax.models import loaders
+from vqddm_jax.models.discriminator import build_discriminator
 from vqddm_jax.models.vqvae import build_vqvae
 from vqddm_jax.stages import StageResult
-from vqddm_jax.training import optim, vq_trainer, vqvae_step
+from vqddm_jax.training import optim, vq_trainer, vqgan_step, vqvae_step
+from vqddm_jax.training.gan_losses import LossSettings
 from vqddm_jax.workdir import Workdir
 
 STAGE = "refit"
@@ -128,10 +132,11 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   if rebuild is not None and checkpointing.latest_step(paths.checkpoints) is not None:
     # Resume: the loop restores the state; only its structure is needed here (no k-means rerun).
     params = jax.tree_util.tree_map(jnp.zeros_like, loaders.vqvae_abstract_params(model, config))
-    state = _fresh_state(params, optimizer)
+    state = vq_trainer.attach_discriminator(config, rcfg, _fresh_state(params, optimizer))
   else:
     model, params, rebuild = rebuild_codebook(config, workdir)
-    state = _fresh_state(params, optimizer)
+    state = vq_trainer.attach_discriminator(config, rcfg, _fresh_state(params, optimizer),
+                                            _stage1_discriminator(config, workdir))
     # Step 0 holds the rebuilt codebook, so a resumed run never reruns k-means.
     ckpt = checkpointing.Checkpointer(paths.checkpoints)
     ckpt.save(0, state, {"position": None, "nonfinite_steps": 0})
@@ -143,6 +148,27 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   if completed:
     write_report(workdir, rebuild, vq_trainer.heldout_metrics(config, rcfg, model, final.ema_params))
   return StageResult(STAGE, completed, (str(paths.root), str(workdir.refit_report("md"))))
+
+
+def _stage1_discriminator(config: Any, workdir: Workdir) -> dict | None:
+  """Stage 1's discriminator {'params', 'batch_stats'} when ReFiT uses one and stage 1's latest checkpoint
+  holds one; None otherwise (ReFiT then starts a fresh one)."""
+  directory = workdir.train("vqvae").checkpoints
+  step = checkpointing.latest_step(directory)
+  if (not LossSettings.from_section(config.refit).uses_discriminator or step is None
+      or not checkpointing.has_item(directory, "disc_params", step)):
+    return None
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  abstract = jax.eval_shape(lambda: vqgan_step.init_discriminator(
+      build_discriminator(config.discriminator), jax.random.key(0), image_shape))
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    variables = {"params": ckpt.restore_item("disc_params", abstract["params"], step),
+                 "batch_stats": ckpt.restore_item("disc_stats", abstract["batch_stats"], step)}
+  finally:
+    ckpt.close()
+  logging.info("ReFiT: the discriminator starts from stage 1's (step %d)", step)
+  return variables
 
 
 def _fresh_state(params: Any, optimizer: optax.GradientTransformation) -> vqvae_step.VQState:

@@ -1,7 +1,10 @@
 """`--mode=train_vqvae`, stage 1: train the VQ-VAE on images (docs/method.md §2).
 
-Writes `workdir/vqvae/`: `checkpoints/` (Orbax), `tensorboard/`, `images/recon_<step>.png` (held-out
-originals above their reconstructions) and `eval.json` (held-out MSE, codebook usage, perplexity).
+The losses are `config.vqvae_train`'s: reconstruction + codebook terms, plus LPIPS and the PatchGAN when
+`perceptual_weight` / `disc_weight` are positive (docs/method.md §2.1; the discriminator's state is then
+part of the checkpoints). Writes `workdir/vqvae/`: `checkpoints/` (Orbax), `tensorboard/`,
+`images/recon_<step>.png` (held-out originals above their reconstructions) and `eval.json` (held-out MSE,
+codebook usage, perplexity).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   state = vqvae_step.init_state(model, optimizer, jax.random.fold_in(jax.random.key(config.seed), 0),
                                 image_shape)
   metrics.log_param_count("VQ-VAE", state.params)
+  state = vq_trainer.attach_discriminator(config, tcfg, state)
   _, completed = vq_trainer.train_vq(config, workdir, stage=STAGE, tcfg=tcfg, model=model,
                                      optimizer=optimizer, state=state, beta=config.vqvae.beta)
   return StageResult(STAGE, completed, (str(workdir.train(STAGE).root),))

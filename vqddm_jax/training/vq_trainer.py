@@ -1,7 +1,9 @@
 """Training a VQ-VAE for one stage: stage 1 (`vqvae`) and the ReFiT fine-tune (`refit`) share this driver.
 
-It wires the per-device step of `vqvae_step.py` into the shared loop, with periodic reconstruction grids and
-held-out evaluations written to the stage's folder of the work directory.
+It wires the per-device step — `vqvae_step.py` (reconstruction + codebook terms) or `vqgan_step.py` (with
+LPIPS and the PatchGAN, when the stage's section asks for them; docs/tokenizer_losses.md) — into the shared
+loop, with periodic reconstruction grids and held-out evaluations written to the stage's folder of the work
+directory.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ from absl import logging
 
 from vqddm_jax import data, metrics, parallel
 from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.models import lpips
+from vqddm_jax.models.discriminator import NLayerDiscriminator, build_discriminator
 from vqddm_jax.models.vqvae import VQVAE
-from vqddm_jax.training import loop, vqvae_step
+from vqddm_jax.training import loop, optim, vqgan_step, vqvae_step
+from vqddm_jax.training.gan_losses import LossSettings
 from vqddm_jax.workdir import Workdir
 
 
@@ -33,28 +38,73 @@ def heldout_metrics(config: Any, tcfg: Any, model: VQVAE, params: Any) -> dict[s
   return vqvae_step.heldout_metrics(p_eval, parallel.replicate(params), heldout_batches(config, tcfg))
 
 
+def discriminator_and_optimizer(config: Any, tcfg: Any
+                                ) -> tuple[NLayerDiscriminator, optax.GradientTransformation]:
+  """The discriminator of `config.discriminator` and its optimiser (`tcfg.disc_optim`)."""
+  return build_discriminator(config.discriminator), optim.make_optimizer(tcfg.disc_optim, tcfg.num_steps)
+
+
+def attach_discriminator(config: Any, tcfg: Any, state: vqvae_step.VQState,
+                         disc_variables: dict | None = None) -> vqvae_step.VQState:
+  """`state` as is when the stage's losses use no discriminator; else a `VQGANState` with `disc_variables`
+  ({'params', 'batch_stats'}; default: fresh ones from the run's seed) and a fresh optimiser."""
+  if not LossSettings.from_section(tcfg).uses_discriminator:
+    return state
+  disc, disc_optimizer = discriminator_and_optimizer(config, tcfg)
+  if disc_variables is None:
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    disc_variables = vqgan_step.init_discriminator(
+        disc, jax.random.fold_in(jax.random.key(config.seed), 2), image_shape)
+  metrics.log_param_count("discriminator", disc_variables["params"])
+  return vqgan_step.with_discriminator(state, disc_variables, disc_optimizer)
+
+
+def make_p_step(config: Any, tcfg: Any, *, model: VQVAE, optimizer: optax.GradientTransformation,
+                beta: float, donate_state: bool = True) -> Any:
+  """The stage's pmapped step `(replicated state, device batch, key) -> (state, metrics)`.
+
+  With `tcfg.perceptual_weight` and `tcfg.disc_weight` both 0 it is `vqvae_step.train_step` (reconstruction
+  and codebook terms only; no LPIPS or discriminator is built); otherwise `vqgan_step.train_step`, with the
+  LPIPS weights loaded once and replicated to the devices when perceptual_weight > 0.
+  """
+  settings = LossSettings.from_section(tcfg)
+  if settings.plain:
+    step_fn = functools.partial(vqvae_step.train_step, model=model, optimizer=optimizer, beta=beta,
+                                recon_loss=tcfg.recon_loss, ema_decay=tcfg.ema_decay)
+    return parallel.pmap_step(step_fn, donate_state=donate_state)
+  disc, disc_optimizer = (discriminator_and_optimizer(config, tcfg) if settings.uses_discriminator
+                          else (None, None))
+  step_fn = vqgan_step.make_train_step(model=model, optimizer=optimizer, disc=disc,
+                                       disc_optimizer=disc_optimizer, beta=beta, settings=settings,
+                                       ema_decay=tcfg.ema_decay)
+  if settings.perceptual_weight == 0:
+    return parallel.pmap_step(step_fn, donate_state=donate_state)
+  p_step = parallel.pmap_step(step_fn, donate_state=donate_state, replicated_args=1)
+  lpips_params = parallel.replicate(lpips.load_lpips_weights())
+  return lambda state, batch, key: p_step(state, batch, key, lpips_params)
+
+
 def train_vq(config: Any, workdir: Workdir, *, stage: str, tcfg: Any, model: VQVAE,
              optimizer: optax.GradientTransformation, state: vqvae_step.VQState, beta: float
              ) -> tuple[vqvae_step.VQState, bool]:
   """Trains (or resumes) the VQ-VAE of `stage` ('vqvae' or 'refit') under `workdir.train(stage)`.
 
   Args:
-    config: the run's config (data, seed, the reconstruction loss of `config.vqvae_train`).
+    config: the run's config (data, seed, the discriminator's architecture).
     workdir: the run's work directory.
     stage: which training stage's folder and metric names to use.
-    tcfg: the stage's section (`config.vqvae_train` or `config.refit`): batch_size, num_steps, ema_decay and
-      the loop and evaluation periods.
+    tcfg: the stage's section (`config.vqvae_train` or `config.refit`): batch_size, num_steps, ema_decay,
+      the losses (recon_loss, perceptual_weight, disc_*) and the loop and evaluation periods.
     model, optimizer: the model and its optimiser (ReFiT's zeroes the frozen encoder's updates).
-    state: the host state used when no checkpoint exists yet.
+    state: the host state used when no checkpoint exists yet (with the discriminator's when the losses use
+      one: `attach_discriminator`).
     beta: the commitment weight.
 
   Returns:
     (host state, completed): completed is False when SIGTERM stopped the run early.
   """
   paths = workdir.train(stage)
-  step_fn = functools.partial(vqvae_step.train_step, model=model, optimizer=optimizer, beta=beta,
-                              recon_loss=config.vqvae_train.recon_loss, ema_decay=tcfg.ema_decay)
-  p_step = parallel.pmap_step(step_fn)
+  p_step = make_p_step(config, tcfg, model=model, optimizer=optimizer, beta=beta)
   p_eval = parallel.pmap_eval(functools.partial(vqvae_step.eval_step, model=model))
   writer = metrics.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
   grid_images = parallel.unshard(next(iter(heldout_batches(config, tcfg)))["image"])[:16]
