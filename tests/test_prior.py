@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from vqddm_jax import checkpointing, diffusion, parallel
+from vqddm_jax import checkpointing, diffusion, generation, parallel
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.models import prior as prior_lib
@@ -121,6 +121,25 @@ def test_sampling_is_deterministic_per_key_and_strided_sampling_runs(pipeline_ru
   b = _npz(sample.run(config, workdir))
   np.testing.assert_array_equal(a["codes"], b["codes"])
   assert sample.is_done(config, workdir)
+
+
+def test_chunked_sampler_compiles_once_per_chunk_length_and_matches_one_chunk(pipeline_run, monkeypatch):
+  config, workdir = pipeline_run
+  gen = generation.load_generator(config, workdir)
+  rparams = parallel.replicate(gen.prior.params)
+  traced = []
+  real = diffusion.reverse_chunk
+
+  def counting(key, z, ts_chunk, logits_fn, sched):
+    traced.append(ts_chunk.shape[0])
+    return real(key, z, ts_chunk, logits_fn, sched)
+  monkeypatch.setattr(diffusion, "reverse_chunk", counting)
+  run = lambda chunk: generation.sample_code_maps(  # noqa: E731
+      gen, rparams, key=jax.random.key(5), per_device=1, num_sampling_steps=None, chunk=chunk)
+  # T = 20 in chunks of 8 transitions: 8, 8, 4 -> one program per chunk length, the state stays on device.
+  chunked = run(8)
+  assert config.diffusion.num_steps == 20 and sorted(traced) == [5, 9]
+  np.testing.assert_array_equal(chunked, run(20))
 
 
 @pytest.mark.parametrize("mask", ["left_half", "random:0.5"])

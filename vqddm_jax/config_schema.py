@@ -22,10 +22,24 @@ def optim_defaults(lr: float) -> dict:
   return dict(lr=lr, b1=0.9, b2=0.999, schedule="cosine", warmup_steps=0, grad_clip=0.0)
 
 
+def gan_optim(lr: float) -> dict:
+  """Adam as in the VQGAN recipe: betas (0.5, 0.9), constant rate (both networks' optimisers use it)."""
+  return dict(optim_defaults(lr), b1=0.5, b2=0.9, schedule="constant")
+
+
+def loss_defaults() -> dict:
+  """The VQGAN loss fields of a VQ-VAE training section, off (docs/method.md §2.1): reconstruction only."""
+  return dict(perceptual_weight=0.0, disc_weight=0.0, disc_start=0, disc_adaptive=True,
+              disc_optim=gan_optim(1e-4))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All fields with defaults sized for the embedded MNIST-5k set; experiment files override them."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # XLA CPU devices on a CPU-only host (ignored on GPU/TPU): 0 = one per core, as many as divide every
+  # global batch size (at most 8); n = exactly n. XLA_FLAGS=--xla_force_host_platform_device_count wins.
+  c.cpu_devices = 0
   # Multi-host jobs (TPU pods, GPU clusters): jax.distributed.initialize(). Empty fields (""/0/-1) are
   # auto-detected on Cloud TPU and SLURM; elsewhere give coordinator_address, num_processes and process_id.
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1,
@@ -40,26 +54,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.vqvae_train = dict(
       batch_size=16, num_steps=800, optim=optim_defaults(2e-3), ema_decay=0.99, recon_loss="mse",
       log_every=50, checkpoint_every=400, image_every=400, eval_every=800, eval_examples=0,
-      keep_checkpoints=2)
+      keep_checkpoints=2, **loss_defaults())
+  # The PatchGAN of stage 1 and ReFiT (one architecture: ReFiT starts from stage 1's when it has one).
+  c.discriminator = dict(ndf=64, num_layers=3)
   c.refit = dict(
       enabled=True, num_codes=128, num_features=20_000, kmeans_iters=300, kmeans_batch_size=4096,
       kmeans_init="kmeans++", kmeans_refine_iters=20, kmeans_nested=(), kmeans_overrelax=1.0,
       batch_size=16, num_steps=200,
       optim=optim_defaults(5e-4), ema_decay=0.99, log_every=50, checkpoint_every=200, image_every=200,
-      eval_every=200, eval_examples=0, keep_checkpoints=2)
+      eval_every=200, eval_examples=0, keep_checkpoints=2, recon_loss="mse", **loss_defaults())
   c.encode = dict(batch_size=256)
   c.diffusion = dict(num_steps=250, schedule="cosine", parametrization="residual",
                      importance_sampling=True)
-  c.prior = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attention=True, mid_attention=True,
+  c.prior = dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attention=True, mid_attention=True,
                  groups=8, dropout=0.0, softmax_q=True, time_scale=1.0, dtype="float32")
   c.prior_train = dict(
-      batch_size=32, num_steps=2000, optim=optim_defaults(1e-3), ema_decay=0.995, log_every=50,
-      checkpoint_every=1000, eval_every=2000, eval_examples=0, eval_t_samples=16, t_buckets=4,
-      keep_checkpoints=2)
+      batch_size=32, num_steps=4000, optim=optim_defaults(1e-3), ema_decay=0.995, log_every=50,
+      checkpoint_every=2000, eval_every=4000, eval_examples=0, eval_t_samples=16, t_buckets=4,
+      keep_checkpoints=2, max_code_maps=0)  # max_code_maps: train on the first N stored maps (0 = all)
   c.sample = dict(num_samples=64, steps=0, chunk_steps=125, seed=1, decode_batch_size=256)
   c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
+  # reference_stats: '' = the training split's feature statistics computed once into W/eval/, or an .npz
+  # written by --mode=reference_stats; chunk_size: samples generated and featurised at a time.
   c.eval = dict(num_samples=256, step_fractions=(1, 4, 10, 40), classifier_steps=600, inpaint_images=64,
-                inception_weights="", seed=3)
+                inception_weights="", reference_stats="", chunk_size=512, seed=3)
   return c
 
 
@@ -68,20 +86,28 @@ def paper_stage1_256(config: ml_collections.ConfigDict, *, num_steps: int, eval_
   config.data.update(image_size=256, channels=3, resize="center_crop", shuffle_buffer=2_000)
   config.vqvae.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                       z_channels=256, embed_dim=256, codebook_size=1024, beta=0.25, norm_groups=32)
-  config.vqvae_train.update(batch_size=64, num_steps=num_steps, optim=optim_defaults(1e-4),
-                            ema_decay=0.999, recon_loss="mse", log_every=100, checkpoint_every=5_000,
+  # The VQGAN losses with taming-transformers' values: L1 + LPIPS + 0.8 · adaptive hinge GAN from step 10k;
+  # both Adams (0.5, 0.9) at its base rate 4.5e-6 times the global batch.
+  lr = 4.5e-6 * 64
+  config.vqvae_train.update(batch_size=64, num_steps=num_steps, optim=gan_optim(lr), ema_decay=0.999,
+                            recon_loss="l1", perceptual_weight=1.0, disc_weight=0.8, disc_start=10_000,
+                            disc_optim=gan_optim(lr), log_every=100, checkpoint_every=5_000,
                             image_every=2_000, eval_every=10_000, eval_examples=eval_examples)
-  config.vqvae_train.optim.update(warmup_steps=2_000, grad_clip=1.0)
 
 
 def paper_stage2(config: ml_collections.ConfigDict, *, num_codes: int, batch_size: int,
                  num_steps: int) -> None:
   """ReFiT and stage 2 as in the authors' configs (docs/method.md §4, §5): k-means on 20,000 features to K'
   codes, T = 4000, the 117 M-parameter denoiser, Adam 1e-4 with cosine decay, global batch `batch_size`."""
+  # The fine-tune uses stage 1's losses with the discriminator on from step 0 (it starts from stage 1's).
+  # The authors' Adam rate 2e-6 was for a batch of 8 and up to 400k steps; this is taming's base rate
+  # times the batch, as in stage 1, so that 20k steps move the decoder to the new codebook.
+  refit_lr = 4.5e-6 * 64
   config.refit.update(num_codes=num_codes, num_features=20_000, kmeans_iters=300, batch_size=64,
-                      num_steps=20_000, optim=optim_defaults(2e-6), ema_decay=0.999, log_every=100,
-                      checkpoint_every=2_000, image_every=2_000, eval_every=5_000, eval_examples=1_000)
-  config.refit.optim.update(b1=0.5, b2=0.9, schedule="constant")
+                      num_steps=20_000, optim=gan_optim(refit_lr), ema_decay=0.999, log_every=100,
+                      checkpoint_every=2_000, image_every=2_000, eval_every=5_000, eval_examples=1_000,
+                      recon_loss="l1", perceptual_weight=1.0, disc_weight=0.8, disc_start=0,
+                      disc_optim=gan_optim(refit_lr))
   config.diffusion.update(num_steps=4000)
   config.prior.update(ch=128, ch_mult=(1, 2, 4, 8), num_res_blocks=2)
   config.prior_train.update(batch_size=batch_size, num_steps=num_steps, optim=optim_defaults(1e-4),
@@ -127,7 +153,7 @@ def check_float(config, field: str, low: float | None = None, high: float | None
   value = _get(config, field)
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     _fail(field, value, "a number")
-  bad_low = low is not None and (value <= low if low_open else value < low)
+  bad_low = value != value or (low is not None and (value <= low if low_open else value < low))  # NaN
   if bad_low or (high is not None and value > high):
     _fail(field, value, f"a number in {'(' if low_open else '['}{low}, "
           f"{high if high is not None else 'inf'}]")
@@ -182,9 +208,31 @@ def validate_vqvae(config) -> None:
           f"{len(v.ch_mult)})")
 
 
+def check_losses(config, prefix: str) -> None:
+  """The loss fields of a VQ-VAE training section (`vqvae_train` or `refit`; docs/method.md §2.1)."""
+  check_choice(config, f"{prefix}.recon_loss", ("mse", "l1"))
+  check_float(config, f"{prefix}.perceptual_weight", 0.0)
+  check_float(config, f"{prefix}.disc_weight", 0.0)
+  check_int(config, f"{prefix}.disc_start", 0)
+  if not isinstance(_get(config, f"{prefix}.disc_adaptive"), bool):
+    _fail(f"{prefix}.disc_adaptive", _get(config, f"{prefix}.disc_adaptive"), "True or False")
+  check_optim(config, f"{prefix}.disc_optim")
+  size = config.data.image_size
+  if _get(config, f"{prefix}.perceptual_weight") > 0 and size < 16:
+    _fail(f"{prefix}.perceptual_weight", _get(config, f"{prefix}.perceptual_weight"),
+          f"0 for {size}x{size} images (LPIPS needs data.image_size >= 16: VGG16 pools by 16)")
+  if _get(config, f"{prefix}.disc_weight") > 0:
+    check_int(config, "discriminator.ndf", 1)
+    check_int(config, "discriminator.num_layers", 1)
+    layers = config.discriminator.num_layers
+    if size < 3 * 2 ** layers:  # each stride-2 layer halves the side; the two stride-1 layers take 2 more
+      _fail("discriminator.num_layers", layers, f"at most log2(data.image_size / 3) = "
+            f"{max(size // 3, 1).bit_length() - 1} for {size}x{size} images (else no patch logits)")
+
+
 def validate_vqvae_train(config) -> None:
   check_loop(config, "vqvae_train")
-  check_choice(config, "vqvae_train.recon_loss", ("mse", "l1"))
+  check_losses(config, "vqvae_train")
   for name in ("image_every", "eval_every"):
     check_int(config, f"vqvae_train.{name}", 1)
   check_int(config, "vqvae_train.eval_examples", 0)
@@ -212,6 +260,7 @@ def validate_refit(config) -> None:
     _fail("refit.kmeans_nested", nested, "a tuple of at most 16 (num_points >= 1, lloyd_steps >= 0) "
           "pairs, e.g. ((16384, 6), (65536, 2)); () for none")
   check_loop(config, "refit")
+  check_losses(config, "refit")
   for name in ("image_every", "eval_every"):
     check_int(config, f"refit.{name}", 1)
   check_int(config, "refit.eval_examples", 0)
@@ -243,6 +292,11 @@ def validate_prior(config) -> None:
   for name in ("eval_every", "eval_t_samples", "t_buckets"):
     check_int(config, f"prior_train.{name}", 1 if name != "eval_t_samples" else 2)
   check_int(config, "prior_train.eval_examples", 0)
+  check_int(config, "prior_train.max_code_maps", 0)
+  if 0 < config.prior_train.max_code_maps < config.prior_train.batch_size:
+    _fail("prior_train.max_code_maps", config.prior_train.max_code_maps,
+          f"0 (all maps) or at least one global batch (prior_train.batch_size = "
+          f"{config.prior_train.batch_size})")
   check_int(config, "sample.num_samples", 1)
   check_int(config, "sample.steps", 0, config.diffusion.num_steps)
   check_int(config, "sample.chunk_steps", 1)
@@ -257,9 +311,15 @@ def validate_prior(config) -> None:
   check_int(config, "eval.classifier_steps", 1)
   check_int(config, "eval.inpaint_images", 1)
   check_int(config, "eval.seed", 0)
+  check_int(config, "eval.chunk_size", 1)
   weights = config.eval.inception_weights
   if weights and not epath.Path(weights).is_file():
-    _fail("eval.inception_weights", weights, "'' (skip FID) or the path of an existing weights file")
+    _fail("eval.inception_weights", weights, "'' (no FID: VGG16 or classifier features) or the path of an "
+          "existing weights file")
+  stats = config.eval.reference_stats
+  if not isinstance(stats, str) or (stats and (not stats.endswith(".npz") or not epath.Path(stats).is_file())):
+    _fail("eval.reference_stats", stats, "'' (computed once into the work directory) or the path of an "
+          "existing .npz written by --mode=reference_stats")
 
 
 def validate_distributed(config) -> None:
@@ -298,10 +358,16 @@ BATCH_FIELDS = ("vqvae_train.batch_size", "refit.batch_size", "encode.batch_size
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every section; returns the config unchanged or raises ConfigError naming the field."""
   check_int(config, "seed", 0)
+  check_int(config, "cpu_devices", 0, 1024)
   validate_data_config(config.data)
   for validator in VALIDATORS:
     validator(config)
   return config
+
+
+def global_batch_sizes(config: ml_collections.ConfigDict) -> list[int]:
+  """The values of BATCH_FIELDS: what the device count must divide."""
+  return [_get(config, field) for field in BATCH_FIELDS]
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 from typing import Any, Callable, Mapping, Sequence
 
@@ -40,6 +41,42 @@ def is_main_process() -> bool:
 def device_count() -> int:
   """Devices of all hosts."""
   return jax.device_count()
+
+
+# Auto mode makes at most this many CPU devices: past it, the per-device copies of the optimiser update and
+# the all-reduce cost more than the extra cores give back on the batch sizes a CPU run uses.
+MAX_AUTO_CPU_DEVICES = 8
+
+
+def auto_cpu_devices(batch_sizes: Sequence[int], cores: int) -> int:
+  """The largest device count <= min(cores, MAX_AUTO_CPU_DEVICES) that divides every global batch size."""
+  limit = max(1, min(cores, MAX_AUTO_CPU_DEVICES))
+  return max(n for n in range(1, limit + 1) if all(b % n == 0 for b in batch_sizes))
+
+
+def use_host_cores(requested: int, batch_sizes: Sequence[int]) -> int | None:
+  """Sets the number of XLA CPU devices before the backend starts (`config.cpu_devices`).
+
+  One XLA:CPU device runs most non-matmul work on one thread; one device per core lets pmap keep every core
+  busy. 0 = auto (`auto_cpu_devices` over this process's cores), n > 0 = exactly n. Only the CPU backend is
+  affected (a GPU/TPU host keeps its accelerators as the devices). A device count already forced through
+  XLA_FLAGS (`--xla_force_host_platform_device_count`) or JAX_NUM_CPU_DEVICES wins.
+
+  Returns:
+    The count set, or None when the environment already decided it.
+  """
+  if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+      or os.environ.get("JAX_NUM_CPU_DEVICES")):
+    return None
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    cores = os.cpu_count() or 1
+  n = requested or auto_cpu_devices(batch_sizes, cores)
+  jax.config.update("jax_num_cpu_devices", n)
+  logging.info("CPU backend: %d XLA devices (%s; %d cores)", n, "config.cpu_devices" if requested
+               else "auto", cores)
+  return n
 
 
 def initialize_distributed(cfg: Any) -> None:
@@ -136,14 +173,15 @@ def unshard(tree: Any) -> Any:
 
 
 def pmap_step(step_fn: Callable[..., Any], *, donate_state: bool = True,
-              devices: Sequence[jax.Device] | None = None) -> Callable[..., Any]:
+              devices: Sequence[jax.Device] | None = None, replicated_args: int = 0) -> Callable[..., Any]:
   """Maps a per-device step `(state, batch, key) -> (state, metrics)` over local devices.
 
   The key is broadcast (not sharded): step functions fold in the step and the global example or device index
   themselves, so that results do not depend on how many devices run them. `devices` restricts the mapping
-  (tests compare 8 devices with 1).
+  (tests compare 8 devices with 1). `replicated_args` more arguments follow the key, each a tree already
+  `replicate`d (frozen weights such as LPIPS's: passed, not embedded in the program as constants).
   """
-  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None),
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None) + (0,) * replicated_args,
                   donate_argnums=(0,) if donate_state else (), devices=devices)
 
 

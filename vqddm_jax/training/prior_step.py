@@ -76,15 +76,18 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
   (loss, lt), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, parallel.AXIS)
   loss = jax.lax.pmean(loss, parallel.AXIS)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = optim.ema_update(state.ema_params, params, ema_decay)
   all_t = jax.lax.all_gather(t, parallel.AXIS).reshape(-1)
   all_lt = jax.lax.all_gather(lt, parallel.AXIS).reshape(-1)
-  new_importance = diffusion.importance.update(state.importance, all_t, all_lt)
+
+  def update():
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optim.ema_update(state.ema_params, params, ema_decay)
+    return params, ema, opt_state, diffusion.importance.update(state.importance, all_t, all_lt)
+
   ok = metrics.all_finite(grads) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(all_lt))
-  new = metrics.keep_if_finite(ok, (params, ema, opt_state, new_importance),
-                               (state.params, state.ema_params, state.opt_state, state.importance))
+  new = metrics.update_if_finite(ok, update, (state.params, state.ema_params, state.opt_state,
+                                              state.importance))
   out = {"loss_bits_per_code": loss, "grad_norm": optax.tree.norm(grads),
          "finite": ok.astype(jnp.float32),
          "importance_on": diffusion.is_ready(state.importance).astype(jnp.float32)}

@@ -72,12 +72,14 @@ def train_step(state: VQState, batch: dict, key: jax.Array, *, model: VQVAE,
                                                  recon_loss=recon_loss), has_aux=True)
   (_, aux), grads = grad_fn(state.params, batch["image"], rng)
   grads = jax.lax.pmean(grads, parallel.AXIS)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = optim.ema_update(state.ema_params, params, ema_decay)
+
+  def update():
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return params, optim.ema_update(state.ema_params, params, ema_decay), opt_state
+
   ok = metrics.all_finite(grads) & jnp.isfinite(jax.lax.pmean(aux["loss"], parallel.AXIS))
-  new = metrics.keep_if_finite(ok, (params, ema, opt_state),
-                               (state.params, state.ema_params, state.opt_state))
+  new = metrics.update_if_finite(ok, update, (state.params, state.ema_params, state.opt_state))
   hist = jax.lax.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size),
                       parallel.AXIS)
   out = jax.lax.pmean(aux, parallel.AXIS)
