@@ -227,11 +227,11 @@ def _restore(config, workdir):
   tcfg = config.vqvae_train
   model = build_vqvae(config.vqvae, 1)
   optimizer = optim.make_optimizer(tcfg.optim, tcfg.num_steps)
-  init = vq_trainer.attach_discriminator(
-      config, tcfg, vqvae_step.init_state(model, optimizer, jax.random.key(0), (32, 32, 1)))
+  abstract = jax.eval_shape(lambda: vq_trainer.attach_discriminator(
+      config, tcfg, vqvae_step.init_state(model, optimizer, jax.random.key(0), (32, 32, 1))))
   ckpt = checkpointing.Checkpointer(workdir.train("vqvae").checkpoints, read_only=True)
   try:
-    return ckpt.restore(jax.eval_shape(lambda: init))[0]
+    return ckpt.restore(abstract)[0]
   finally:
     ckpt.close()
 

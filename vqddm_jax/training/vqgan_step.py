@@ -11,6 +11,7 @@ the stages run `vqvae_step.train_step` and its `VQState` unchanged. One per-devi
    codebook terms) gives the parameter gradient, which is averaged over devices as usual.
 2. Discriminator. Hinge loss on D(x) and D(sg[x̂]) (the reconstructions of step 1, before the generator's
    update), two separate BatchNorm batches as in the reference; gradients averaged over devices, own Adam.
+3. Both updates run inside one `metrics.update_if_finite`: any non-finite loss or gradient skips both.
 
 BatchNorm normalises with each device's own batch statistics (not synchronised, as in the reference); the
 running averages it keeps (used only by an eval-mode D, never in training) are averaged over devices after
@@ -131,13 +132,13 @@ def generator_grads(state: VQState, images: jax.Array, rng: jax.Array, lpips_par
   return grads, x_rec, out
 
 
-def discriminator_update(state: VQGANState, images: jax.Array, x_rec: jax.Array, *,
-                         disc: NLayerDiscriminator, disc_optimizer: optax.GradientTransformation,
-                         settings: LossSettings) -> tuple[tuple[Any, Any, Any], Any, dict]:
-  """One hinge-loss update of the discriminator on real `images` and fake `x_rec` (both f32[b, H, W, C]).
+def discriminator_grads(state: VQGANState, images: jax.Array, x_rec: jax.Array, *,
+                        disc: NLayerDiscriminator, settings: LossSettings) -> tuple[Any, Any, dict]:
+  """The discriminator's hinge-loss gradient on real `images` and fake `x_rec` (both f32[b, H, W, C]).
 
   Returns:
-    ((params, batch_stats, opt_state) after the update, device-averaged gradient, per-device metrics).
+    (device-averaged gradient, device-averaged BatchNorm running averages after both passes, per-device
+    metrics).
   """
   factor = disc_factor(state.step, settings.disc_start)
   fake = jax.lax.stop_gradient(x_rec)
@@ -150,12 +151,9 @@ def discriminator_update(state: VQGANState, images: jax.Array, x_rec: jax.Array,
 
   (d_loss, (stats, logits_real, logits_fake)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.disc_params)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
-  stats = jax.lax.pmean(stats, parallel.AXIS)  # replicas stay identical
-  updates, opt_state = disc_optimizer.update(grads, state.disc_opt_state, state.disc_params)
-  params = optax.apply_updates(state.disc_params, updates)
   out = {"d_loss": d_loss, "logits_real": jnp.mean(logits_real), "logits_fake": jnp.mean(logits_fake)}
-  return (params, stats, opt_state), grads, out
+  # Averaged running statistics keep the replicas identical.
+  return jax.lax.pmean(grads, parallel.AXIS), jax.lax.pmean(stats, parallel.AXIS), out
 
 
 def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = None, *, model: VQVAE,
@@ -172,28 +170,35 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
 
   Returns:
     (new state, metrics averaged over devices). A non-finite loss or gradient of either network leaves
-    both networks, the EMA and both optimiser states unchanged (the step counter still advances); `finite`
-    reports it.
+    both networks, the EMA, the BatchNorm averages and both optimiser states unchanged (the step counter
+    still advances); `finite` reports it.
   """
   rng = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(parallel.AXIS))
   images = batch["image"]
   grads, x_rec, aux = generator_grads(state, images, rng, lpips_params, model=model, disc=disc, beta=beta,
                                       settings=settings)
   grads = jax.lax.pmean(grads, parallel.AXIS)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new = {"params": params, "ema_params": optim.ema_update(state.ema_params, params, ema_decay),
-         "opt_state": opt_state}
   ok = metrics.all_finite(grads) & jnp.isfinite(jax.lax.pmean(aux["loss"], parallel.AXIS))
-  extra = {}
+  names, extra = ["params", "ema_params", "opt_state"], {}
   if disc is not None:
-    (d_params, d_stats, d_opt), d_grads, d_out = discriminator_update(
-        state, images, x_rec, disc=disc, disc_optimizer=disc_optimizer, settings=settings)
-    new.update(disc_params=d_params, disc_stats=d_stats, disc_opt_state=d_opt)
+    d_grads, d_stats, d_out = discriminator_grads(state, images, x_rec, disc=disc, settings=settings)
     ok = ok & metrics.all_finite(d_grads) & jnp.isfinite(jax.lax.pmean(d_out["d_loss"], parallel.AXIS))
+    names += ["disc_params", "disc_stats", "disc_opt_state"]
     aux.update(d_out)
     extra["disc_grad_norm"] = optax.tree.norm(d_grads)
-  kept = metrics.keep_if_finite(ok, new, {k: getattr(state, k) for k in new})
+
+  def update():
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = {"params": params, "ema_params": optim.ema_update(state.ema_params, params, ema_decay),
+           "opt_state": opt_state}
+    if disc is not None:
+      d_updates, d_opt_state = disc_optimizer.update(d_grads, state.disc_opt_state, state.disc_params)
+      new.update(disc_params=optax.apply_updates(state.disc_params, d_updates), disc_stats=d_stats,
+                 disc_opt_state=d_opt_state)
+    return new
+
+  kept = metrics.update_if_finite(ok, update, {k: getattr(state, k) for k in names})
   hist = jax.lax.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size), parallel.AXIS)
   out = jax.lax.pmean(aux, parallel.AXIS)
   out.update(extra, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),
