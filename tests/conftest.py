@@ -77,3 +77,18 @@ def pipeline_run(tmp_path_factory):
     result = stages.run_stage(stage, config, workdir)
     assert result.completed and not result.skipped, stage.name
   return config, workdir
+
+
+def sigterm_training_at(monkeypatch, step: int):
+  """Patches `training.loop.run` so that this process gets SIGTERM after training step `step` (the way a
+  preempted host does); returns the real `loop.run`, to patch back before resuming."""
+  import signal
+  from vqddm_jax.training import loop
+  real_run = loop.run
+
+  def run_with_sigterm(spec, **kwargs):
+    kill = lambda s, _: s == step and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+    kwargs["periodic"] = list(kwargs["periodic"]) + [(1, kill)]
+    return real_run(spec, **kwargs)
+  monkeypatch.setattr(loop, "run", run_with_sigterm)
+  return real_run

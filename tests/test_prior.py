@@ -2,13 +2,13 @@
 import functools
 import os
 import shutil
-import signal
 
 import jax
 import numpy as np
 import optax
 import pytest
 
+from conftest import sigterm_training_at
 from vqddm_jax import checkpointing, diffusion, generation, parallel
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.data import codes as codes_lib
@@ -67,14 +67,7 @@ def test_prior_resume_after_sigterm_is_exact(pipeline_run, monkeypatch, tmp_path
   reference = _prior_state(config, workdir)
   fresh = Workdir(tmp_path / "w")
   shutil.copytree(workdir.root / "codes", fresh.root / "codes")
-  real_run = loop.run
-
-  def with_sigterm(spec, **kwargs):
-    kill = lambda step, _: step == 2 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
-    kwargs["periodic"] = list(kwargs["periodic"]) + [(1, kill)]
-    return real_run(spec, **kwargs)
-
-  monkeypatch.setattr(loop, "run", with_sigterm)
+  real_run = sigterm_training_at(monkeypatch, 2)
   assert not train_prior.run(config, fresh).completed
   assert not train_prior.is_done(config, fresh)
   monkeypatch.setattr(loop, "run", real_run)

@@ -2,8 +2,6 @@
 step with its discriminator state (BatchNorm statistics, NaN guard), exact resume, config validation."""
 import dataclasses
 import functools
-import os
-import signal
 
 import flax.linen as nn
 import jax
@@ -12,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config
+from conftest import load_config, sigterm_training_at
 from vqddm_jax import checkpointing, config_schema, parallel
 from vqddm_jax.models import quantizer
 from vqddm_jax.models.discriminator import NLayerDiscriminator
@@ -257,16 +255,8 @@ def test_resume_is_bit_exact_and_refit_inherits_the_discriminator(tiny_config, m
                "lambda", "codebook", "commitment"):
     assert f"vqvae/{name}" in tags, name
 
-  workdir, real_run = Workdir(tmp_path / "resumed"), loop.run
-
-  def run_with_sigterm_at_step_2(spec, **kwargs):
-    def kill(step, rstate):
-      if step == 2:
-        os.kill(os.getpid(), signal.SIGTERM)
-    kwargs["periodic"] = list(kwargs["periodic"]) + [(1, kill)]
-    return real_run(spec, **kwargs)
-
-  monkeypatch.setattr(loop, "run", run_with_sigterm_at_step_2)
+  workdir = Workdir(tmp_path / "resumed")
+  real_run = sigterm_training_at(monkeypatch, 2)
   assert not train_vqvae.run(config, workdir).completed
   assert checkpointing.latest_step(workdir.train("vqvae").checkpoints) == 2
   monkeypatch.setattr(loop, "run", real_run)

@@ -1,12 +1,11 @@
 """Stage 1 end to end on the tiny MNIST-5k config: real TFDS data, Orbax checkpoints, SIGTERM, exact resume."""
 import json
-import os
-import signal
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import sigterm_training_at
 from vqddm_jax import checkpointing
 from vqddm_jax.errors import MismatchError
 from vqddm_jax.stages import train_vqvae
@@ -73,16 +72,7 @@ def test_checkpoint_round_trip(uninterrupted, tmp_path):
 def test_sigterm_saves_and_resume_is_exact(uninterrupted, monkeypatch, tmp_path):
   config, _, reference = uninterrupted
   workdir = Workdir(tmp_path)
-  real_run = loop.run
-
-  def run_with_sigterm_at_step_2(spec, **kwargs):
-    def kill(step, rstate):
-      if step == 2:
-        os.kill(os.getpid(), signal.SIGTERM)
-    kwargs["periodic"] = list(kwargs["periodic"]) + [(1, kill)]
-    return real_run(spec, **kwargs)
-
-  monkeypatch.setattr(loop, "run", run_with_sigterm_at_step_2)
+  real_run = sigterm_training_at(monkeypatch, 2)
   result = train_vqvae.run(config, workdir)
   assert not result.completed and checkpointing.latest_step(workdir.train("vqvae").checkpoints) == 2
   assert not train_vqvae.is_done(config, workdir)
