@@ -32,7 +32,8 @@ def build_schedule(config: Any, num_classes: int) -> diffusion.Schedule:
 def init_params(model: UNet, key: jax.Array, code_shape: tuple[int, int]) -> Any:
   """Fresh denoiser parameters for code maps of `code_shape` (h, w)."""
   z = jnp.zeros((1,) + tuple(code_shape), jnp.int32)
-  return model.init(key, z, jnp.ones((1,), jnp.int32))["params"]
+  # Jitted: op by op, initialising takes ~3x as long as compiling it (20 s vs 7 s for the MNIST default).
+  return jax.jit(lambda k: model.init(k, z, jnp.ones((1,), jnp.int32))["params"])(key)
 
 
 def logits_fn(model: UNet, params: Any, parametrization: str, rng: jax.Array | None = None) -> Callable:

