@@ -11,15 +11,15 @@ from jax import lax
 
 from vqddm_jax import parallel
 from vqddm_jax.kmeans import distances
-from vqddm_jax.kmeans.fit import _Plan, _as_features, _block, default_chunk_size
+from vqddm_jax.kmeans.fit import Plan, as_features, block_rows, default_chunk_size
 
 
 @functools.lru_cache(maxsize=None)
-def _assign_fn(plan: _Plan, devices: tuple[jax.Device, ...] | None):
+def _assign_fn(plan: Plan, devices: tuple[jax.Device, ...] | None):
   def run(x, c, num_points):
     def body(b, carry):
       labels, inertia = carry
-      xb, _, pos = _block(plan, x, x[:, 0], b)
+      xb, _, pos = block_rows(plan, x, x[:, 0], b)
       lab, dist = distances.nearest_chunked(xb, c, plan.chunk)
       inertia = inertia + jnp.sum(jnp.where(pos < num_points, dist, 0.0))  # padding rows do not count
       return lax.dynamic_update_slice_in_dim(labels, lab, b * plan.block, 0), inertia
@@ -44,7 +44,7 @@ def assign(features, centroids, *, chunk_size: int | None = None,
   Returns:
     labels: i32[N] NumPy array; inertia: float, Σ_n ‖x_n − c_{labels_n}‖².
   """
-  x = _as_features(features)
+  x = as_features(features)
   c = np.asarray(centroids, np.float32)
   if c.ndim != 2 or c.shape[1] != x.shape[1] or c.shape[0] < 1:
     raise ValueError(f"centroids must be f32[K, {x.shape[1]}] with K >= 1, got shape {c.shape}")
@@ -56,7 +56,7 @@ def assign(features, centroids, *, chunk_size: int | None = None,
   num_blocks = -(-n // (block * shards))
   xp = np.zeros((num_blocks * block * shards, x.shape[1]), np.float32)
   np.subtract(x, mean, out=xp[:n])
-  plan = _Plan(num_clusters=c.shape[0], shards=shards, block=block, num_blocks=num_blocks, chunk=block)
+  plan = Plan(num_clusters=c.shape[0], shards=shards, block=block, num_blocks=num_blocks, chunk=block)
   labels, inertia = _assign_fn(plan, devices)(parallel.shard_strided(xp, shards, devices),
                                               jnp.asarray(c - mean), np.int32(n))
   labels, inertia = parallel.unreplicate((labels, inertia))

@@ -37,7 +37,7 @@ def check_num_clusters(num_clusters: int, num_points: int) -> None:
                      f"[1, {num_points}] (the number of feature vectors)")
 
 
-def _as_features(features) -> np.ndarray:
+def as_features(features) -> np.ndarray:
   x = np.asarray(features, np.float32)
   if x.ndim != 2 or x.shape[0] == 0:
     raise ValueError(f"features must be f32[N, d] with N >= 1, got shape {x.shape}")
@@ -51,7 +51,7 @@ def _as_features(features) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
   """Static shapes of one fit: K, shards S, rows per shard and block Bl = B/S, blocks nb, rows per matmul.
 
   Loop counts are traced arguments, so fits that differ only in them share one compiled program.
@@ -68,7 +68,7 @@ class _Plan:
     return min(self.num_clusters, self.block)
 
 
-def _block(plan: _Plan, x, w, b):
+def block_rows(plan: Plan, x, w, b):
   """Rows of block `b` on this shard: (f32[Bl, d], weights f32[Bl], global positions i32[Bl])."""
   start = b * plan.block
   rows = start + jnp.arange(plan.block, dtype=jnp.int32)
@@ -76,7 +76,7 @@ def _block(plan: _Plan, x, w, b):
           rows * plan.shards + lax.axis_index(parallel.AXIS))
 
 
-def _stats(plan: _Plan, x, w, c):
+def _stats(plan: Plan, x, w, c):
   """Assignment of a block: labels, distances, local per-cluster sums f32[K, d], counts f32[K], inertia."""
   labels, dist = distances.nearest_chunked(x, c, plan.chunk)
   sums = jax.ops.segment_sum(x * w[:, None], labels, plan.num_clusters)
@@ -84,7 +84,7 @@ def _stats(plan: _Plan, x, w, c):
   return labels, dist, sums, counts, jnp.sum(w * dist)
 
 
-def _top_far(plan: _Plan, dist, w, pos, x):
+def _top_far(plan: Plan, dist, w, pos, x):
   """This shard's `far` real points farthest from their centroid: (distances, global positions, rows)."""
   vals = jnp.where(w > 0, dist, -1.0)  # padding rows never re-seed a cluster
   # Sorting by (−distance, position) breaks ties by global position, whatever the device count.
@@ -93,7 +93,7 @@ def _top_far(plan: _Plan, dist, w, pos, x):
   return vals[idx], pos[idx], x[idx]
 
 
-def _reseed(plan: _Plan, c, starved, top):
+def _reseed(plan: Plan, c, starved, top):
   """Moves starved clusters (in index order) onto the globally farthest points; returns (c, moved)."""
   vals, pos, rows = top
   all_vals = lax.all_gather(vals, parallel.AXIS).reshape(-1)
@@ -122,14 +122,14 @@ def _block_index(seed: jnp.ndarray, i: jnp.ndarray, num_blocks: int) -> jnp.ndar
   return (h % jnp.uint32(num_blocks)).astype(jnp.int32)
 
 
-def _minibatch(plan: _Plan, x, w, c, key, num_iters, reseed_every, reseed_ratio):
+def _minibatch(plan: Plan, x, w, c, key, num_iters, reseed_every, reseed_ratio):
   """`num_iters` mini-batch steps (per-centre learning rate 1/count, Sculley 2010); every `reseed_every`
   steps, clusters that got less than `reseed_ratio` × the mean count since the last check are re-seeded."""
 
   def step(i, carry):
     c, v, got, _ = carry
     b = _block_index(seed, i, plan.num_blocks)
-    xb, wb, pos = _block(plan, x, w, b)
+    xb, wb, pos = block_rows(plan, x, w, b)
     _, dist, sums, counts, _ = _stats(plan, xb, wb, c)
     sums, counts = lax.psum((sums, counts), parallel.AXIS)
     v = v + counts
@@ -157,13 +157,13 @@ def _minibatch(plan: _Plan, x, w, c, key, num_iters, reseed_every, reseed_ratio)
   return lax.fori_loop(0, -(-num_iters // reseed_every), round_, (c, jnp.zeros(k)))[0]
 
 
-def _full_pass(plan: _Plan, x, w, c, num_blocks):
+def _full_pass(plan: Plan, x, w, c, num_blocks):
   """One pass over blocks [0, num_blocks): psum'd sums f32[K, d] and counts f32[K], and this shard's
   distance of every row to its centroid f32[rows] (−1 for rows outside the pass), read only to re-seed."""
 
   def body(b, carry):
     sums, counts, dist_all = carry
-    xb, wb, _ = _block(plan, x, w, b)
+    xb, wb, _ = block_rows(plan, x, w, b)
     _, dist, s, n, _ = _stats(plan, xb, wb, c)
     dist_all = lax.dynamic_update_slice_in_dim(dist_all, dist, b * plan.block, 0)
     return sums + s, counts + n, dist_all
@@ -174,7 +174,7 @@ def _full_pass(plan: _Plan, x, w, c, num_blocks):
   return sums, counts, dist_all
 
 
-def _lloyd(plan: _Plan, x, w, c, refine_iters, tol, num_blocks, overrelax):
+def _lloyd(plan: Plan, x, w, c, refine_iters, tol, num_blocks, overrelax):
   """Up to `refine_iters` Lloyd steps over the points of blocks [0, num_blocks) (all of them: full-batch);
   stops once Σ‖Δc‖² <= tol. Empty clusters are re-seeded.
 
@@ -208,7 +208,7 @@ def _lloyd(plan: _Plan, x, w, c, refine_iters, tol, num_blocks, overrelax):
 
 
 @functools.lru_cache(maxsize=None)
-def _fit_fn(plan: _Plan, devices: tuple[jax.Device, ...] | None):
+def _fit_fn(plan: Plan, devices: tuple[jax.Device, ...] | None):
   def fit(x, w, c, key, loops, nested, reseed_ratio, tol, overrelax):
     num_iters, reseed_every, refine_iters = loops
     c = _minibatch(plan, x, w, c, key, num_iters, reseed_every, reseed_ratio)
@@ -279,7 +279,7 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
   Returns:
     centroids: f32[K, d] NumPy array.
   """
-  x = _as_features(features)
+  x = as_features(features)
   n, dim = x.shape
   check_num_clusters(num_clusters, n)
   devices = None if devices is None else tuple(devices)
@@ -301,7 +301,7 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
                                  chunk=chunk_size, batch=batch, mean=mean)
   if num_iters == 0 and refine_iters == 0 and not levels[:, 1].any():
     return (np.asarray(c0, np.float64) + mean).astype(np.float32)
-  plan = _Plan(num_clusters=num_clusters, shards=shards, block=batch // shards, num_blocks=num_blocks,
+  plan = Plan(num_clusters=num_clusters, shards=shards, block=batch // shards, num_blocks=num_blocks,
                chunk=chunk_size)
   loops = np.array([num_iters, reseed_every, refine_iters], np.int32)
   flat = xp[:n].reshape(-1)
