@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.prior = dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attention=True, mid_attention=True,
                  groups=8, dropout=0.0, softmax_q=True, time_scale=1.0, dtype="float32")
   c.prior_train = dict(
-      batch_size=32, num_steps=6000, optim=optim_defaults(1e-3), ema_decay=0.995, log_every=50,
+      batch_size=32, num_steps=6000, optim=optim_defaults(1e-3), ema_decay=0.998, log_every=50,
       checkpoint_every=2000, eval_every=6000, eval_examples=0, eval_t_samples=16, t_buckets=4,
       keep_checkpoints=2, max_code_maps=0)  # max_code_maps: train on the first N stored maps (0 = all)
   c.sample = dict(num_samples=64, steps=0, chunk_steps=125, seed=1, decode_batch_size=256)
