@@ -28,9 +28,9 @@ def update_if_finite(ok: jnp.ndarray, update: Callable[[], Any], old: Any) -> An
 
   The update runs inside `lax.cond` instead of being computed first and then selected leaf by leaf: on
   XLA:CPU the select form (`jnp.where(ok, new, old)` per leaf) kept a copy of every state array and cost
-  3-4x the optimiser update itself (Adam + EMA of the 7.7 M-parameter denoiser: ~230 ms against ~65 ms), while inside the
-  conditional the update writes the donated buffers in place. `update()` must return `old`'s structure,
-  shapes and dtypes.
+  3-4x the optimiser update itself (Adam + EMA of the 7.7 M-parameter denoiser: ~230 ms against ~65 ms),
+  while inside the conditional the update writes the donated buffers in place. `update()` must return
+  `old`'s structure, shapes and dtypes.
   """
   return jax.lax.cond(ok, update, lambda: old)
 
