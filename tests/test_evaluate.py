@@ -1,11 +1,15 @@
 """The evaluation report of the shared tiny pipeline run: every field present, reference rows ordered, the
-protocol stated above the table, and a sample count beyond the held-out set honoured."""
+protocol stated above the table, a sample count beyond the held-out set honoured, and FID, KID and the
+Inception Score when Inception weights are given."""
 import dataclasses
+import functools
 import json
 import shutil
 
+import numpy as np
+
 from vqddm_jax import generation, stages
-from vqddm_jax.evaluation import reference_stats
+from vqddm_jax.evaluation import feature_net, inception, inception_weights, reference_stats
 from vqddm_jax.stages import evaluate
 from vqddm_jax.workdir import Workdir
 
@@ -94,3 +98,47 @@ def test_num_samples_beyond_the_heldout_set_is_honoured(pipeline_run, tmp_path, 
   assert rows["stage-1 reconstructions of held-out images"]["n"] == 32
   assert report["protocol"]["kid_pr_real"]["count"] == 32
   assert "N = 40" in workdir.eval_report("md").read_text()
+
+
+def _inception_file(path) -> str:
+  """A weights file in the converted layout, with the classifier layer: random He-scaled kernels and neutral
+  batch norms (finite features; made in NumPy, ~15 s faster than initialising the network)."""
+  rng, flat = np.random.default_rng(0), {}
+  for key, shape in {**inception.variable_shapes(), **inception_weights.FC_SHAPES}.items():
+    leaf = key.rsplit("/", 1)[1]
+    if leaf == "kernel":
+      flat[key] = rng.normal(0, np.sqrt(2 / np.prod(shape[:-1])), shape)
+    else:
+      flat[key] = np.ones(shape) if leaf in ("scale", "var") else np.zeros(shape)
+  return inception_weights.save_npz(inception_weights.unflatten(flat), str(path))
+
+
+def test_inception_weights_give_fid_kid_and_inception_score(pipeline_run, tmp_path, monkeypatch):
+  config, workdir = pipeline_run
+  shutil.copytree(workdir.root, tmp_path / "w")
+  config, workdir = config.copy_and_resolve_references(), Workdir(tmp_path / "w")
+  # 16 images per set in shapes the shared run compiled (16 completions and samples): each 299×299 Inception
+  # pass costs ~11 GFLOP, so every set here is one call.
+  config.eval.update(num_samples=16, step_fractions=(4,), chunk_size=16,
+                     inception_weights=_inception_file(tmp_path / "inception.npz"))
+  monkeypatch.setattr(feature_net, "inception_net", functools.partial(feature_net.inception_net, batch_size=16))
+  load = generation.load_generator
+  monkeypatch.setattr(generation, "load_generator",
+                      lambda c, w: dataclasses.replace(load(c, w), heldout_codes=load(c, w).heldout_codes[:16]))
+  # A given statistics file of the right record (the 4,500 training images would take minutes here).
+  net = feature_net.inception_net(config.eval.inception_weights, batch_size=16)
+  record = dict(reference_stats.wanted_record(config.data, net, 4500), count=4500)
+  a = np.random.default_rng(0).normal(0, 1e-2, (2048, 2048))
+  config.eval.reference_stats = str(reference_stats.save(
+      tmp_path / "stats.npz", reference_stats.ReferenceStats(np.zeros(2048), a @ a.T, record)))
+  assert evaluate.run(config, workdir).completed
+  report = json.loads(workdir.eval_report("json").read_text())
+  assert report["protocol"]["metric_names"] == {"fd": "FID", "kid": "KID", "precision": "precision",
+                                                "recall": "recall", "is": "IS"}
+  assert report["protocol"]["feature_key"] == "inception" and report["protocol"]["inception_score_splits"]
+  for name, row in report["quality"].items():
+    assert row["n"] == 16 and all(np.isfinite(row[k]) for k in ("fd", "kid", "is", "is_std")), (name, row)
+    assert row["is"] >= 1.0  # exp of a mean KL: never below 1
+  md = workdir.eval_report("md").read_text()
+  assert "| images | FID | KID | precision | recall | IS | n |" in md and "Inception Score over" in md
+  assert "Inception-v3 of FID" in md and "FD_" not in md

@@ -12,6 +12,7 @@ Inception's carries the network (`FD_VGG16`, `KID_VGG16`, `FD_classifier`, ...):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Callable
 
@@ -74,17 +75,22 @@ def _tree_sha256(tree: Any) -> str:
   return h.hexdigest()
 
 
-def inception_net(weights_path: str) -> FeatureNet:
-  """The FID Inception network from a converted weights file (see `inception_weights.py`)."""
+def inception_net(weights_path: str, *, batch_size: int = 50) -> FeatureNet:
+  """The FID Inception network from a converted weights file (see `inception_weights.py`).
+
+  Args:
+    weights_path: the converted .npz.
+    batch_size: images per jitted call (the last batch is padded, so shapes compile once).
+  """
   variables = inception.load_inception(weights_path)
   with_fc = inception.has_classifier(variables)
   # The trunk alone decides pool_3: the same network converted with or without its fc layer matches.
   trunk = {"params": {k: v for k, v in variables["params"].items() if k != "fc"},
            "batch_stats": variables["batch_stats"]}
   if with_fc:
-    apply = lambda x: inception.inception_features_and_logits(variables, x)  # noqa: E731
+    apply = functools.partial(inception.inception_features_and_logits, variables, batch_size=batch_size)
   else:
-    apply = lambda x: (inception.inception_features(variables, x), None)  # noqa: E731
+    apply = lambda x: (inception.inception_features(variables, x, batch_size=batch_size), None)  # noqa: E731
   return FeatureNet("inception", "", "Inception-v3 of FID (pytorch-fid's 2015-12-05 weights), pool_3, 2048-d",
                     _tree_sha256(trunk), inception.FEATURES, apply,
                     num_classes=inception.CLASSES if with_fc else 0)
