@@ -1,5 +1,5 @@
-"""One process of tests/test_multihost_metrics.py: streams its share of an image set and of a folder's training
-split through a toy feature network, merges with the other process, and writes what it holds.
+"""One process of tests/test_multihost_metrics.py: streams its share of an image set and of a folder's
+training split through a toy feature network, merges with the other process, and writes what it holds.
 
 Usage: python tests/multihost_metrics_child.py PROCESS_ID PORT IMAGE_FOLDER OUT_DIR
 """

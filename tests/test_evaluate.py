@@ -121,10 +121,14 @@ def test_inception_weights_give_fid_kid_and_inception_score(pipeline_run, tmp_pa
   # pass costs ~11 GFLOP, so every set here is one call.
   config.eval.update(num_samples=16, step_fractions=(4,), chunk_size=16,
                      inception_weights=_inception_file(tmp_path / "inception.npz"))
-  monkeypatch.setattr(feature_net, "inception_net", functools.partial(feature_net.inception_net, batch_size=16))
+  monkeypatch.setattr(feature_net, "inception_net",
+                      functools.partial(feature_net.inception_net, batch_size=16))
   load = generation.load_generator
-  monkeypatch.setattr(generation, "load_generator",
-                      lambda c, w: dataclasses.replace(load(c, w), heldout_codes=load(c, w).heldout_codes[:16]))
+
+  def few_heldout(c, w):
+    gen = load(c, w)
+    return dataclasses.replace(gen, heldout_codes=gen.heldout_codes[:16])
+  monkeypatch.setattr(generation, "load_generator", few_heldout)
   # A given statistics file of the right record (the 4,500 training images would take minutes here).
   net = feature_net.inception_net(config.eval.inception_weights, batch_size=16)
   record = dict(reference_stats.wanted_record(config.data, net, 4500), count=4500)

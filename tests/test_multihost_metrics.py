@@ -29,8 +29,9 @@ def _run_pair(folder, out_dir, tmp_path) -> list[dict[str, np.ndarray]]:
     for i in range(2):
       with open(logs[i], "w") as log:
         procs.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "multihost_metrics_child.py"), str(i), str(port), str(folder),
-             str(out_dir)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            [sys.executable, str(ROOT / "tests" / "multihost_metrics_child.py"), str(i), str(port),
+             str(folder), str(out_dir)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     codes = [p.wait(timeout=TIMEOUT) for p in procs]
   finally:
     for p in procs:
