@@ -2,17 +2,20 @@
 over 127.0.0.1, one shared work directory), as a user starts it on two hosts. Children get an explicit
 environment and are ended by process id, with timeouts, whatever happens.
 
-1. Stage 1, uninterrupted: the reference.
-2. Stage 1 → encode → stage 2 → sample in a fresh work directory, with SIGTERM to process 1 alone during stage
-   1: both stop at the same step after one checkpoint and exit 0.
-3. The same command again on both: stage 1 resumes and ends where the reference ended, bit for bit; encode,
-   stage 2 and sampling follow, both processes exit 0, and the job writes one set of outputs.
+1. The reference: one process with 4 devices, stage 1 → encode → stage 2.
+2. The two-process job, stage 1 → encode → stage 2 → sample in a fresh work directory, with SIGTERM to process
+   1 alone during stage 1: both stop at the same step after one checkpoint and exit 0.
+3. The same command again on both: stage 1 resumes; encode, stage 2 and sampling follow, both processes exit
+   0, the job writes one set of outputs, and the final EMA parameters of stage 1 and stage 2 equal the
+   one-process reference's bit for bit.
 
-That the job equals one process with 4 devices is shown where it can be exact: the global batches of every
-step (tests/test_data.py, tests/test_prior.py). The trained parameters cannot be compared bit for bit with a
-one-process run here: XLA:CPU compiles the same per-device gradient into different code in a process with 4
-devices than in one with 2 (measured: a jitted conv-kernel gradient on one device differs in its last bits
-between such processes, whatever the collectives), and Adam amplifies those last bits in near-zero gradients.
+Two things make a 2 × 2 job and a 1 × 4 process add floats in the same order, and both runs use them:
+- `--config.ordered_reductions=True`: gradients are summed over devices in device order (all-gather, then
+  add) rather than by the all-reduce, whose order differs between XLA's in-process and gloo's cross-process
+  implementation;
+- NPROC=4: XLA:CPU sizes its intra-op thread pool as max(cores, devices) unless NPROC says otherwise, and the
+  pool size decides how a dot splits its sums (measured: the same jitted dot differs in its last bits between
+  a 2-device and a 4-device process on 2 cores, and agrees when both have 4 threads).
 """
 from __future__ import annotations
 
@@ -40,16 +43,17 @@ COMMON = ["--config=configs/mnist.py:tiny", "--config.refit.enabled=False", "--c
           "--config.prior.ch_mult=(1,)",
           f"--config.vqvae_train.num_steps={STAGE1_STEPS}", "--config.vqvae_train.checkpoint_every=8",
           "--config.vqvae_train.log_every=8", f"--config.vqvae_train.image_every={STAGE1_STEPS}",
-          f"--config.vqvae_train.eval_every={STAGE1_STEPS}", "--config.sample.num_samples=8"]
+          f"--config.vqvae_train.eval_every={STAGE1_STEPS}", "--config.sample.num_samples=8",
+          "--config.ordered_reductions=True"]
 TIMEOUT = 420
 # The second job compiles what the first compiled (same device layout and flags): a shared cache saves that.
 _CACHE = tempfile.mkdtemp(prefix="vqddm_multihost_cache_")
 
 
-def _env() -> dict[str, str]:
+def _env(devices: int = 2) -> dict[str, str]:
   return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "JAX_PLATFORMS": "cpu",
-          "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT),
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
+          "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "NPROC": "4",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
                        "--xla_llvm_disable_expensive_passes=true --xla_cpu_collective_timeout_seconds=120",
           "JAX_COMPILATION_CACHE_DIR": _CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
@@ -60,17 +64,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_pair(workdir: Workdir, mode: str, logs) -> list[subprocess.Popen]:
-  """Both processes of one job, exactly the command a user runs on each host."""
-  port = _free_port()
+def _start(workdir: Workdir, mode: str, logs) -> list[subprocess.Popen]:
+  """The processes of one job, exactly the command a user runs on each host: two with 2 devices each for two
+  logs, one with 4 devices for one."""
+  port, pair = _free_port(), len(logs) == 2
   procs = []
-  for i in range(2):
+  for i, log in enumerate(logs):
     args = [sys.executable, "-m", "vqddm_jax.main", f"--workdir={workdir.root}", *COMMON, f"--mode={mode}",
-            f"--config.data.data_dir={_session_data_dir()}", "--config.distributed.enabled=True",
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
-    procs.append(subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=logs[i], stderr=subprocess.STDOUT,
-                                  start_new_session=True))
+            f"--config.data.data_dir={_session_data_dir()}"]
+    if pair:
+      args += ["--config.distributed.enabled=True", "--config.distributed.num_processes=2",
+               f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+               f"--config.distributed.process_id={i}"]
+    procs.append(subprocess.Popen(args, cwd=ROOT, env=_env(2 if pair else 4), stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True))
   return procs
 
 
@@ -87,13 +94,14 @@ def _wait(procs, logs) -> list[int]:
       log.flush()
 
 
-def _run(workdir, mode, tmp_path, name, *, sigterm_after_step: int | None = None) -> tuple[list[int], list[str]]:
-  """Runs one two-process job; returns the exit codes and the two logs."""
-  paths = [tmp_path / f"{name}{i}.txt" for i in range(2)]
+def _run(workdir, mode, tmp_path, name, *, processes: int = 2,
+         sigterm_after_step: int | None = None) -> tuple[list[int], list[str]]:
+  """Runs one job of `processes` processes (2, or 1 with 4 devices); returns the exit codes and the logs."""
+  paths = [tmp_path / f"{name}{i}.txt" for i in range(processes)]
   logs = [open(p, "w") for p in paths]
   procs = []
   try:
-    procs = _start_pair(workdir, mode, logs)
+    procs = _start(workdir, mode, logs)
     if sigterm_after_step is not None:
       deadline = time.monotonic() + TIMEOUT
       while not (workdir.train("vqvae").checkpoints / str(sigterm_after_step)).exists():
@@ -123,11 +131,12 @@ def prepared():
   data.prepare(config.data)  # Built once here, not raced by the children.
 
 
-def test_two_process_job_stops_together_on_sigterm_resumes_exactly_and_finishes(prepared, tmp_path):
+def test_two_process_job_stops_together_resumes_and_ends_on_the_one_process_parameters(prepared, tmp_path):
   reference, job = Workdir(tmp_path / "reference"), Workdir(tmp_path / "job")
   pipeline = "train_vqvae,encode,train_prior,sample"
-  codes, logs = _run(reference, "train_vqvae", tmp_path, "reference")
-  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  codes, logs = _run(reference, "train_vqvae,encode,train_prior", tmp_path, "reference", processes=1)
+  assert codes == [0], logs[0][-3000:]
+  assert "ordered_reductions: true" in logs[0]
   # SIGTERM to process 1 alone: both stop at the same step, after one checkpoint, and exit 0.
   codes, logs = _run(job, pipeline, tmp_path, "stopped", sigterm_after_step=8)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
@@ -141,8 +150,12 @@ def test_two_process_job_stops_together_on_sigterm_resumes_exactly_and_finishes(
   codes, logs = _run(job, pipeline, tmp_path, "resumed")
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   assert f"from step {stop_step}" in logs[0] and f"from step {stop_step}" in logs[1]
-  for a, b in zip(_ema(reference, "vqvae"), _ema(job, "vqvae"), strict=True):
-    np.testing.assert_array_equal(a, b)
+  # The 2 × 2 job ends on the 1 × 4 process's parameters, bit for bit, in both stages.
+  for stage in ("vqvae", "prior"):
+    assert checkpointing.latest_step(job.train(stage).checkpoints) == checkpointing.latest_step(
+        reference.train(stage).checkpoints)
+    for a, b in zip(_ema(reference, stage), _ema(job, stage), strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=stage)
   prior_step = checkpointing.latest_step(job.train("prior").checkpoints)
   samples = workdir_lib.read_npz(job.samples(prior_step, 20).npz)
   assert samples["codes"].shape == (8, 16, 16) and samples["images"].shape == (8, 32, 32, 1)

@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA CPU devices on a CPU-only host (ignored on GPU/TPU): 0 = one per core, as many as divide every
   # global batch size (at most 8); n = exactly n. XLA_FLAGS=--xla_force_host_platform_device_count wins.
   c.cpu_devices = 0
+  # True: floats are summed over devices in device order (all-gather, then add), so results do not depend
+  # on how the devices are spread over processes; costs device-count copies of the gradients per device.
+  # For reproducibility checks (the multi-host test), not for pods (parallel.set_ordered_reductions).
+  c.ordered_reductions = False
   # Multi-host jobs (TPU pods, GPU clusters): jax.distributed.initialize(). Empty fields (""/0/-1) are
   # auto-detected on Cloud TPU and SLURM; elsewhere give coordinator_address, num_processes and process_id.
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1,
@@ -359,6 +363,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   """Checks every section; returns the config unchanged or raises ConfigError naming the field."""
   check_int(config, "seed", 0)
   check_int(config, "cpu_devices", 0, 1024)
+  if not isinstance(config.ordered_reductions, bool):
+    _fail("ordered_reductions", config.ordered_reductions, "True or False")
   validate_data_config(config.data)
   for validator in VALIDATORS:
     validator(config)

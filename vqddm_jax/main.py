@@ -102,6 +102,7 @@ def execute(config, workdir_path: str, mode: str, sample_steps: int | None = Non
     from vqddm_jax import config_schema, parallel  # JAX is imported from here on.
     parallel.use_host_cores(config.cpu_devices, config_schema.global_batch_sizes(config))
     parallel.initialize_distributed(config.distributed)
+    parallel.set_ordered_reductions(config.ordered_reductions)
     check_processes_agree(config, mode)
     config_schema.validate_for_devices(config, parallel.device_count(), parallel.process_count())
     from vqddm_jax.workdir import Workdir

@@ -240,6 +240,49 @@ def pmap_with_axes(fn: Callable[..., Any], *, in_axes: Sequence[int | None],
                   devices=None if devices is None else list(devices))
 
 
+# ----------------------------------------------------------------------------------- inside mapped steps
+
+# How `psum` / `pmean` reduce floats over the devices: set once at start-up (`set_ordered_reductions`).
+_ordered_reductions = False
+
+
+def set_ordered_reductions(on: bool) -> None:
+  """Chooses how `psum` and `pmean` add floats over devices (`config.ordered_reductions`).
+
+  Call it at start-up, before a step is traced: the choice is compiled into the steps.
+  - False (default): `lax.psum`. Its order of additions belongs to the collective: XLA's in-process
+    all-reduce and gloo's cross-process one add the same numbers in different orders, so a job on 2 hosts ×
+    2 devices and one on 1 host × 4 devices differ in the last bits.
+  - True: every device all-gathers the values (an exact copy) and adds them in device order. The result then
+    depends on the global device order only, not on how the devices are spread over processes. Each device
+    holds device-count copies of what is reduced (the gradients): for tests and reproducibility checks, not
+    for pods.
+  """
+  global _ordered_reductions
+  _ordered_reductions = bool(on)
+
+
+def _ordered_sum(x: jax.Array) -> jax.Array:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return jax.lax.psum(x, AXIS)  # integer sums are exact in any order
+  return jnp.sum(jax.lax.all_gather(x, AXIS), axis=0, dtype=x.dtype)
+
+
+def psum(tree: Any) -> Any:
+  """Sum of every leaf over the mapped devices (inside a step mapped by `pmap_step`)."""
+  if not _ordered_reductions:
+    return jax.lax.psum(tree, AXIS)
+  return jax.tree_util.tree_map(_ordered_sum, tree)
+
+
+def pmean(tree: Any) -> Any:
+  """Mean of every leaf over the mapped devices (inside a step mapped by `pmap_step`)."""
+  if not _ordered_reductions:
+    return jax.lax.pmean(tree, AXIS)
+  n = jax.lax.psum(1, AXIS)
+  return jax.tree_util.tree_map(lambda x: _ordered_sum(x) / n, tree)
+
+
 # ------------------------------------------------------------------------------------ across processes
 
 

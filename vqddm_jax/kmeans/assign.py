@@ -26,7 +26,7 @@ def _assign_fn(plan: Plan, devices: tuple[jax.Device, ...] | None):
 
     labels, inertia = lax.fori_loop(0, plan.num_blocks, body,
                                     (jnp.zeros(x.shape[:1], jnp.int32), jnp.zeros(())))
-    return lax.all_gather(labels, parallel.AXIS), lax.psum(inertia, parallel.AXIS)
+    return lax.all_gather(labels, parallel.AXIS), parallel.psum(inertia)
 
   return parallel.pmap_with_axes(run, in_axes=(0, None, None), devices=devices)
 

@@ -13,7 +13,7 @@ nested mini-batches (Lloyd steps on growing prefixes of the shuffled points, whi
 in one another); full-batch Lloyd refinement. Lloyd steps may be over-relaxed (`overrelax`).
 
 Every step computes distances chunk by chunk (`chunk_size` rows × K at a time): no N×K×d tensor, and N×K only
-in bounded chunks. Per-cluster sums, counts and inertia are reduced with `lax.psum` over `parallel.AXIS`.
+in bounded chunks. Per-cluster sums, counts and inertia are reduced with `parallel.psum` over the devices.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def _reseed(plan: Plan, c, starved, top):
   src = src[:plan.far]
   mine = src // plan.far == lax.axis_index(parallel.AXIS)
   # Each point lives on one shard: summing the owners' rows gathers them without moving all candidates.
-  far_rows = lax.psum(jnp.where(mine[:, None], rows[src % plan.far], 0.0), parallel.AXIS)
+  far_rows = parallel.psum(jnp.where(mine[:, None], rows[src % plan.far], 0.0))
   rank = jnp.cumsum(starved) - 1
   slot = jnp.clip(rank, 0, plan.far - 1)
   moved = starved & (rank < plan.far) & (all_vals[src][slot] >= 0.0)
@@ -131,7 +131,7 @@ def _minibatch(plan: Plan, x, w, c, key, num_iters, reseed_every, reseed_ratio):
     b = _block_index(seed, i, plan.num_blocks)
     xb, wb, pos = block_rows(plan, x, w, b)
     _, dist, sums, counts, _ = _stats(plan, xb, wb, c)
-    sums, counts = lax.psum((sums, counts), parallel.AXIS)
+    sums, counts = parallel.psum((sums, counts))
     v = v + counts
     c = c + (sums - counts[:, None] * c) / jnp.maximum(v, 1.0)[:, None]
     return c, v, got + counts, (dist, wb, pos, xb)
@@ -170,7 +170,7 @@ def _full_pass(plan: Plan, x, w, c, num_blocks):
 
   init = (jnp.zeros_like(c), jnp.zeros(c.shape[0]), jnp.full(x.shape[:1], -1.0))
   sums, counts, dist_all = lax.fori_loop(0, num_blocks, body, init)
-  sums, counts = lax.psum((sums, counts), parallel.AXIS)
+  sums, counts = parallel.psum((sums, counts))
   return sums, counts, dist_all
 
 

@@ -74,8 +74,8 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
     return jnp.mean(diffusion.bits_per_code(est, h * w)), lt
 
   (loss, lt), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
-  loss = jax.lax.pmean(loss, parallel.AXIS)
+  grads = parallel.pmean(grads)
+  loss = parallel.pmean(loss)
   all_t = jax.lax.all_gather(t, parallel.AXIS).reshape(-1)
   all_lt = jax.lax.all_gather(lt, parallel.AXIS).reshape(-1)
 

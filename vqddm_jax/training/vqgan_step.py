@@ -118,8 +118,8 @@ def generator_grads(state: VQState, images: jax.Array, rng: jax.Array, lpips_par
         lambda x: generator_adv_loss(_disc_logits(disc, state.disc_params, state.disc_stats, x)[0]))(x_rec)
     factor = disc_factor(state.step, settings.disc_start)
     if settings.disc_adaptive:
-      at_last = lambda c: jax.lax.pmean(  # noqa: E731
-          last_layer_kernel(vjp_fn((c, jnp.zeros_like(q_loss)))[0]), parallel.AXIS)
+      at_last = lambda c: parallel.pmean(  # noqa: E731
+          last_layer_kernel(vjp_fn((c, jnp.zeros_like(q_loss)))[0]))
       lam = adaptive_weight(at_last(ct_nll), at_last(ct_g), settings.disc_weight)
     else:
       lam = jnp.asarray(settings.disc_weight, jnp.float32)
@@ -153,7 +153,7 @@ def discriminator_grads(state: VQGANState, images: jax.Array, x_rec: jax.Array, 
       state.disc_params)
   out = {"d_loss": d_loss, "logits_real": jnp.mean(logits_real), "logits_fake": jnp.mean(logits_fake)}
   # Averaged running statistics keep the replicas identical.
-  return jax.lax.pmean(grads, parallel.AXIS), jax.lax.pmean(stats, parallel.AXIS), out
+  return parallel.pmean(grads), parallel.pmean(stats), out
 
 
 def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = None, *, model: VQVAE,
@@ -177,12 +177,12 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
   images = batch["image"]
   grads, x_rec, aux = generator_grads(state, images, rng, lpips_params, model=model, disc=disc, beta=beta,
                                       settings=settings)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
-  ok = metrics.all_finite(grads) & jnp.isfinite(jax.lax.pmean(aux["loss"], parallel.AXIS))
+  grads = parallel.pmean(grads)
+  ok = metrics.all_finite(grads) & jnp.isfinite(parallel.pmean(aux["loss"]))
   names, extra = ["params", "ema_params", "opt_state"], {}
   if disc is not None:
     d_grads, d_stats, d_out = discriminator_grads(state, images, x_rec, disc=disc, settings=settings)
-    ok = ok & metrics.all_finite(d_grads) & jnp.isfinite(jax.lax.pmean(d_out["d_loss"], parallel.AXIS))
+    ok = ok & metrics.all_finite(d_grads) & jnp.isfinite(parallel.pmean(d_out["d_loss"]))
     names += ["disc_params", "disc_stats", "disc_opt_state"]
     aux.update(d_out)
     extra["disc_grad_norm"] = optax.tree.norm(d_grads)
@@ -199,8 +199,8 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
     return new
 
   kept = metrics.update_if_finite(ok, update, {k: getattr(state, k) for k in names})
-  hist = jax.lax.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size), parallel.AXIS)
-  out = jax.lax.pmean(aux, parallel.AXIS)
+  hist = parallel.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size))
+  out = parallel.pmean(aux)
   out.update(extra, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),
              batch_usage=quantizer.usage_fraction(hist), batch_perplexity=quantizer.perplexity(hist))
   return state.replace(step=state.step + 1, **kept), out

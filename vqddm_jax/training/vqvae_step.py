@@ -72,18 +72,17 @@ def train_step(state: VQState, batch: dict, key: jax.Array, *, model: VQVAE,
   grad_fn = jax.value_and_grad(functools.partial(vq_loss, model=model, beta=beta,
                                                  recon_loss=recon_loss), has_aux=True)
   (_, aux), grads = grad_fn(state.params, batch["image"], rng)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
+  grads = parallel.pmean(grads)
 
   def update():
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return params, optim.ema_update(state.ema_params, params, ema_decay), opt_state
 
-  ok = metrics.all_finite(grads) & jnp.isfinite(jax.lax.pmean(aux["loss"], parallel.AXIS))
+  ok = metrics.all_finite(grads) & jnp.isfinite(parallel.pmean(aux["loss"]))
   new = metrics.update_if_finite(ok, update, (state.params, state.ema_params, state.opt_state))
-  hist = jax.lax.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size),
-                      parallel.AXIS)
-  out = jax.lax.pmean(aux, parallel.AXIS)
+  hist = parallel.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size))
+  out = parallel.pmean(aux)
   out.update(grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),
              batch_usage=quantizer.usage_fraction(hist), batch_perplexity=quantizer.perplexity(hist))
   return VQState(step=state.step + 1, params=new[0], ema_params=new[1], opt_state=new[2]), out
