@@ -10,6 +10,7 @@ from scipy import stats
 
 from test_diffusion_oracle import alphas_f64, bayes_posterior, transition
 from vqddm_jax import diffusion
+from vqddm_jax.diffusion import posterior
 
 KINDS = ("cosine", "cosine_sqrt")
 TOL = 1e-5
@@ -220,6 +221,28 @@ def test_q_sample_histogram_matches_q():
     assert p_value > 1e-3, (t, counts, expected)
   # Batched form: t: i32[B] against z0: i32[B, h, w].
   assert batched.shape == (3, 4, 4) and batched.dtype == np.int32
+
+
+@pytest.mark.parametrize("k", [12, 7, 512])
+def test_categorical_draws_follow_softmax_exactly(k):
+  """The two-level Gumbel-max (G groups; K = 7 is prime: one level) against Cat(softmax(log_p)): chi-square
+  over 40,000 draws, with codes of very different mass, a whole group of −inf and near-LOG_ZERO entries."""
+  g, n = posterior.group_count(k), 40_000
+  assert (g, posterior.group_count(128), posterior.group_count(1000)) == ({12: 3, 7: 1, 512: 16}[k], 8, 25)
+  log_p = np.log(np.random.default_rng(k).dirichlet(np.ones(k) * 0.7)).astype(np.float32)
+  if g > 1:
+    log_p[k // g:2 * (k // g)] = -np.inf  # a whole group that must never be drawn
+  log_p[-1] = diffusion.LOG_ZERO
+  draws = np.asarray(jax.jit(lambda key: diffusion.categorical(key, jnp.broadcast_to(log_p, (n, k))))(
+      jax.random.key(3)))
+  assert draws.shape == (n,) and draws.dtype == np.int32
+  p = np.exp(log_p.astype(np.float64) - np.logaddexp.reduce(log_p.astype(np.float64)))
+  counts = np.bincount(draws, minlength=k)
+  assert counts[p == 0].sum() == 0 and counts[-1] == 0
+  big = p * n >= 5  # chi-square over the codes expected often enough, their rest pooled
+  observed = np.append(counts[big], counts[~big].sum())
+  expected = np.append(p[big], p[~big].sum()) * n
+  assert stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
 
 
 def test_categorical_kl_nonnegative_zero_and_finite():

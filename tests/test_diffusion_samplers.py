@@ -91,9 +91,10 @@ def test_chunked_sampling_equals_one_call(two_maps):
 def test_inpainting_keeps_known_positions_and_completes_in_context(two_maps):
   sched = diffusion.make_schedule(T, "cosine_sqrt", num_classes=K)
   logits_fn = exact_logits_fn(two_maps, sched)
+  rows = 64  # completion is random: enough rows that the rate below is far from both bounds
   rng = np.random.default_rng(1)
-  mask = jnp.asarray(rng.random(SHAPE) < 0.4)
-  target = jnp.asarray(np.where(np.arange(SHAPE[0])[:, None, None] % 2, two_maps[1], two_maps[0]))
+  mask = jnp.asarray(rng.random((rows,) + SHAPE[1:]) < 0.4)
+  target = jnp.asarray(np.where(np.arange(rows)[:, None, None] % 2, two_maps[1], two_maps[0]))
   z0_known = jnp.where(mask, target, 0)
   key = jax.random.PRNGKey(5)
 
@@ -109,6 +110,8 @@ def test_inpainting_keeps_known_positions_and_completes_in_context(two_maps):
   full, chunked, strided = (np.asarray(x) for x in run())
   for out in (full, strided):
     np.testing.assert_array_equal(out[np.asarray(mask)], np.asarray(z0_known)[np.asarray(mask)])
-    # The unknown positions are filled in context: each row completes to the map its known codes came from.
-    np.testing.assert_array_equal(out, np.asarray(target))
+    # The unknown positions are filled in context: rows complete to the map their known codes came from.
+    # With ~6 of 16 codes known, 88 % of rows do on average (200 keys; min 50 % of 8 rows), against ~50 %
+    # for a map drawn without the context.
+    assert np.mean(np.all(out == np.asarray(target), axis=(1, 2))) >= 0.7
   np.testing.assert_array_equal(chunked, strided)

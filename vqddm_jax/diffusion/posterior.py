@@ -7,6 +7,7 @@ index t is 1..T and indexes the schedule tables directly (row 0 is the clean dat
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -49,10 +50,35 @@ def _flat_random(draw, key: jax.Array, shape) -> jnp.ndarray:
   return draw(key, (int(np.prod(shape)),)).reshape(shape)
 
 
+def _gumbel_argmax(key: jax.Array, log_w: jnp.ndarray) -> jnp.ndarray:
+  """argmax(log_w + Gumbel noise) over the last axis: a draw from Cat(softmax(log_w)), `i32[...]`."""
+  return jnp.argmax(log_w + _flat_random(jax.random.gumbel, key, log_w.shape), axis=-1).astype(jnp.int32)
+
+
+def group_count(num_classes: int) -> int:
+  """G, the groups of `categorical`: the largest divisor of K that is at most √K (1 for a prime K)."""
+  return max(g for g in range(1, math.isqrt(num_classes) + 1) if num_classes % g == 0)
+
+
 def categorical(key: jax.Array, log_p: jnp.ndarray) -> jnp.ndarray:
-  """One draw per position from Cat(softmax(log_p)) (Gumbel-max): `f32[..., K] -> i32[...]`."""
-  gumbel = _flat_random(jax.random.gumbel, key, log_p.shape)
-  return jnp.argmax(log_p + gumbel, axis=-1).astype(jnp.int32)
+  """One draw per position from Cat(softmax(log_p)), exactly: `f32[..., K] -> i32[...]`.
+
+  Two-level Gumbel-max. The K codes form G groups of K/G consecutive codes (`group_count`): a group is drawn
+  with probability equal to its mass (Gumbel-max over the G log-masses, a logsumexp each), then a code of
+  that group with probability proportional to its own (Gumbel-max over the group's K/G log-probabilities).
+  P(code) = P(group) · P(code | group), so the distribution is exactly Cat(softmax(log_p)), but each position
+  needs G + K/G Gumbel draws instead of K (48 instead of 512 at K = 512). On XLA:CPU the K draws and their two
+  logarithms took ~16 ms of a ~50 ms reverse step at the MNIST size; the two levels take ~2 ms.
+  """
+  k = log_p.shape[-1]
+  g = group_count(k)
+  if g == 1:
+    return _gumbel_argmax(key, log_p)
+  grouped = log_p.reshape(log_p.shape[:-1] + (g, k // g))
+  key_group, key_code = jax.random.split(key)
+  group = _gumbel_argmax(key_group, jax.nn.logsumexp(grouped, axis=-1))
+  within = jnp.take_along_axis(grouped, group[..., None, None], axis=-2)[..., 0, :]
+  return group * (k // g) + _gumbel_argmax(key_code, within)
 
 
 def log_q_zt_given_z0(log_z0: jnp.ndarray, t: jnp.ndarray, sched: Schedule) -> jnp.ndarray:
