@@ -2,7 +2,7 @@
 
 The speed targets of this project are ratios to the authors' PyTorch on the same CPU. Their code is not part
 of this repository, and a figure measured on one machine does not carry over to another (the same 2-core
-machine type has measured 13-34 % apart between sessions). This script is a PyTorch implementation of the
+machine type has measured 10-35 % apart between sessions). This script is a PyTorch implementation of the
 same network and step, written for this benchmark from docs/method.md (not the authors' code): NCHW, eager
 PyTorch, Adam, float32, as their training script runs. It counts the same parameters as the Flax `UNet`
 (7.74 M at the MNIST preset, 117.45 M at CelebA's) and prints the count. Run both on an otherwise idle
