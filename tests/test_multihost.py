@@ -81,8 +81,9 @@ def _start(workdir: Workdir, mode: str, logs) -> list[subprocess.Popen]:
   return procs
 
 
-def _wait(procs, logs) -> list[int]:
-  deadline = time.monotonic() + TIMEOUT
+def _wait(procs, logs, timeout: float = TIMEOUT) -> list[int]:
+  """Exit codes of `procs`, all within one `timeout`; whatever is still running then is killed by group."""
+  deadline = time.monotonic() + timeout
   try:
     return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
   finally:

@@ -5,7 +5,6 @@ environment and are ended by process id, with a timeout, whatever happens."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import numpy as np
 
 import multihost_metrics_child as child
 from conftest import ROOT
-from test_multihost import _free_port
+from test_multihost import _free_port, _wait
 from test_reference_stats import _rgb_folder
 from vqddm_jax.evaluation import reference_stats, streamed
 
@@ -32,12 +31,8 @@ def _run_pair(folder, out_dir, tmp_path) -> list[dict[str, np.ndarray]]:
             [sys.executable, str(ROOT / "tests" / "multihost_metrics_child.py"), str(i), str(port),
              str(folder), str(out_dir)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    codes = [p.wait(timeout=TIMEOUT) for p in procs]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=30)
+    codes = _wait(procs, [], timeout=TIMEOUT)  # also when starting the second failed: ends the first
   assert codes == [0, 0], "\n".join(log.read_text(errors="replace")[-3000:] for log in logs)
   return [dict(np.load(out_dir / f"{i}.npz")) for i in range(2)]
 
