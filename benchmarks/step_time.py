@@ -110,8 +110,13 @@ def _report(name: str, seconds: float, flops: float | None, peak: float, authors
     print(f"  vs authors' PyTorch {authors:.3f} s: ratio {seconds / authors:.2f} (target <= 0.80)", flush=True)
 
 
-def bench_prior(args, devices) -> None:
-  """Train step and one reverse step of the denoiser at the given architecture."""
+def prior_steps(args, devices) -> dict:
+  """The compiled prior train step and one reverse step at `args`' architecture, ready to time.
+
+  Returns a dict: `train` and `reverse` (no-argument callables that run one step and block until it is
+  done; `train` carries its state from call to call), `train_flops` / `reverse_flops` (per device, or None),
+  and for `bench_sampling` the mapped chunk function `p_chunk` with its arguments `rparams`, `z`, `key`.
+  """
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -141,15 +146,12 @@ def bench_prior(args, devices) -> None:
   rstate = _on_devices(state, devices, replicate=True)
   batch = {"codes": _on_devices(codes, devices, replicate=False)}
   key = jax.random.key(1)
-  c_step, flops = _compiled(p_step, rstate, batch, key)
+  c_step, train_flops = _compiled(p_step, rstate, batch, key)
   holder = [rstate]
 
   def train():
     holder[0], metrics = c_step(holder[0], batch, key)
-    return metrics
-  seconds = _timed(train, args.repeats)
-  _report("prior_train_step_s", seconds, flops, args.peak_flops,
-          AUTHORS[args.preset][0] if args.preset else None)
+    return jax.block_until_ready(metrics)
 
   def chunk_fn(params, z, key, ts):
     return diffusion.reverse_chunk(generation.device_key(key), z, ts,
@@ -158,12 +160,21 @@ def bench_prior(args, devices) -> None:
   rparams = _on_devices(state.ema_params, devices, replicate=True)
   z = batch["codes"]
   ts = jnp.asarray([args.T, args.T - 1], jnp.int32)
-  c_chunk, flops = _compiled(p_chunk, rparams, z, key, ts)
-  seconds = _timed(lambda: c_chunk(rparams, z, key, ts), args.repeats)
-  _report("prior_sample_step_s", seconds, flops, args.peak_flops,
-          AUTHORS[args.preset][1] if args.preset else None)
+  c_chunk, reverse_flops = _compiled(p_chunk, rparams, z, key, ts)
+  return dict(train=train, reverse=lambda: jax.block_until_ready(c_chunk(rparams, z, key, ts)),
+              train_flops=train_flops, reverse_flops=reverse_flops, p_chunk=p_chunk, rparams=rparams, z=z,
+              key=key)
+
+
+def bench_prior(args, devices) -> None:
+  """Train step and one reverse step of the denoiser at the given architecture."""
+  steps = prior_steps(args, devices)
+  _report("prior_train_step_s", _timed(steps["train"], args.repeats), steps["train_flops"],
+          args.peak_flops, AUTHORS[args.preset][0] if args.preset else None)
+  _report("prior_sample_step_s", _timed(steps["reverse"], args.repeats), steps["reverse_flops"],
+          args.peak_flops, AUTHORS[args.preset][1] if args.preset else None)
   if args.sampling:
-    bench_sampling(args, p_chunk, rparams, z, key)
+    bench_sampling(args, steps["p_chunk"], steps["rparams"], steps["z"], steps["key"])
 
 
 def bench_sampling(args, p_chunk, rparams, z, key) -> None:

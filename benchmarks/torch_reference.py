@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -181,29 +182,66 @@ def _median_time(fn, repeats):
   return statistics.median(times)
 
 
+def torch_steps(preset: str, num_steps: int) -> dict:
+  """The PyTorch train step and one reverse step at a preset, as no-argument callables (`train`, `reverse`).
+
+  `train` updates the model in place from call to call, as a training loop does; the model switches between
+  train and eval mode as each step needs.
+  """
+  c = PRESETS[preset]
+  torch.manual_seed(0)
+  model = UNet(c["k"], c["ch"], c["mults"])
+  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; prior: "
+        f"{sum(x.numel() for x in model.parameters()) / 1e6:.2f} M parameters, ch {c['ch']}, mults "
+        f"{','.join(map(str, c['mults']))}, K {c['k']}, {c['hw']}x{c['hw']}, batch {c['batch']}, T {num_steps}",
+        flush=True)
+  opt, sched = torch.optim.Adam(model.parameters(), lr=1e-4), schedule(num_steps)
+  z0 = torch.randint(0, c["k"], (c["batch"], c["hw"], c["hw"]))
+
+  def train():
+    model.train()
+    return train_step(model, opt, sched, z0, c["k"], num_steps)
+
+  def reverse():
+    model.eval()
+    return reverse_step(model, sched, z0, num_steps // 2, c["k"])
+  return dict(train=train, reverse=reverse)
+
+
+def serve(steps: dict, repeats: int) -> None:
+  """Answers each stdin line naming a step with its median time over `repeats` steps, until EOF or 'quit'.
+
+  `benchmarks/vs_torch.py` runs this in a process of its own and interleaves these blocks with its own, so
+  that both sides are timed under the same conditions without sharing a process (a JAX runtime and its
+  allocations in the same process slowed PyTorch's steps by up to ~20 %).
+  """
+  print("ready", flush=True)
+  for line in sys.stdin:
+    name = line.strip()
+    if name == "quit":
+      return
+    print(f"{_median_time(steps[name], repeats):.6f}" if name in steps else f"error: no step {name!r}",
+          flush=True)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--preset", choices=sorted(PRESETS), default="mnist")
   p.add_argument("--T", type=int, default=4000)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
+  p.add_argument("--serve", action="store_true",
+                 help="time blocks on request (for benchmarks/vs_torch.py): read 'train' / 'reverse' lines "
+                      "on stdin, answer each with the median seconds of --repeats steps")
   args = p.parse_args(argv)
   if args.threads:
     torch.set_num_threads(args.threads)
-  c = PRESETS[args.preset]
-  torch.manual_seed(0)
-  model = UNet(c["k"], c["ch"], c["mults"])
-  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; prior: "
-        f"{sum(x.numel() for x in model.parameters()) / 1e6:.2f} M parameters, ch {c['ch']}, mults "
-        f"{','.join(map(str, c['mults']))}, K {c['k']}, {c['hw']}x{c['hw']}, batch {c['batch']}, T {args.T}")
-  opt, sched = torch.optim.Adam(model.parameters(), lr=1e-4), schedule(args.T)
-  z0 = torch.randint(0, c["k"], (c["batch"], c["hw"], c["hw"]))
-  model.train()
-  seconds = _median_time(lambda: train_step(model, opt, sched, z0, c["k"], args.T), args.repeats)
-  print(f"torch_prior_train_step_s={seconds:.4f}", flush=True)
-  model.eval()
-  seconds = _median_time(lambda: reverse_step(model, sched, z0, args.T // 2, c["k"]), args.repeats)
-  print(f"torch_prior_sample_step_s={seconds:.4f}", flush=True)
+  steps = torch_steps(args.preset, args.T)
+  if args.serve:
+    serve(steps, args.repeats)
+    return
+  print(f"torch_prior_train_step_s={_median_time(steps['train'], args.repeats):.4f}", flush=True)
+  print(f"torch_prior_sample_step_s={_median_time(steps['reverse'], args.repeats):.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from conftest import load_config
-from vqddm_jax import parallel
+from vqddm_jax import metrics, parallel
 from vqddm_jax.models.vqvae import build_vqvae
 from vqddm_jax.training import vqvae_step as stage1
 
@@ -72,3 +72,17 @@ def test_encode_decode_indices_shapes(setup):
   out = model.apply(variables, codes, method=type(model).decode_indices)
   assert out.shape == (2, 32, 32, 1)
   assert float(jnp.abs(out).max()) <= 1.0
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_norm_and_finite_flags_any_non_finite_gradient(bad):
+  """The step guard's test: one NaN or ±inf in any leaf, with every other value finite, fails it."""
+  rng = np.random.default_rng(0)
+  tree = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": [rng.normal(size=(5,)).astype(np.float32)]}
+  if bad is not None:
+    tree["b"][0][2] = bad
+  norm, ok = jax.jit(metrics.norm_and_finite)(tree)
+  assert bool(ok) == (bad is None)
+  if bad is None:
+    expected = np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree_util.tree_leaves(tree)))
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-6)

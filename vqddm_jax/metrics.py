@@ -6,6 +6,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 from clu import metric_writers
 
@@ -21,6 +22,18 @@ def all_finite(tree: Any) -> jnp.ndarray:
   """`bool[]`: every leaf of `tree` is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def norm_and_finite(tree: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(`f32[]` global L2 norm of `tree`, `bool[]` whether that norm is finite), from one pass over it.
+
+  A NaN or ±inf anywhere makes the norm non-finite, so this is the step guard's test for gradients, and it
+  reuses the norm the metrics report instead of a second pass over every leaf (`all_finite`: ~3 ms of the
+  MNIST-size prior's train step on 2 CPU cores). It also counts a finite tree whose squared norm overflows
+  float32 (some |g| ≳ 1e19) as non-finite: such a step is skipped too.
+  """
+  norm = optax.tree.norm(tree)
+  return norm, jnp.isfinite(norm)
 
 
 def update_if_finite(ok: jnp.ndarray, update: Callable[[], Any], old: Any) -> Any:

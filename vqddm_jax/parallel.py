@@ -270,6 +270,8 @@ def _ordered_sum(x: jax.Array) -> jax.Array:
 
 def psum(tree: Any) -> Any:
   """Sum of every leaf over the mapped devices (inside a step mapped by `pmap_step`)."""
+  if jax.lax.axis_size(AXIS) == 1:  # XLA keeps a one-device all-reduce as a copy (7.7 M floats: ~4.5 ms)
+    return tree
   if not _ordered_reductions:
     return jax.lax.psum(tree, AXIS)
   return jax.tree_util.tree_map(_ordered_sum, tree)
@@ -277,6 +279,8 @@ def psum(tree: Any) -> Any:
 
 def pmean(tree: Any) -> Any:
   """Mean of every leaf over the mapped devices (inside a step mapped by `pmap_step`)."""
+  if jax.lax.axis_size(AXIS) == 1:
+    return tree
   if not _ordered_reductions:
     return jax.lax.pmean(tree, AXIS)
   n = jax.lax.psum(1, AXIS)

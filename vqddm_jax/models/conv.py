@@ -144,8 +144,13 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     limit = [o + (m - 1) * s + 1 for o, m, s in zip(offs, out, strides)]
     cols.append(lax.slice(x, (0, *offs, 0), (x.shape[0], *limit, cin), (1, *strides, 1)))
   patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)  # [B, *O, taps * C_in]
-  y = lax.dot_general(patches, kernel.reshape(-1, cout), (((nsp + 1,), (0,)), ((), ())),
-                      precision=precision, preferred_element_type=_accumulate_type(x.dtype))
+  # One 2-D matmul over all positions: a dot_general with the batch and spatial dims left in the operands
+  # lowers on XLA:CPU to layout copies around it, and its kernel gradient ran about 2x slower (the 8x8
+  # attention projections of the MNIST-size denoiser: 16 ms against 9 ms forward + backward).
+  flat = patches.reshape(-1, patches.shape[-1])
+  y = lax.dot_general(flat, kernel.reshape(-1, cout), (((1,), (0,)), ((), ())), precision=precision,
+                      preferred_element_type=_accumulate_type(x.dtype))
+  y = y.reshape(patches.shape[:-1] + (cout,))
   return y.astype(x.dtype)
 
 

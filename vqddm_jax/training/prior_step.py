@@ -85,10 +85,11 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
     ema = optim.ema_update(state.ema_params, params, ema_decay)
     return params, ema, opt_state, diffusion.importance.update(state.importance, all_t, all_lt)
 
-  ok = metrics.all_finite(grads) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(all_lt))
+  grad_norm, ok = metrics.norm_and_finite(grads)
+  ok = ok & jnp.isfinite(loss) & jnp.all(jnp.isfinite(all_lt))
   new = metrics.update_if_finite(ok, update, (state.params, state.ema_params, state.opt_state,
                                               state.importance))
-  out = {"loss_bits_per_code": loss, "grad_norm": optax.tree.norm(grads),
+  out = {"loss_bits_per_code": loss, "grad_norm": grad_norm,
          "finite": ok.astype(jnp.float32),
          "importance_on": diffusion.is_ready(state.importance).astype(jnp.float32)}
   out.update(_bucket_means(all_t, diffusion.bits_per_code(all_lt, h * w), big_t, t_buckets))

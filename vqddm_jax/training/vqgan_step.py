@@ -178,14 +178,16 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
   grads, x_rec, aux = generator_grads(state, images, rng, lpips_params, model=model, disc=disc, beta=beta,
                                       settings=settings)
   grads = parallel.pmean(grads)
-  ok = metrics.all_finite(grads) & jnp.isfinite(parallel.pmean(aux["loss"]))
+  grad_norm, ok = metrics.norm_and_finite(grads)
+  ok = ok & jnp.isfinite(parallel.pmean(aux["loss"]))
   names, extra = ["params", "ema_params", "opt_state"], {}
   if disc is not None:
     d_grads, d_stats, d_out = discriminator_grads(state, images, x_rec, disc=disc, settings=settings)
-    ok = ok & metrics.all_finite(d_grads) & jnp.isfinite(parallel.pmean(d_out["d_loss"]))
+    d_grad_norm, d_ok = metrics.norm_and_finite(d_grads)
+    ok = ok & d_ok & jnp.isfinite(parallel.pmean(d_out["d_loss"]))
     names += ["disc_params", "disc_stats", "disc_opt_state"]
     aux.update(d_out)
-    extra["disc_grad_norm"] = optax.tree.norm(d_grads)
+    extra["disc_grad_norm"] = d_grad_norm
 
   def update():
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -201,7 +203,7 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
   kept = metrics.update_if_finite(ok, update, {k: getattr(state, k) for k in names})
   hist = parallel.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size))
   out = parallel.pmean(aux)
-  out.update(extra, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),
+  out.update(extra, grad_norm=grad_norm, finite=ok.astype(jnp.float32),
              batch_usage=quantizer.usage_fraction(hist), batch_perplexity=quantizer.perplexity(hist))
   return state.replace(step=state.step + 1, **kept), out
 

@@ -79,11 +79,12 @@ def train_step(state: VQState, batch: dict, key: jax.Array, *, model: VQVAE,
     params = optax.apply_updates(state.params, updates)
     return params, optim.ema_update(state.ema_params, params, ema_decay), opt_state
 
-  ok = metrics.all_finite(grads) & jnp.isfinite(parallel.pmean(aux["loss"]))
+  grad_norm, ok = metrics.norm_and_finite(grads)
+  ok = ok & jnp.isfinite(parallel.pmean(aux["loss"]))
   new = metrics.update_if_finite(ok, update, (state.params, state.ema_params, state.opt_state))
   hist = parallel.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size))
   out = parallel.pmean(aux)
-  out.update(grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32),
+  out.update(grad_norm=grad_norm, finite=ok.astype(jnp.float32),
              batch_usage=quantizer.usage_fraction(hist), batch_perplexity=quantizer.perplexity(hist))
   return VQState(step=state.step + 1, params=new[0], ema_params=new[1], opt_state=new[2]), out
 
