@@ -223,15 +223,16 @@ def test_q_sample_histogram_matches_q():
   assert batched.shape == (3, 4, 4) and batched.dtype == np.int32
 
 
-@pytest.mark.parametrize("k", [12, 7, 512])
+@pytest.mark.parametrize("k", [12, 7, 512, 4001])
 def test_categorical_draws_follow_softmax_exactly(k):
-  """The two-level Gumbel-max (G groups; K = 7 is prime: one level) against Cat(softmax(log_p)): chi-square
-  over 40,000 draws, with codes of very different mass, a whole group of −inf and near-LOG_ZERO entries."""
-  g, n = posterior.group_count(k), 40_000
-  assert (g, posterior.group_count(128), posterior.group_count(1000)) == ({12: 3, 7: 1, 512: 16}[k], 8, 25)
+  """The two-level Gumbel-max (G groups of S; the primes 7 and 4001 padded with −inf to 3 x 3 and 64 x 63)
+  against Cat(softmax(log_p)): chi-square over 40,000 draws, with codes of very different mass, a whole
+  group of −inf and near-LOG_ZERO entries."""
+  (g, size), n = posterior.grouping(k), 40_000
+  assert (g, size) == {12: (3, 4), 7: (3, 3), 512: (16, 32), 4001: (64, 63)}[k]
+  assert (posterior.grouping(128), posterior.grouping(1000), posterior.grouping(2)) == ((8, 16), (25, 40), (1, 2))
   log_p = np.log(np.random.default_rng(k).dirichlet(np.ones(k) * 0.7)).astype(np.float32)
-  if g > 1:
-    log_p[k // g:2 * (k // g)] = -np.inf  # a whole group that must never be drawn
+  log_p[size:2 * size] = -np.inf  # a whole group that must never be drawn
   log_p[-1] = diffusion.LOG_ZERO
   draws = np.asarray(jax.jit(lambda key: diffusion.categorical(key, jnp.broadcast_to(log_p, (n, k))))(
       jax.random.key(3)))

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from vqddm_jax.diffusion import posterior
+
 MIN_COUNT = 10     # every t needs more than this many samples before importance sampling starts
 EMA_DECAY = 0.9
 FLOOR = 1e-4       # added to √history so that no t gets probability 0
@@ -75,8 +77,8 @@ def sample_t(key: jax.Array, state: Optional[ImportanceState] = None, *,
     t = jax.random.randint(key, (), 1, num_steps + 1, dtype=jnp.int32)
     return t, jnp.asarray(1.0 / num_steps, jnp.float32)
   probs = importance_probs(state)
-  # Gumbel-max over log p: exact sampling, and log 0 = −inf keeps t = 0 out.
-  t = jax.random.categorical(key, jnp.log(probs)).astype(jnp.int32)
+  # Two-level Gumbel-max over log p: exact, and log 0 = −inf keeps t = 0 out.
+  t = posterior.categorical(key, jnp.log(probs))
   return t, probs[t]
 
 
