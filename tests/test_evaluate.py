@@ -32,8 +32,9 @@ def test_report_holds_every_field_and_references_order(pipeline_run):
   assert any(n.startswith("samples (") for n in names)
   assert any(n.startswith("inpainting completions") for n in names)
   for r in rows.values():
-    assert set(r) >= {"fd", "kid", "kid_std", "precision", "recall", "n"}
+    assert set(r) >= {"fd", "kid", "kid_std", "precision", "recall", "precision_se", "recall_se", "n"}
     assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+    assert 0 <= r["precision_se"] <= 0.5 and 0 <= r["recall_se"] <= 0.5
   floor = next(r for n, r in rows.items() if n.startswith("real training images"))
   ceiling = next(r for n, r in rows.items() if n.startswith("decoded uniformly random codes"))
   assert floor["fd"] < ceiling["fd"]
@@ -44,10 +45,23 @@ def test_report_holds_every_field_and_references_order(pipeline_run):
   assert set(report["codebook"]) >= {"usage", "usage_10", "perplexity", "mse"}
   md = workdir.eval_report("md").read_text()
   assert "![samples](samples.png)" in md and "bits per code" in md
+  sample_row = next(line for line in md.splitlines() if line.startswith("| samples ("))
+  assert sample_row.count(" ± ") == 3  # KID, precision and recall
   assert workdir.eval_samples_grid.exists()
   # Evaluate keeps its completions in eval/, never in inpaint/ where --mode=inpaint writes.
   assert workdir.eval_inpaint(config.inpaint.mask).npz.exists()
   assert evaluate.is_done(config, workdir)
+
+
+def test_training_seed_does_not_change_the_feature_space(pipeline_run):
+  """A prior trained with another config.seed is measured with the cached classifier and statistics."""
+  config, workdir = pipeline_run
+  config = config.copy_and_resolve_references()
+  config.seed = config.seed + 1
+  cached = workdir.classifier_cache.read_bytes()
+  net, _ = evaluate.feature_network(config, workdir)
+  assert workdir.classifier_cache.read_bytes() == cached
+  evaluate.reference_statistics(config, workdir, net)  # MismatchError if the network had changed.
 
 
 def test_without_inception_weights_rgb_data_is_measured_in_vgg16_space(tmp_path):

@@ -136,6 +136,20 @@ def test_precision_recall_chunking_does_not_change_the_result():
   assert fm.precision_recall(real, fake, k=3, chunk_size=7) == full
 
 
+def test_precision_stderr_matches_the_spread_over_fake_sets():
+  """Given the real set, precision over n i.i.d. fakes is a binomial fraction: its spread over many fake sets
+  is `fraction_stderr`, the ± the report prints."""
+  rng = np.random.default_rng(11)
+  real = rng.normal(size=(300, 3))
+  draws = [fm.precision_recall(real, rng.normal(size=(128, 3)) * 1.4, k=3)[0] for _ in range(300)]
+  expected = fm.fraction_stderr(np.mean(draws), 128)
+  assert 0.2 < np.mean(draws) < 0.9
+  assert abs(np.std(draws) / expected - 1.0) < 0.15
+  assert fm.fraction_stderr(1.0, 5) == 0.0 and fm.fraction_stderr(0.85, 256) == pytest.approx(0.0223, abs=1e-4)
+  with pytest.raises(ValueError, match="count"):
+    fm.fraction_stderr(0.5, 0)
+
+
 def test_knn_radii_against_sorting():
   x = np.random.default_rng(10).normal(size=(40, 3))
   d = ((x[:, None] - x[None]) ** 2).sum(-1)

@@ -80,8 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
   # reference_stats: '' = the training split's feature statistics computed once into W/eval/, or an .npz
   # written by --mode=reference_stats; chunk_size: samples generated and featurised at a time.
-  c.eval = dict(num_samples=256, step_fractions=(1, 4, 10, 40), classifier_steps=600, inpaint_images=64,
-                inception_weights="", reference_stats="", chunk_size=512, seed=3)
+  # classifier_seed: the MNIST feature classifier's own seed, apart from config.seed, so that priors trained
+  # with other seeds are measured in the same feature space (and the cached reference statistics still fit).
+  c.eval = dict(num_samples=256, step_fractions=(1, 4, 10, 40), classifier_steps=600, classifier_seed=0,
+                inpaint_images=64, inception_weights="", reference_stats="", chunk_size=512, seed=3)
   return c
 
 
@@ -313,6 +315,7 @@ def validate_prior(config) -> None:
   check_int(config, "eval.num_samples", 2)
   check_int_tuple(config, "eval.step_fractions", 1)
   check_int(config, "eval.classifier_steps", 1)
+  check_int(config, "eval.classifier_seed", 0)
   check_int(config, "eval.inpaint_images", 1)
   check_int(config, "eval.seed", 0)
   check_int(config, "eval.chunk_size", 1)

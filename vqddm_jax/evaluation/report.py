@@ -25,12 +25,19 @@ def protocol_lines(report: dict) -> list[str]:
            f"- {names['kid']}, {names['precision']} and {names['recall']}: up to the first "
            f"{_fmt_int(p['kid_pr_max_images'])} images of each set, against "
            f"{_fmt_int(p['kid_pr_real']['count'])} held-out images (`{p['kid_pr_real']['split']}`); "
-           "inpainting completions against their originals."]
+           "inpainting completions against their originals. Precision and recall ± their binomial standard "
+           "error (over the fake rows for precision, the real rows for recall)."]
   if p.get("inception_score_splits"):
     lines.append(f"- IS: Inception Score over {p['inception_score_splits']} splits (mean ± std).")
   if report.get("note"):
     lines += ["", report["note"]]
   return lines
+
+
+def _with_se(row: dict, name: str) -> str:
+  """'0.801 ± 0.025' (a report written before standard errors were added: the value alone)."""
+  se = row.get(f"{name}_se")
+  return f"{row[name]:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
 
 def _quality_table(report: dict) -> list[str]:
@@ -40,8 +47,8 @@ def _quality_table(report: dict) -> list[str]:
       ["IS"] if with_is else []) + ["n"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in report["quality"].items():
-    cells = [name, f"{r['fd']:.3f}", f"{r['kid']:.4f} ± {r['kid_std']:.4f}", f"{r['precision']:.3f}",
-             f"{r['recall']:.3f}"]
+    cells = [name, f"{r['fd']:.3f}", f"{r['kid']:.4f} ± {r['kid_std']:.4f}",
+             _with_se(r, "precision"), _with_se(r, "recall")]
     if with_is:
       cells.append(f"{r['is']:.2f} ± {r['is_std']:.2f}" if "is" in r else "–")
     lines.append("| " + " | ".join(cells + [_fmt_int(r["n"])]) + " |")

@@ -114,7 +114,8 @@ def quality_row(streamed: StreamedSet, *, ref_mu: np.ndarray, ref_sigma: np.ndar
     seed: seed of KID's subsets.
 
   Returns:
-    {'fd', 'kid', 'kid_std', 'precision', 'recall', 'n'} (+ 'is', 'is_std' with scores); every value finite.
+    {'fd', 'kid', 'kid_std', 'precision', 'recall', 'precision_se', 'recall_se', 'n'} (+ 'is', 'is_std'
+    with scores; the `_se` are `feature_metrics.fraction_stderr`); every value finite.
   """
   m = streamed.moments
   fd = feature_metrics.frechet_distance(ref_mu, ref_sigma, m.mean, m.covariance())
@@ -125,7 +126,8 @@ def quality_row(streamed: StreamedSet, *, ref_mu: np.ndarray, ref_sigma: np.ndar
   # k = 3 (Kynkäänniemi et al.); fewer neighbours only when a set is too small for 3.
   precision, recall = feature_metrics.precision_recall(real, fake, k=max(1, min(3, len(real) - 1, len(fake) - 1)))
   row = {"fd": fd, "kid": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
-         "n": int(m.count)}
+         "precision_se": feature_metrics.fraction_stderr(precision, len(fake)),
+         "recall_se": feature_metrics.fraction_stderr(recall, len(real)), "n": int(m.count)}
   if streamed.scores is not None:
     row["is"], row["is_std"] = is_lib.score(streamed.scores)
   return row

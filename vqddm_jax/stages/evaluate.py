@@ -74,8 +74,9 @@ def feature_network(config: Any, workdir: Workdir) -> tuple[feature_net.FeatureN
   images, labels = evaluation.labelled_split(config.data, config.data.train_split)
   held, held_labels = evaluation.labelled_split(config.data, config.data.eval_split)
   t0 = time.perf_counter()
-  params, meta = evaluation.load_or_train(workdir.classifier_cache, images, labels, seed=config.seed,
-                                          num_steps=ecfg.classifier_steps, save=parallel.is_main_process())
+  params, meta = evaluation.load_or_train(workdir.classifier_cache, images, labels,
+                                          seed=ecfg.classifier_seed, num_steps=ecfg.classifier_steps,
+                                          save=parallel.is_main_process())
   acc = evaluation.accuracy(params, held, held_labels)
   logging.info("evaluate: classifier held-out accuracy %.2f%% (%s in %.1fs)", 100 * acc,
                "loaded" if meta.get("cached") else "trained", time.perf_counter() - t0)
