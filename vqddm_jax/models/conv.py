@@ -126,7 +126,6 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     x.dtype[B, *O, C_out] with O = (S + low + high - K) // stride + 1.
   """
   ksize, cin, cout = kernel.shape[:-2], kernel.shape[-2], kernel.shape[-1]
-  nsp = len(ksize)
   sizes = x.shape[1:-1]
   x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)])
   out = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], ksize, strides)]
