@@ -44,6 +44,7 @@ def test_unknown_config_argument_raises():
     ("vqvae_train.recon_loss", "l2", "one of"),
     ("data.image_size", 30, "multiple"),
     ("seed", -1, "integer in"),
+    ("prior.dropout", 0.1, "num_res_blocks >= 2"),
     ("refit.kmeans_overrelax", 2.0, "number in"),
     ("refit.kmeans_nested", ((0, 3),), "num_points >= 1"),
     ("distributed.local_device_ids", "a,b", "comma-separated"),

@@ -287,6 +287,11 @@ def validate_prior(config) -> None:
   check_float(config, "prior.time_scale", 0.0, low_open=True)
   check_choice(config, "prior.dtype", ("float32", "bfloat16"))
   p = config.prior
+  if p.dropout > 0 and p.num_res_blocks < 2:
+    # The denoiser drops out between the ResnetBlocks of a down-path level (the authors' placement), so with
+    # one block per level a rate would be accepted and silently do nothing.
+    _fail("prior.dropout", p.dropout, "0.0 when prior.num_res_blocks = 1 (dropout sits between the "
+          "down-path ResnetBlocks of a level; set prior.num_res_blocks >= 2 to use it)")
   widths = sorted({p.ch * m for m in p.ch_mult} | {p.ch})
   if any(w % p.groups for w in widths):
     _fail("prior.groups", p.groups, f"a divisor of every level width {tuple(widths)}")
