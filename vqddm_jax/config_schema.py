@@ -56,17 +56,17 @@ def base_config() -> ml_collections.ConfigDict:
       ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=32,
       codebook_size=256, beta=0.25, norm_groups=8, dropout=0.0, dtype="float32")
   c.vqvae_train = dict(
-      batch_size=16, num_steps=800, optim=optim_defaults(2e-3), ema_decay=0.99, recon_loss="mse",
-      log_every=50, checkpoint_every=400, image_every=400, eval_every=800, eval_examples=0,
+      batch_size=16, num_steps=1200, optim=optim_defaults(2e-3), ema_decay=0.99, recon_loss="mse",
+      log_every=50, checkpoint_every=400, image_every=400, eval_every=1200, eval_examples=0,
       keep_checkpoints=2, **loss_defaults())
   # The PatchGAN of stage 1 and ReFiT (one architecture: ReFiT starts from stage 1's when it has one).
   c.discriminator = dict(ndf=64, num_layers=3)
   c.refit = dict(
       enabled=True, num_codes=128, num_features=20_000, kmeans_iters=300, kmeans_batch_size=4096,
       kmeans_init="kmeans++", kmeans_refine_iters=20, kmeans_nested=(), kmeans_overrelax=1.0,
-      batch_size=16, num_steps=200,
-      optim=optim_defaults(5e-4), ema_decay=0.99, log_every=50, checkpoint_every=200, image_every=200,
-      eval_every=200, eval_examples=0, keep_checkpoints=2, recon_loss="mse", **loss_defaults())
+      batch_size=16, num_steps=300,
+      optim=optim_defaults(5e-4), ema_decay=0.99, log_every=50, checkpoint_every=300, image_every=300,
+      eval_every=300, eval_examples=0, keep_checkpoints=2, recon_loss="mse", **loss_defaults())
   c.encode = dict(batch_size=256)
   c.diffusion = dict(num_steps=250, schedule="cosine", parametrization="residual",
                      importance_sampling=True)
