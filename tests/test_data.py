@@ -107,6 +107,14 @@ def test_exact_resume_equals_uninterrupted_stream(mnist_dir):
   assert not np.array_equal(next(other_seed)["image"], stream[0])
 
 
+def test_pipelines_run_without_tf_data_autotuning():
+  """Autotuning's background thread made dropping each epoch's iterator wait 13-36 s in long runs
+  (pipeline._options); a pipeline built here must not start it."""
+  from vqddm_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  opts = pipeline._options()  # pylint: disable=protected-access
+  assert opts.autotune.enabled is False and opts.deterministic is True
+
+
 def test_hosts_share_each_global_batch_as_one_host_would_see_it(mnist_dir):
   """Two hosts x 2 devices see exactly the global batches, in device order, of one host x 4 devices, epoch
   after epoch, and one saved position resumes every host."""

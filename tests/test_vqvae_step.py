@@ -86,3 +86,13 @@ def test_norm_and_finite_flags_any_non_finite_gradient(bad):
   if bad is None:
     expected = np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree_util.tree_leaves(tree)))
     np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf])
+def test_all_finite_checks_every_leaf_of_device_arrays(bad):
+  """The checkpoint guard (`loop.save` refuses a state for which this is False) sees one bad value in any
+  leaf of device-resident params, whatever the leaf's dtype."""
+  tree = {"a": jnp.ones((3, 4)), "b": [jnp.zeros((5,), jnp.bfloat16), np.arange(3, dtype=np.int32)]}
+  if bad is not None:
+    tree["b"][0] = tree["b"][0].at[2].set(bad)
+  assert metrics.all_finite(tree) is (bad is None)

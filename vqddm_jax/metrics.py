@@ -18,10 +18,14 @@ def make_writer(logdir: Any, *, is_main: bool) -> metric_writers.MetricWriter:
                                               asynchronous=False)
 
 
-def all_finite(tree: Any) -> jnp.ndarray:
-  """`bool[]`: every leaf of `tree` is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def all_finite(tree: Any) -> bool:
+  """Every leaf of `tree` (device or host arrays) is finite, checked on the host.
+
+  NumPy rather than `jnp`: called op by op on a checkpoint's ~150-350 leaves, `jnp` compiled two small
+  programs per distinct leaf shape at a stage's first save (~5 s of the default prior's run on 2 cores); a
+  host pass over the same ~30 MB takes ~6 ms, and the checkpoint copies the arrays to the host anyway.
+  """
+  return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree_util.tree_leaves(tree))
 
 
 def norm_and_finite(tree: Any) -> tuple[jnp.ndarray, jnp.ndarray]:

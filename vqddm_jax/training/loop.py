@@ -93,7 +93,7 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
 
   def save(at_step: int) -> None:
     host = parallel.unreplicate(rstate)
-    if not bool(metrics.all_finite(host.params)):  # Never write a poisoned state.
+    if not metrics.all_finite(host.params):  # Never write a poisoned state.
       raise FloatingPointError(f"{loop.stage}: non-finite parameters at step {at_step}; not saved")
     ckpt.save(at_step, host, dict(meta or {}, position=position, nonfinite_steps=nonfinite))
 
