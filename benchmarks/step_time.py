@@ -101,6 +101,14 @@ def _compiled(p_fn, *args):
   return compiled, (float(cost["flops"]) if cost and "flops" in cost else None)
 
 
+def _hlo_text(compiled) -> str:
+  """The optimised HLO of a compiled program, for `benchmarks/profile_step.py` (empty if unavailable)."""
+  try:
+    return compiled.as_text() or ""
+  except Exception:  # pylint: disable=broad-except
+    return ""
+
+
 def _report(name: str, seconds: float, flops: float | None, peak: float, authors: float | None) -> None:
   print(f"{name}={seconds:.4f}", flush=True)
   if flops:
@@ -115,6 +123,7 @@ def prior_steps(args, devices) -> dict:
 
   Returns a dict: `train` and `reverse` (no-argument callables that run one step and block until it is
   done; `train` carries its state from call to call), `train_flops` / `reverse_flops` (per device, or None),
+  `train_hlo` / `reverse_hlo` (the compiled programs' HLO text, for `profile_step.py`),
   and for `bench_sampling` the mapped chunk function `p_chunk` with its arguments `rparams`, `z`, `key`.
   """
   import jax
@@ -163,7 +172,7 @@ def prior_steps(args, devices) -> dict:
   c_chunk, reverse_flops = _compiled(p_chunk, rparams, z, key, ts)
   return dict(train=train, reverse=lambda: jax.block_until_ready(c_chunk(rparams, z, key, ts)),
               train_flops=train_flops, reverse_flops=reverse_flops, p_chunk=p_chunk, rparams=rparams, z=z,
-              key=key)
+              key=key, train_hlo=_hlo_text(c_step), reverse_hlo=_hlo_text(c_chunk))
 
 
 def bench_prior(args, devices) -> None:
