@@ -24,9 +24,8 @@ import re
 import sys
 import tempfile
 
-# Run as a script from anywhere: this folder (step_time) and the repository root (the package).
+# Run as a script from anywhere (step_time.local_devices puts the repository root on the path).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import step_time  # noqa: E402  (the compiled steps and the architecture flags)
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]+)\"", re.M)
@@ -45,12 +44,9 @@ def _args(argv=None) -> argparse.Namespace:
   return args
 
 
-def op_layers(hlo_texts: list[str]) -> dict[str, str]:
-  """HLO instruction name -> the `op_name` metadata it was lowered from, over all `hlo_texts`."""
-  names = {}
-  for text in hlo_texts:
-    names.update(dict(_INSTR.findall(text)))
-  return names
+def op_layers(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the `op_name` metadata it was lowered from, in one compiled program's text."""
+  return dict(_INSTR.findall(hlo_text))
 
 
 def layer_of(op_name: str, depth: int) -> str:
@@ -106,15 +102,10 @@ def summarise(events: list[dict], names: dict[str, str], steps: int, top: int, d
 
 def main(argv=None) -> int:
   args = _args(argv)
-  if args.host_devices:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.host_devices}")
-  import jax
-  devices = jax.local_devices()[:args.devices or None]
-  steps = step_time.prior_steps(args, devices)
+  steps = step_time.prior_steps(args, step_time.local_devices(args))
   fn = steps["reverse"] if args.reverse else steps["train"]
   events = profile(fn, args.profile_steps)
-  names = op_layers([steps["reverse_hlo" if args.reverse else "train_hlo"]])
+  names = op_layers(steps["reverse_hlo" if args.reverse else "train_hlo"])
   summarise(events, names, args.profile_steps, args.top, args.depth)
   return 0
 

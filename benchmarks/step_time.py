@@ -257,15 +257,22 @@ def bench_stage1(name: str, args, devices) -> None:
   _report(f"vqvae_train_step_s[{name}]", seconds, flops, args.peak_flops, None)
 
 
-def main(argv=None) -> int:
-  args = _args(argv)
-  if args.host_devices:  # Before JAX starts: XLA reads its flags once.
+def local_devices(args) -> list:
+  """The devices to map over (`--devices`), after making `--host_devices` XLA CPU devices and putting the
+  repository root on the path; call before anything imports JAX (XLA reads its flags once)."""
+  if args.host_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.host_devices}")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
   devices = jax.local_devices()[:args.devices or None]
   print(f"backend {jax.default_backend()}, {len(devices)} device(s): {devices[0].device_kind}", flush=True)
+  return devices
+
+
+def main(argv=None) -> int:
+  args = _args(argv)
+  devices = local_devices(args)
   if not args.no_prior:
     bench_prior(args, devices)
   for name in filter(None, args.stage1.split(",")):
