@@ -10,8 +10,8 @@
 Prints `name=value` lines: `prior_train_step_s`, `prior_sample_step_s` (one reverse step of the whole batch),
 `vqvae_train_step_s[...]`, each with the step's FLOPs from XLA's `cost_analysis` (per device), the achieved
 FLOP/s and, with `--peak_flops` (per device), the MFU; then the ratio to the authors' PyTorch figures measured
-on a 2-core CPU (presets only). Times: compile excluded (a warm-up call first), median of `--repeats` calls
-with `block_until_ready`. The steps are the project's own (`training.prior_step.train_step`,
+on a 2-core CPU (presets only). Times: compile excluded, `--warmup` untimed calls first, then the median of
+`--repeats` calls with `block_until_ready`. The steps are the project's own (`training.prior_step.train_step`,
 `generation`'s reverse chunk, `training.vqvae_step.train_step`), pmapped over `--devices` local devices (the
 global batch split over them, as the main command does); on a CPU host `--host_devices=n` makes n XLA
 devices of its cores.
@@ -56,7 +56,10 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--stage1", default="", help="comma-separated stage-1 configs to time: mnist, f16")
   p.add_argument("--devices", type=int, default=0, help="local devices to map over (0 = all)")
   p.add_argument("--host_devices", type=int, default=0, help="XLA CPU devices to make (0 = JAX's default)")
-  p.add_argument("--repeats", type=int, default=5)
+  # The first few calls after compiling run up to 2x slower on XLA:CPU, and one call in ten can be 2x slower
+  # on a busy 2-core host: a median of 5 after one warm-up call once read 0.225 s where 30 read 0.116 s.
+  p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
+  p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--peak_flops", type=float, default=0.0, help="peak FLOP/s of one device, for MFU")
   args = p.parse_args(argv)
   base = dict(PRESETS[args.preset or "mnist"])
@@ -78,9 +81,10 @@ def _on_devices(tree, devices, replicate: bool):
   return jax.tree_util.tree_map(put, tree)
 
 
-def _timed(fn, repeats: int) -> float:
+def _timed(fn, repeats: int, warmup: int = 3) -> float:
   import jax
-  jax.block_until_ready(fn())  # warm-up: first run (the program is compiled already)
+  for _ in range(max(1, warmup)):  # the program is compiled already; these settle allocator and threads
+    jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -178,9 +182,9 @@ def prior_steps(args, devices) -> dict:
 def bench_prior(args, devices) -> None:
   """Train step and one reverse step of the denoiser at the given architecture."""
   steps = prior_steps(args, devices)
-  _report("prior_train_step_s", _timed(steps["train"], args.repeats), steps["train_flops"],
+  _report("prior_train_step_s", _timed(steps["train"], args.repeats, args.warmup), steps["train_flops"],
           args.peak_flops, AUTHORS[args.preset][0] if args.preset else None)
-  _report("prior_sample_step_s", _timed(steps["reverse"], args.repeats), steps["reverse_flops"],
+  _report("prior_sample_step_s", _timed(steps["reverse"], args.repeats, args.warmup), steps["reverse_flops"],
           args.peak_flops, AUTHORS[args.preset][1] if args.preset else None)
   if args.sampling:
     bench_sampling(args, steps["p_chunk"], steps["rparams"], steps["z"], steps["key"])
@@ -253,7 +257,7 @@ def bench_stage1(name: str, args, devices) -> None:
   def train():
     holder[0], metrics = c_step(holder[0], data, key)
     return metrics
-  seconds = _timed(train, args.repeats)
+  seconds = _timed(train, args.repeats, args.warmup)
   _report(f"vqvae_train_step_s[{name}]", seconds, flops, args.peak_flops, None)
 
 

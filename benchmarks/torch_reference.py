@@ -173,7 +173,8 @@ def reverse_step(model, sched, z_t, t, k):
 
 
 def _median_time(fn, repeats):
-  fn(), fn()  # warm-up (allocator, oneDNN primitive caches)
+  for _ in range(3):  # warm-up (allocator, oneDNN primitive caches), as many calls as step_time.py's default
+    fn()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
