@@ -32,6 +32,9 @@ PRESETS = {
     "celeba": dict(ch=128, mults="1,2,4,8", k=512, hw=16, batch=8, T=4000, res_blocks=2),
     "mnist": dict(ch=64, mults="1,2,4", k=512, hw=8, batch=32, T=4000, res_blocks=2),
 }
+# Untimed calls before timing: the first few calls after compiling run up to 2x slower on XLA:CPU.
+WARMUP_CALLS = 3
+
 STAGE1 = {  # (config sizes, image size, channels, batch)
     "mnist": (dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32,
                    embed_dim=32, codebook_size=256, norm_groups=8), 32, 1, 16),
@@ -56,9 +59,9 @@ def _args(argv=None) -> argparse.Namespace:
   p.add_argument("--stage1", default="", help="comma-separated stage-1 configs to time: mnist, f16")
   p.add_argument("--devices", type=int, default=0, help="local devices to map over (0 = all)")
   p.add_argument("--host_devices", type=int, default=0, help="XLA CPU devices to make (0 = JAX's default)")
-  # The first few calls after compiling run up to 2x slower on XLA:CPU, and one call in ten can be 2x slower
-  # on a busy 2-core host: a median of 5 after one warm-up call once read 0.225 s where 30 read 0.116 s.
-  p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
+  # One call in ten can be 2x slower on a busy 2-core host: a median of 5 after one warm-up call once read
+  # 0.225 s where 30 read 0.116 s.
+  p.add_argument("--warmup", type=int, default=WARMUP_CALLS, help="untimed calls before timing (at least 1)")
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--peak_flops", type=float, default=0.0, help="peak FLOP/s of one device, for MFU")
   args = p.parse_args(argv)
@@ -81,7 +84,7 @@ def _on_devices(tree, devices, replicate: bool):
   return jax.tree_util.tree_map(put, tree)
 
 
-def _timed(fn, repeats: int, warmup: int = 3) -> float:
+def _timed(fn, repeats: int, warmup: int = WARMUP_CALLS) -> float:
   import jax
   for _ in range(max(1, warmup)):  # the program is compiled already; these settle allocator and threads
     jax.block_until_ready(fn())
