@@ -211,6 +211,20 @@ def test_uniform_model_scores_log2_k_bits_per_code():
   assert float(diffusion.bits_per_code(jnp.float32(4 * np.log(k)), 4)) == pytest.approx(np.log2(k))
 
 
+def test_x0_cross_entropy_matches_brute_force_and_its_gradient():
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(rng.normal(size=(3, 2, 4, 9)), jnp.float32)
+  z0 = jnp.asarray(rng.integers(0, 9, (3, 2, 4)), jnp.int32)
+  ce = lambda lg: diffusion.x0_cross_entropy(jax.nn.log_softmax(lg, axis=-1), z0)  # noqa: E731
+  lg64 = np.asarray(logits, np.float64)
+  log_p = lg64 - np.log(np.exp(lg64).sum(-1, keepdims=True))
+  want = -np.take_along_axis(log_p, np.asarray(z0)[..., None], -1)[..., 0].sum((1, 2))
+  np.testing.assert_allclose(ce(logits), want, rtol=1e-5)
+  # d/dlogits of −log softmax(z_0) is softmax − one_hot(z_0), per position.
+  grad = jax.grad(lambda lg: jnp.sum(ce(lg)))(logits)
+  np.testing.assert_allclose(grad, np.exp(log_p) - np.eye(9)[np.asarray(z0)], atol=1e-6)
+
+
 def test_importance_sampler_switches_and_follows_sqrt_ema():
   big_t = 5
   state = diffusion.init_importance(big_t)

@@ -48,6 +48,48 @@ def test_prior_step_on_8_devices_equals_1_device(num_devices):
   assert float(m8["importance_on"][0]) == 1.0 and float(m8["finite"][0]) == 1.0
 
 
+def test_hybrid_loss_adds_lambda_times_the_x0_cross_entropy_gradient(num_devices):
+  k, big_t = 7, 12
+  model = UNet(num_classes=k, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)
+  sched = diffusion.make_schedule(big_t, num_classes=k)
+  optimizer = optax.sgd(1.0)  # The update is −gradient, so it is linear in λ.
+  state = stage2.init_state(model, optimizer, jax.random.key(0), (4, 4), big_t)
+  codes = np.random.default_rng(1).integers(0, k, (8, 4, 4)).astype(np.int32)
+  one = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)  # noqa: E731
+
+  def run(weight, all_devices=False):
+    step = functools.partial(stage2.train_step, model=model, optimizer=optimizer, sched=sched,
+                             parametrization="x0", use_importance=False, ema_decay=0.0, t_buckets=2,
+                             hybrid_ce_weight=weight)
+    if all_devices:
+      new, m = parallel.pmap_step(step, donate_state=False)(
+          parallel.replicate(state), {"codes": parallel.shard(codes)}, jax.random.key(3))
+    else:
+      new, m = parallel.pmap_step(step, donate_state=False, devices=jax.devices()[:1])(
+          one(state), {"codes": codes[None]}, jax.random.key(3))
+    delta = [np.asarray(a)[0] - np.asarray(b) for a, b in zip(
+        jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(state.params))]
+    return np.concatenate([d.ravel() for d in delta]), m
+
+  d0, m0 = run(0.0)
+  d1, m1 = run(0.5)
+  d2, m2 = run(2.0)
+  # The metrics are taken before the update: the −ELBO estimate and the cross-entropy do not depend on λ.
+  for m in (m1, m2):
+    np.testing.assert_allclose(m["loss_bits_per_code"], m0["loss_bits_per_code"], rtol=1e-6)
+  np.testing.assert_allclose(m2["x0_ce_bits_per_code"], m1["x0_ce_bits_per_code"], rtol=1e-6)
+  assert 0.0 < float(m1["x0_ce_bits_per_code"][0]) < 2 * np.log2(k)
+  assert "x0_ce_bits_per_code" not in m0  # The pure −ELBO step computes no cross-entropy.
+  ce_part = d1 - d0
+  assert np.linalg.norm(ce_part) > 1e-3 * np.linalg.norm(d0)
+  np.testing.assert_allclose(d2 - d0, 4.0 * ce_part, rtol=1e-3, atol=1e-6 * np.abs(d0).max())
+  # Over 8 devices (one map each) the averaged gradient and metrics are those of the whole batch on one.
+  d2_8, m2_8 = run(2.0, all_devices=True)
+  np.testing.assert_allclose(d2_8, d2, rtol=1e-4, atol=1e-6 * np.abs(d2).max())
+  for name in ("loss_bits_per_code", "x0_ce_bits_per_code"):
+    np.testing.assert_allclose(m2_8[name][0], m2[name][0], rtol=1e-5)
+
+
 def _prior_state(config, workdir):
   meta = codes_lib.read_meta(workdir.code_store)
   k = int(meta["codebook_size"])

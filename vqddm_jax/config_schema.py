@@ -75,7 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.prior_train = dict(
       batch_size=32, num_steps=6000, optim=optim_defaults(1e-3), ema_decay=0.998, log_every=50,
       checkpoint_every=2000, eval_every=6000, eval_examples=0, eval_t_samples=16, t_buckets=4,
-      keep_checkpoints=2, max_code_maps=0)  # max_code_maps: train on the first N stored maps (0 = all)
+      keep_checkpoints=2, max_code_maps=0, hybrid_ce_weight=0.0)
+  # max_code_maps: train on the first N stored maps (0 = all). hybrid_ce_weight: λ of D3PM's hybrid loss,
+  # −ELBO + λ·(−log p̂(z_0 | z_t)), both in bits per code (0 = the pure −ELBO of the paper).
   c.sample = dict(num_samples=64, steps=0, chunk_steps=125, seed=1, decode_batch_size=256)
   c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
   # reference_stats: '' = the training split's feature statistics computed once into W/eval/, or an .npz
@@ -304,6 +306,7 @@ def validate_prior(config) -> None:
     check_int(config, f"prior_train.{name}", 1 if name != "eval_t_samples" else 2)
   check_int(config, "prior_train.eval_examples", 0)
   check_int(config, "prior_train.max_code_maps", 0)
+  check_float(config, "prior_train.hybrid_ce_weight", 0.0, 100.0)
   if 0 < config.prior_train.max_code_maps < config.prior_train.batch_size:
     _fail("prior_train.max_code_maps", config.prior_train.max_code_maps,
           f"0 (all maps) or at least one global batch (prior_train.batch_size = "

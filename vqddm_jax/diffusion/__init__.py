@@ -13,7 +13,7 @@ from vqddm_jax.diffusion import importance, objective, posterior, samplers, sche
 from vqddm_jax.diffusion.importance import (ImportanceState, importance_probs, init_importance, is_ready,
                                             sample_t)
 from vqddm_jax.diffusion.objective import (bits_per_code, importance_weighted_nelbo, loss_t, nelbo_all_t,
-                                           nelbo_monte_carlo, prior_kl)
+                                           nelbo_monte_carlo, prior_kl, x0_cross_entropy)
 from vqddm_jax.diffusion.posterior import (PARAMETRIZATIONS, categorical, categorical_kl, log_one_hot,
                                            log_posterior, log_q_zt_given_z0, q_sample, x0_logits)
 from vqddm_jax.diffusion.samplers import (inpaint, inpaint_chunk, inpaint_init, model_log_posterior,
@@ -29,5 +29,5 @@ __all__ = [
     "log_one_hot", "log_posterior", "log_q_zt_given_z0", "loss_t", "make_schedule", "model_log_posterior",
     "nelbo_all_t", "nelbo_monte_carlo", "objective", "posterior", "prior_kl", "q_sample", "reverse_chunk",
     "reverse_step", "sample", "sample_t", "samplers", "sampling_timesteps", "schedule", "uniform_codes",
-    "x0_logits",
+    "x0_cross_entropy", "x0_logits",
 ]

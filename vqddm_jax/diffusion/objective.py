@@ -189,6 +189,21 @@ def prior_kl(z0: jnp.ndarray, sched: Schedule, num_classes: Optional[int] = None
   return jnp.full((z0.shape[0],), jnp.maximum(per_position, 0.0) * num_positions, jnp.float32)
 
 
+def x0_cross_entropy(log_x0: jnp.ndarray, z0: jnp.ndarray) -> jnp.ndarray:
+  """−log p̂(z_0 | z_t) per image in nats: the auxiliary term of D3PM's hybrid loss (Austin et al. 2021, §3.4).
+
+  It trains x̂_0 directly at every t, also at large t where the posterior KL barely depends on x̂_0.
+
+  Args:
+    log_x0: f32[B, h, w, K], the model's normalised log-probabilities of x̂_0.
+    z0: i32[B, h, w], the data codes.
+
+  Returns:
+    f32[B], summed over positions.
+  """
+  return -_sum_positions(_take_last(log_x0, jnp.asarray(z0, jnp.int32)))
+
+
 def importance_weighted_nelbo(loss_t_value: jnp.ndarray, p_t: jnp.ndarray,
                               prior: jnp.ndarray) -> jnp.ndarray:
   """The training estimator L_t / p(t) + L_prior, unbiased for −ELBO when t ~ p(t).

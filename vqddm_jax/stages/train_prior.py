@@ -84,7 +84,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
       prior_step.train_step, model=model, optimizer=optimizer, sched=sched,
       parametrization=config.diffusion.parametrization,
       use_importance=config.diffusion.importance_sampling, ema_decay=tcfg.ema_decay,
-      t_buckets=tcfg.t_buckets))
+      t_buckets=tcfg.t_buckets, hybrid_ce_weight=tcfg.hybrid_ce_weight))
   writer = metrics.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
   per_device = parallel.per_device_batch_size(tcfg.batch_size)
   run_eval = _heldout_evaluation(config, workdir, model, sched, eval_codes, writer, key)

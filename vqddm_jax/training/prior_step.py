@@ -47,12 +47,15 @@ def example_keys(key: jax.Array, step: jnp.ndarray, per_device: int) -> jax.Arra
 def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
                optimizer: optax.GradientTransformation, sched: diffusion.Schedule,
                parametrization: str, use_importance: bool, ema_decay: float,
-               t_buckets: int) -> tuple[PriorState, dict]:
+               t_buckets: int, hybrid_ce_weight: float = 0.0) -> tuple[PriorState, dict]:
   """One per-device update on `batch['codes']: i32[b, h, w]` (z_0); call through `parallel.pmap_step`.
 
   Draws t ~ p(t) (importance or uniform) and z_t ~ q(z_t | z_0) per example, minimises the importance-
-  weighted −ELBO estimate L_t / p(t) + L_prior in bits per code, averages gradients over devices, and folds
-  the (t, L_t) pairs gathered from every device into the importance state (the same update everywhere).
+  weighted −ELBO estimate L_t / p(t) + L_prior in bits per code (plus `hybrid_ce_weight` times the cross-
+  entropy −log p̂(z_0 | z_t) in bits per code when it is > 0: D3PM's hybrid loss), averages gradients over
+  devices, and folds the (t, L_t) pairs gathered from every device into the importance state (the same
+  update everywhere). `loss_bits_per_code` is the −ELBO estimate alone; `x0_ce_bits_per_code` (only with a
+  weight > 0) the cross-entropy.
   """
   z0 = batch["codes"]
   b, h, w = z0.shape
@@ -69,13 +72,18 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
 
   def loss_fn(params):
     logits = prior_lib.logits_fn(model, params, parametrization, rng)(z_t, t)
-    lt = diffusion.loss_t(jax.nn.log_softmax(logits, axis=-1), z0, z_t, t, sched)
-    est = diffusion.importance_weighted_nelbo(lt, p_t, prior)
-    return jnp.mean(diffusion.bits_per_code(est, h * w)), lt
+    log_x0 = jax.nn.log_softmax(logits, axis=-1)
+    lt = diffusion.loss_t(log_x0, z0, z_t, t, sched)
+    nelbo = jnp.mean(diffusion.bits_per_code(diffusion.importance_weighted_nelbo(lt, p_t, prior), h * w))
+    if hybrid_ce_weight == 0:
+      return nelbo, (lt, nelbo, None)
+    ce = jnp.mean(diffusion.bits_per_code(diffusion.x0_cross_entropy(log_x0, z0), h * w))
+    return nelbo + hybrid_ce_weight * ce, (lt, nelbo, ce)
 
-  (loss, lt), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (lt, loss, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = parallel.pmean(grads)
-  loss = parallel.pmean(loss)
+  # One reduction for both scalars (ce is None, no leaf, at weight 0).
+  loss, ce = parallel.pmean((loss, ce))
   all_t = jax.lax.all_gather(t, parallel.AXIS).reshape(-1)
   all_lt = jax.lax.all_gather(lt, parallel.AXIS).reshape(-1)
 
@@ -92,6 +100,8 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
   out = {"loss_bits_per_code": loss, "grad_norm": grad_norm,
          "finite": ok.astype(jnp.float32),
          "importance_on": diffusion.is_ready(state.importance).astype(jnp.float32)}
+  if ce is not None:
+    out["x0_ce_bits_per_code"] = ce
   out.update(_bucket_means(all_t, diffusion.bits_per_code(all_lt, h * w), big_t, t_buckets))
   return PriorState(step=state.step + 1, params=new[0], ema_params=new[1], opt_state=new[2],
                     importance=new[3]), out
