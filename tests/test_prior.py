@@ -20,6 +20,11 @@ from vqddm_jax.training import prior_step as stage2
 from vqddm_jax.workdir import Workdir
 
 
+def _one_device(tree):
+  """The state with a leading device axis of 1, for a step mapped over one device."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)
+
+
 def test_prior_step_on_8_devices_equals_1_device(num_devices):
   k, big_t = 7, 12
   model = UNet(num_classes=k, ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)
@@ -35,9 +40,8 @@ def test_prior_step_on_8_devices_equals_1_device(num_devices):
   key = jax.random.key(3)
   s8, m8 = parallel.pmap_step(step, donate_state=False)(
       parallel.replicate(state), {"codes": parallel.shard(codes)}, key)
-  one = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)  # noqa: E731
   s1, m1 = parallel.pmap_step(step, donate_state=False, devices=jax.devices()[:1])(
-      one(state), {"codes": codes[None]}, key)
+      _one_device(state), {"codes": codes[None]}, key)
   s8, s1 = parallel.unreplicate(s8), parallel.unreplicate(s1)
   np.testing.assert_array_equal(s8.importance.count, s1.importance.count)
   assert int(s8.importance.count.sum()) == int(state.importance.count.sum()) + 16
@@ -55,7 +59,6 @@ def test_hybrid_loss_adds_lambda_times_the_x0_cross_entropy_gradient(num_devices
   optimizer = optax.sgd(1.0)  # The update is −gradient, so it is linear in λ.
   state = stage2.init_state(model, optimizer, jax.random.key(0), (4, 4), big_t)
   codes = np.random.default_rng(1).integers(0, k, (8, 4, 4)).astype(np.int32)
-  one = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)  # noqa: E731
 
   def run(weight, all_devices=False):
     step = functools.partial(stage2.train_step, model=model, optimizer=optimizer, sched=sched,
@@ -66,7 +69,7 @@ def test_hybrid_loss_adds_lambda_times_the_x0_cross_entropy_gradient(num_devices
           parallel.replicate(state), {"codes": parallel.shard(codes)}, jax.random.key(3))
     else:
       new, m = parallel.pmap_step(step, donate_state=False, devices=jax.devices()[:1])(
-          one(state), {"codes": codes[None]}, jax.random.key(3))
+          _one_device(state), {"codes": codes[None]}, jax.random.key(3))
     delta = [np.asarray(a)[0] - np.asarray(b) for a, b in zip(
         jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(state.params))]
     return np.concatenate([d.ravel() for d in delta]), m

@@ -82,7 +82,7 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
 
   (_, (lt, loss, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = parallel.pmean(grads)
-  # One reduction for both scalars (ce is None, no leaf, at weight 0).
+  # At weight 0 ce is None: a tree without leaves, so nothing extra is reduced.
   loss, ce = parallel.pmean((loss, ce))
   all_t = jax.lax.all_gather(t, parallel.AXIS).reshape(-1)
   all_lt = jax.lax.all_gather(lt, parallel.AXIS).reshape(-1)
