@@ -114,6 +114,42 @@ def test_num_samples_beyond_the_heldout_set_is_honoured(pipeline_run, tmp_path, 
   assert "N = 40" in workdir.eval_report("md").read_text()
 
 
+def test_sample_draws_report_each_draw_and_their_spread(pipeline_run, tmp_path):
+  """eval.sample_draws = 2: draw 0 is the samples row, draw 1 is what eval.seed + 1 gives, mean/std right."""
+  config, workdir = pipeline_run
+  shutil.copytree(workdir.root, tmp_path / "w")
+  config, workdir = config.copy_and_resolve_references(), Workdir(tmp_path / "w")
+  # Shapes the shared run compiled already (chunks of 32), so mostly cache hits.
+  config.eval.update(num_samples=32, step_fractions=(4,), chunk_size=32, sample_draws=2)
+  assert evaluate.run(config, workdir).completed
+  report = json.loads(workdir.eval_report("json").read_text())
+  draws = report["sample_draws"]
+  assert [d["seed"] for d in draws["draws"]] == [config.eval.seed + r for r in range(2)]
+  assert draws["steps"] == config.diffusion.num_steps // 4
+  row = report["quality"][f"samples ({draws['steps']} steps)"]
+  metrics = ("fd", "kid", "precision", "recall")
+  assert {m: draws["draws"][0][m] for m in metrics} == {m: row[m] for m in metrics}
+  for m in metrics:
+    values = [d[m] for d in draws["draws"]]
+    np.testing.assert_allclose(draws["mean"][m], np.mean(values), rtol=1e-12)
+    np.testing.assert_allclose(draws["std"][m], np.std(values, ddof=1), rtol=1e-12)
+  assert draws["draws"][1]["fd"] != draws["draws"][0]["fd"]  # Another set of samples.
+  # Draw 1 is the samples row of a report made with eval.seed + 1 (FD, precision and recall).
+  other = config.copy_and_resolve_references()
+  other.eval.seed = config.eval.seed + 1
+  gen = generation.load_generator(other, workdir)
+  net, _ = evaluate.feature_network(other, workdir)
+  scorer = evaluate.Scorer(net, evaluate.reference_statistics(other, workdir, net),
+                           evaluate._real_features(other, net, len(gen.heldout_codes)), other.eval.seed)
+  again = evaluate.steps_table(other, gen, scorer)[0][0]
+  for m in ("fd", "precision", "recall"):
+    np.testing.assert_allclose(draws["draws"][1][m], again[m], rtol=1e-6)
+  md = workdir.eval_report("md").read_text()
+  assert "## Samples over 2 evaluation draws" in md
+  table = md.split("## Samples over 2 evaluation draws", 1)[1]
+  assert table.count(f"| {config.eval.seed + 1} | ") == 1 and "| mean ± std | " in table
+
+
 def _inception_file(path) -> str:
   """A weights file in the converted layout, with the classifier layer: random He-scaled kernels and neutral
   batch norms (finite features; made in NumPy, ~15 s faster than initialising the network)."""

@@ -82,10 +82,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
   # reference_stats: '' = the training split's feature statistics computed once into W/eval/, or an .npz
   # written by --mode=reference_stats; chunk_size: samples generated and featurised at a time.
+  # sample_draws: R > 1 samples the samples row R times (seeds eval.seed .. eval.seed + R − 1) and reports
+  # the mean and standard deviation of FD, KID, precision and recall over the draws (R − 1 more sample sets).
   # classifier_seed: the MNIST feature classifier's own seed, apart from config.seed, so that priors trained
   # with other seeds are measured in the same feature space (and the cached reference statistics still fit).
   c.eval = dict(num_samples=256, step_fractions=(1, 4, 10, 40), classifier_steps=600, classifier_seed=0,
-                inpaint_images=64, inception_weights="", reference_stats="", chunk_size=512, seed=3)
+                inpaint_images=64, inception_weights="", reference_stats="", chunk_size=512, seed=3,
+                sample_draws=1)
   return c
 
 
@@ -327,6 +330,7 @@ def validate_prior(config) -> None:
   check_int(config, "eval.inpaint_images", 1)
   check_int(config, "eval.seed", 0)
   check_int(config, "eval.chunk_size", 1)
+  check_int(config, "eval.sample_draws", 1, 100)
   weights = config.eval.inception_weights
   if weights and not epath.Path(weights).is_file():
     _fail("eval.inception_weights", weights, "'' (no FID: VGG16 or classifier features) or the path of an "

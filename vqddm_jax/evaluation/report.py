@@ -64,10 +64,32 @@ def _steps_table(report: dict) -> list[str]:
   return lines
 
 
+def _draws_table(report: dict) -> list[str]:
+  """The samples row over several evaluation draws (`eval.sample_draws`), with their mean ± std."""
+  d = report.get("sample_draws")
+  if not d:
+    return []
+  names = report["protocol"]["metric_names"]
+  metrics = ("fd", "kid", "precision", "recall")
+  n = len(d["draws"])
+  lines = ["", f"## Samples over {n} evaluation draws", "",
+           f"The samples row ({d['steps']} steps) for {n} independent sets of "
+           f"N = {_fmt_int(report['protocol']['num_samples'])} samples (same model, only the draw differs; "
+           "draw `eval.seed` is the row above), with the mean ± standard deviation over the draws.", "",
+           "| eval.seed | " + " | ".join(names[m] for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+  digits = {"fd": 3, "kid": 4, "precision": 3, "recall": 3}
+  lines += ["| " + " | ".join([str(r["seed"])] + [f"{r[m]:.{digits[m]}f}" for m in metrics]) + " |"
+            for r in d["draws"]]
+  lines.append("| mean ± std | " + " | ".join(
+      f"{d['mean'][m]:.{digits[m]}f} ± {d['std'][m]:.{digits[m]}f}" for m in metrics) + " |")
+  return lines
+
+
 def markdown(report: dict) -> str:
   """The whole report as Markdown."""
   lines = ["# VQ-DDM evaluation report", ""] + protocol_lines(report) + [""] + _quality_table(report)
   lines += ["", "## Sampling steps against quality and wall time", ""] + _steps_table(report)
+  lines += _draws_table(report)
   ev = report.get("heldout_nelbo") or {}
   if ev:
     lines += ["", f"Held-out −ELBO: **{ev['nelbo_bits_per_code']:.3f} ± {ev['stderr']:.3f} bits per code** "

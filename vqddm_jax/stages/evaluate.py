@@ -147,34 +147,70 @@ class Scorer:
     return row, s.first_images
 
 
+def _sample_set_row(config: Any, gen: generation.Generator, scorer: Scorer, rparams: Any, *, steps: int,
+                    seed: int) -> tuple[dict, np.ndarray, float]:
+  """(quality row, first images, sampling seconds) of `eval.num_samples` samples drawn with
+  `jax.random.key(seed)` in `steps` reverse steps."""
+  ecfg = config.eval
+  seconds = [0.0]
+
+  def timed(chunks):
+    # Sampling time only: decoding and features are the evaluation's cost, not the sampler's.
+    t0 = time.perf_counter()
+    for item in chunks:
+      seconds[0] += time.perf_counter() - t0
+      yield item
+      t0 = time.perf_counter()
+
+  codes = timed(generation.sample_in_chunks(
+      gen, rparams, key=jax.random.key(seed), num=ecfg.num_samples, chunk_size=ecfg.chunk_size,
+      num_sampling_steps=steps, chunk_steps=config.sample.chunk_steps))
+  quality, first = scorer.row(_decoded(config, gen, _host_slices(codes, ecfg.num_samples)), ecfg.num_samples)
+  return quality, first, seconds[0]
+
+
 def steps_table(config: Any, gen: generation.Generator, scorer: Scorer) -> tuple[list[dict], np.ndarray]:
   """Quality of `eval.num_samples` samples and wall time for S = T / f reverse steps, f in
   `eval.step_fractions`; returns the rows and the first images sampled with the first fraction."""
-  ecfg = config.eval
   rparams = parallel.replicate(gen.prior.params)
   rows, grid = [], None
-  for frac in ecfg.step_fractions:
+  for frac in config.eval.step_fractions:
     steps = max(1, gen.sched.num_steps // frac)
-    seconds = [0.0]
-
-    def timed(chunks):
-      # Sampling time only: decoding and features are the evaluation's cost, not the sampler's.
-      t0 = time.perf_counter()
-      for item in chunks:
-        seconds[0] += time.perf_counter() - t0
-        yield item
-        t0 = time.perf_counter()
-
-    codes = timed(generation.sample_in_chunks(
-        gen, rparams, key=jax.random.key(ecfg.seed), num=ecfg.num_samples, chunk_size=ecfg.chunk_size,
-        num_sampling_steps=steps, chunk_steps=config.sample.chunk_steps))
-    quality, first = scorer.row(_decoded(config, gen, _host_slices(codes, ecfg.num_samples)),
-                                ecfg.num_samples)
+    quality, first, seconds = _sample_set_row(config, gen, scorer, rparams, steps=steps, seed=config.eval.seed)
     grid = first if grid is None else grid
-    row = {"steps": steps, "fraction": f"T/{frac}" if frac > 1 else "T", "seconds": seconds[0], **quality}
+    row = {"steps": steps, "fraction": f"T/{frac}" if frac > 1 else "T", "seconds": seconds, **quality}
     logging.info("evaluate: %s", row)
     rows.append(row)
   return rows, grid
+
+
+DRAW_METRICS = ("fd", "kid", "precision", "recall")
+
+
+def sample_draws(config: Any, gen: generation.Generator, scorer: Scorer, first: dict) -> dict | None:
+  """The samples row over `eval.sample_draws` independent sample sets, to show how much of it is the draw.
+
+  Draw r samples with seed `eval.seed + r`, so its FD, precision and recall are those a report made with
+  `--config.eval.seed=eval.seed + r` shows; draw 0 is the report's own samples row (`first`, not sampled
+  again). Only the steps of the first step fraction are drawn again.
+
+  Returns:
+    None for one draw, else {'steps', 'draws': [{'seed', 'fd', 'kid', 'precision', 'recall'}, ...],
+    'mean': {metric: float}, 'std': {metric: float} (sample standard deviation, ddof = 1)}.
+  """
+  ecfg = config.eval
+  if ecfg.sample_draws <= 1:
+    return None
+  steps = first["steps"]
+  rparams = parallel.replicate(gen.prior.params)
+  draws = [{"seed": ecfg.seed, **{m: first[m] for m in DRAW_METRICS}}]
+  for r in range(1, ecfg.sample_draws):
+    quality, _, _ = _sample_set_row(config, gen, scorer, rparams, steps=steps, seed=ecfg.seed + r)
+    draws.append({"seed": ecfg.seed + r, **{m: quality[m] for m in DRAW_METRICS}})
+    logging.info("evaluate: draw %d of %d: %s", r + 1, ecfg.sample_draws, draws[-1])
+  values = {m: np.array([d[m] for d in draws], np.float64) for m in DRAW_METRICS}
+  return {"steps": steps, "draws": draws, "mean": {m: float(v.mean()) for m, v in values.items()},
+          "std": {m: float(v.std(ddof=1)) for m, v in values.items()}}
 
 
 def _random_code_chunks(config: Any, gen: generation.Generator, num: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -220,7 +256,8 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   rows[f"inpainting completions ({config.inpaint.mask})"] = _inpainting_row(
       config, workdir, gen, scorer, min(config.eval.inpaint_images, len(gen.heldout_codes)))
   report = dict(facts, protocol=_protocol(config, net, ref, n_real, workdir), quality=rows,
-                steps_vs_quality=table, inputs=_record(config, gen.record()),
+                steps_vs_quality=table, sample_draws=sample_draws(config, gen, scorer, table[0]),
+                inputs=_record(config, gen.record()),
                 heldout_nelbo=workdir_lib.read_json(workdir.train("prior").eval_json) or {},
                 codebook=_codebook_facts(config, workdir), refit=workdir_lib.read_json(workdir.refit_report("json")),
                 samples_grid=workdir.eval_samples_grid.name, seconds=time.perf_counter() - t_start)
