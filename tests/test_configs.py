@@ -47,6 +47,7 @@ def test_unknown_config_argument_raises():
     ("prior.dropout", 0.1, "num_res_blocks >= 2"),
     ("prior_train.hybrid_ce_weight", -0.5, "number in"),
     ("eval.sample_draws", 0, "integer in"),
+    ("sample.temperature", 0.0, "number in"),
     ("refit.kmeans_overrelax", 2.0, "number in"),
     ("refit.kmeans_nested", ((0, 3),), "num_points >= 1"),
     ("distributed.local_device_ids", "a,b", "comma-separated"),

@@ -115,3 +115,23 @@ def test_inpainting_keeps_known_positions_and_completes_in_context(two_maps):
     # for a map drawn without the context.
     assert np.mean(np.all(out == np.asarray(target), axis=(1, 2))) >= 0.7
   np.testing.assert_array_equal(chunked, strided)
+
+
+def test_temperature_scales_the_logits_of_x0_in_every_reverse_step():
+  """τ divides x̂_0's logits before the posterior; τ = 1 is the model itself; τ < 1 lowers the entropy."""
+  sched = diffusion.make_schedule(T, "cosine", num_classes=K)
+  logits = 3.0 * jax.random.normal(jax.random.PRNGKey(0), SHAPE + (K,))
+  fn = lambda z_t, t: logits  # noqa: E731
+  assert diffusion.tempered(fn, 1.0) is fn
+  with pytest.raises(ValueError, match="temperature"):
+    diffusion.tempered(fn, 0.0)
+  z_t = diffusion.uniform_codes(jax.random.PRNGKey(1), SHAPE, K)
+  entropies = {}
+  for tau in (0.5, 1.0, 2.0):
+    for t, s in ((1, 0), (T // 2, T // 4)):
+      log_p = diffusion.model_log_posterior(z_t, t, s, diffusion.tempered(fn, tau), sched)
+      expected = diffusion.log_posterior(jax.nn.log_softmax(logits / tau, axis=-1), z_t,
+                                         jnp.full((SHAPE[0],), t), sched, jnp.full((SHAPE[0],), s))
+      np.testing.assert_allclose(np.asarray(log_p), np.asarray(expected), atol=1e-5)
+    entropies[tau] = float(-jnp.sum(jnp.exp(log_p) * log_p, axis=-1).mean())
+  assert entropies[0.5] < entropies[1.0] < entropies[2.0]

@@ -10,6 +10,7 @@ import numpy as np
 
 from vqddm_jax import generation, stages
 from vqddm_jax.evaluation import feature_net, inception, inception_weights, reference_stats
+from vqddm_jax.evaluation import report as report_lib
 from vqddm_jax.stages import evaluate
 from vqddm_jax.workdir import Workdir
 
@@ -84,6 +85,10 @@ def test_report_states_the_protocol_above_the_table(pipeline_run):
                 "4,500 images", "reference_stats_classifier.npz", "500 held-out images (`test`)"):
     assert words in head, words
   assert table.startswith(" FD_classifier | KID_classifier | precision_classifier | recall_classifier | n |")
+  assert protocol["temperature"] == 1.0 and "temperature" not in head  # The model's own samples.
+  report = json.loads(workdir.eval_report("json").read_text())
+  tempered = "\n".join(report_lib.protocol_lines(dict(report, protocol=dict(protocol, temperature=0.8))))
+  assert "at sampling temperature τ = 0.8" in tempered
 
 
 def test_num_samples_beyond_the_heldout_set_is_honoured(pipeline_run, tmp_path, monkeypatch):

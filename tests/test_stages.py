@@ -59,6 +59,24 @@ def test_a_newer_prior_checkpoint_reruns_sample_and_evaluate(copied_run):
   assert sample.is_done(config, workdir)
 
 
+def test_a_sampling_temperature_samples_a_set_of_its_own(copied_run):
+  """sample.temperature ≠ 1 reruns sample and evaluate, writes `_tau` files beside the model's own samples
+  (which stay), draws other codes with the same seed, and says τ in the records."""
+  config, workdir = copied_run
+  step = checkpointing.latest_step(workdir.train("prior").checkpoints)
+  plain = workdir.samples(step, config.diffusion.num_steps)
+  config.sample.temperature = 0.5
+  assert not sample.is_done(config, workdir) and not evaluate.is_done(config, workdir)
+  result = stages.run_stage(stages.BY_NAME["sample"], config, workdir)
+  tempered = workdir.samples(step, config.diffusion.num_steps, 0.5)
+  assert result.outputs[0] == str(tempered.png) and tempered.png.name.endswith("_tau0.5.png")
+  assert sample.is_done(config, workdir) and plain.png.exists()
+  assert json.loads(tempered.record.read_text())["temperature"] == 0.5
+  assert json.loads(plain.record.read_text())["temperature"] == 1.0
+  plain_codes, tempered_codes = (workdir_lib.read_npz(f.npz)["codes"] for f in (plain, tempered))
+  assert plain_codes.shape == tempered_codes.shape and (plain_codes != tempered_codes).any()
+
+
 def test_training_on_stale_inputs_is_refused(copied_run):
   config, workdir = copied_run
   rebuild = workdir_lib.read_json(workdir.refit_rebuild)

@@ -78,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2, max_code_maps=0, hybrid_ce_weight=0.0)
   # max_code_maps: train on the first N stored maps (0 = all). hybrid_ce_weight: λ of D3PM's hybrid loss,
   # −ELBO + λ·(−log p̂(z_0 | z_t)), both in bits per code (0 = the pure −ELBO of the paper).
-  c.sample = dict(num_samples=64, steps=0, chunk_steps=125, seed=1, decode_batch_size=256)
+  # temperature: τ dividing the logits of x̂_0 in every reverse step of sample, inpaint and evaluate
+  # (1 = the model's own distribution; < 1 trades diversity for fidelity; the −ELBO never uses it).
+  c.sample = dict(num_samples=64, steps=0, chunk_steps=125, seed=1, decode_batch_size=256, temperature=1.0)
   c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
   # reference_stats: '' = the training split's feature statistics computed once into W/eval/, or an .npz
   # written by --mode=reference_stats; chunk_size: samples generated and featurised at a time.
@@ -319,6 +321,7 @@ def validate_prior(config) -> None:
   check_int(config, "sample.chunk_steps", 1)
   check_int(config, "sample.seed", 0)
   check_int(config, "sample.decode_batch_size", 1)
+  check_float(config, "sample.temperature", 0.0, 10.0, low_open=True)
   masks.check_mask_spec(config.inpaint.mask)
   check_int(config, "inpaint.num_images", 1)
   check_int(config, "inpaint.steps", 0, config.diffusion.num_steps)

@@ -33,15 +33,21 @@ class Generator:
   sched: diffusion.Schedule
   heldout_codes: np.ndarray  # i32[N, h, w]: the held-out code maps, in stored order
   parametrization: str
+  temperature: float = 1.0  # τ of the x̂_0 logits while sampling and inpainting (`diffusion.tempered`)
 
   @property
   def code_shape(self) -> tuple[int, int]:
     return tuple(self.heldout_codes.shape[1:])
 
+  def sampling_logits_fn(self, params: Any) -> Callable:
+    """`(z_t, t) -> f32[B, h, w, K]`: the logits of x̂_0 that sampling and inpainting draw from (tempered)."""
+    return diffusion.tempered(prior_lib.logits_fn(self.prior.model, params, self.parametrization),
+                              self.temperature)
+
   def record(self) -> dict:
     """Which checkpoints made an output (stored next to it, compared on reruns)."""
     return {"prior_step": self.prior.step, "tokenizer": self.tokenizer.stage,
-            "tokenizer_step": self.tokenizer.step}
+            "tokenizer_step": self.tokenizer.step, "temperature": self.temperature}
 
 
 def load_generator(config: Any, workdir: Workdir) -> Generator:
@@ -56,7 +62,7 @@ def load_generator(config: Any, workdir: Workdir) -> Generator:
   prior = loaders.restore_prior(config, workdir, num_classes, tuple(heldout.shape[1:]))
   tokenizer = loaders.restore_tokenizer(config, workdir)
   return Generator(prior, tokenizer, prior_lib.build_schedule(config, num_classes), heldout,
-                   config.diffusion.parametrization)
+                   config.diffusion.parametrization, float(config.sample.temperature))
 
 
 def current_record(config: Any, workdir: Workdir) -> dict | None:
@@ -66,7 +72,8 @@ def current_record(config: Any, workdir: Workdir) -> dict | None:
   tokenizer_step = checkpointing.latest_step(workdir.train(stage).checkpoints)
   if prior_step is None or tokenizer_step is None:
     return None
-  return {"prior_step": prior_step, "tokenizer": stage, "tokenizer_step": tokenizer_step}
+  return {"prior_step": prior_step, "tokenizer": stage, "tokenizer_step": tokenizer_step,
+          "temperature": float(config.sample.temperature)}
 
 
 def device_key(key: jax.Array) -> jax.Array:
@@ -97,10 +104,10 @@ def run_chunks(p_chunk: Callable, z: Any, ts: np.ndarray, chunk: int, what: str)
 def reverse_program(gen: Generator) -> Callable:
   """The pmapped reverse-chunk program `(rparams, z, key, ts_chunk) -> z` of `gen`'s prior; build it once
   and pass it to every `sample_code_maps` call that should reuse its compilation."""
-  model, sched = gen.prior.model, gen.sched
+  sched = gen.sched
 
   def chunk_fn(params, z, key, ts_chunk):
-    logits_fn = prior_lib.logits_fn(model, params, gen.parametrization)
+    logits_fn = gen.sampling_logits_fn(params)
     return diffusion.reverse_chunk(device_key(key), z, ts_chunk, logits_fn, sched)
 
   return parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, None, None))
@@ -159,7 +166,7 @@ def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.
 
   N must divide by the global device count. Known positions are kept exactly; see docs/method.md §3.7.
   """
-  model, sched = gen.prior.model, gen.sched
+  sched = gen.sched
   ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
   share = len(known) // parallel.process_count()
   mine = slice(parallel.process_index() * share, (parallel.process_index() + 1) * share)
@@ -168,7 +175,7 @@ def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.
 
   def chunk_fn(params, z, m, z0, key_ts):
     key, ts_chunk = key_ts
-    logits_fn = prior_lib.logits_fn(model, params, gen.parametrization)
+    logits_fn = gen.sampling_logits_fn(params)
     return diffusion.inpaint_chunk(device_key(key), z, ts_chunk, logits_fn, sched, m, z0)
 
   p_chunk = parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, 0, 0, None))

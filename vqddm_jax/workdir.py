@@ -100,10 +100,11 @@ class Workdir:
     """The code maps of both splits (encoded by all hosts together, written once, read by every host)."""
     return self.root / "codes"
 
-  def samples(self, prior_step: int, steps: int) -> OutputFiles:
-    """Samples of the prior checkpoint `prior_step`, drawn with `steps` reverse steps."""
+  def samples(self, prior_step: int, steps: int, temperature: float = 1.0) -> OutputFiles:
+    """Samples of the prior checkpoint `prior_step`, drawn with `steps` reverse steps (and a sampling
+    temperature other than 1 in the name, so that tempered samples never replace the model's own)."""
     folder = self.root / "samples" / str(prior_step)
-    name = f"samples_S{steps}"
+    name = f"samples_S{steps}" + ("" if temperature == 1.0 else f"_tau{temperature:g}")
     return OutputFiles(folder / f"{name}.png", folder / f"{name}.npz", folder / f"{name}.json")
 
   def latest_samples_grid(self) -> epath.Path | None:

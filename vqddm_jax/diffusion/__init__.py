@@ -18,7 +18,7 @@ from vqddm_jax.diffusion.posterior import (PARAMETRIZATIONS, categorical, catego
                                            log_posterior, log_q_zt_given_z0, q_sample, x0_logits)
 from vqddm_jax.diffusion.samplers import (inpaint, inpaint_chunk, inpaint_init, model_log_posterior,
                                           reverse_chunk, reverse_step, sample, sampling_timesteps,
-                                          uniform_codes)
+                                          tempered, uniform_codes)
 from vqddm_jax.diffusion.schedule import (LOG_ZERO, SCHEDULE_KINDS, Schedule, log_keep_ratio,
                                           make_schedule)
 
@@ -28,6 +28,6 @@ __all__ = [
     "init_importance", "inpaint", "inpaint_chunk", "inpaint_init", "is_ready", "log_keep_ratio",
     "log_one_hot", "log_posterior", "log_q_zt_given_z0", "loss_t", "make_schedule", "model_log_posterior",
     "nelbo_all_t", "nelbo_monte_carlo", "objective", "posterior", "prior_kl", "q_sample", "reverse_chunk",
-    "reverse_step", "sample", "sample_t", "samplers", "sampling_timesteps", "schedule", "uniform_codes",
-    "x0_cross_entropy", "x0_logits",
+    "reverse_step", "sample", "sample_t", "samplers", "sampling_timesteps", "schedule", "tempered",
+    "uniform_codes", "x0_cross_entropy", "x0_logits",
 ]

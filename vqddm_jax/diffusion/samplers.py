@@ -47,6 +47,21 @@ def uniform_codes(key: jax.Array, shape: Sequence[int], num_classes: int) -> jnp
   return jax.random.randint(key, (n,), 0, num_classes, dtype=jnp.int32).reshape(tuple(shape))
 
 
+def tempered(logits_fn: LogitsFn, temperature: float) -> LogitsFn:
+  """`logits_fn` with the logits of x̂_0 divided by `temperature` τ > 0 (a Python float: it is compiled in).
+
+  τ = 1 returns `logits_fn` itself: the model's own distribution, the one the −ELBO scores. τ < 1 sharpens
+  every prediction of x̂_0 towards its likeliest codes (samples gain precision and lose diversity), τ > 1
+  flattens it. The posterior θ(z_t, x̂_0) is then formed from the tempered x̂_0 as usual.
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if temperature == 1.0:
+    return logits_fn
+  inverse = 1.0 / float(temperature)
+  return lambda z_t, t: logits_fn(z_t, t).astype(jnp.float32) * inverse
+
+
 def model_log_posterior(z_t: jnp.ndarray, t: jnp.ndarray, s: jnp.ndarray, logits_fn: LogitsFn,
                         sched: Schedule) -> jnp.ndarray:
   """log p(z_s | z_t) = log N[θ_{s←t}(z_t, softmax(logits_fn(z_t, t)))], `f32[B, h, w, K]`.

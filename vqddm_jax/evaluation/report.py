@@ -21,7 +21,7 @@ def protocol_lines(report: dict) -> list[str]:
            f"`{ref['split']}` of {ref['dataset']} ({_fmt_int(ref['count'])} images, {ref['image_size']}×"
            f"{ref['image_size']}; file `{ref['file']}`).",
            f"- Samples: N = {_fmt_int(p['num_samples'])}, generated in chunks, with all T = {p['num_steps']} "
-           "reverse steps unless the steps table says otherwise.",
+           "reverse steps unless the steps table says otherwise" + _temperature_clause(p) + ".",
            f"- {names['kid']}, {names['precision']} and {names['recall']}: up to the first "
            f"{_fmt_int(p['kid_pr_max_images'])} images of each set, against "
            f"{_fmt_int(p['kid_pr_real']['count'])} held-out images (`{p['kid_pr_real']['split']}`); "
@@ -32,6 +32,16 @@ def protocol_lines(report: dict) -> list[str]:
   if report.get("note"):
     lines += ["", report["note"]]
   return lines
+
+
+def _temperature_clause(protocol: dict) -> str:
+  """', at sampling temperature τ = 0.9 (...)' when samples and completions were not drawn from the model
+  itself (τ = 1, or a report written before the temperature existed: nothing)."""
+  tau = protocol.get("temperature", 1.0)
+  if tau == 1.0:
+    return ""
+  return (f", at sampling temperature τ = {tau:g} (x̂_0's logits divided by τ in every reverse step, "
+          "inpainting too; the −ELBO is the untempered model's)")
 
 
 def _with_se(row: dict, name: str) -> str:

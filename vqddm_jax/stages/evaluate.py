@@ -275,6 +275,7 @@ def _protocol(config: Any, net: feature_net.FeatureNet, ref: reference_stats.Ref
   rec = ref.record
   return {"feature_network": net.description, "feature_key": net.key, "metric_names": net.metric_names(),
           "num_samples": config.eval.num_samples, "num_steps": config.diffusion.num_steps,
+          "temperature": float(config.sample.temperature),
           "reference": {"file": str(config.eval.reference_stats or workdir.reference_stats(net.key)),
                         "dataset": rec["dataset"], "split": rec["split"], "count": rec["count"],
                         "image_size": rec["image_size"]},
