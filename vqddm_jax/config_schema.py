@@ -8,12 +8,13 @@ after `jax.distributed` has started (`validate_for_devices`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Callable
 
 import ml_collections
 from etils import epath
 
 from vqddm_jax import masks
+from vqddm_jax.config_checks import check_choice, check_float, check_int, check_int_tuple, fail, field_value
 from vqddm_jax.data.config import validate_data_config
 from vqddm_jax.errors import ConfigError
 
@@ -133,53 +134,6 @@ def paper_stage2(config: ml_collections.ConfigDict, *, num_codes: int, batch_siz
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
-
-
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-  node = config
-  for part in field.split("."):
-    if part not in node:
-      raise ConfigError(f"config.{field} is missing (the config file must define it)")
-    node = node[part]
-  return node
-
-
-def check_choice(config, field: str, choices: Iterable[str]) -> None:
-  value, choices = _get(config, field), tuple(choices)
-  if value not in choices:
-    _fail(field, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def check_int(config, field: str, low: int | None = None, high: int | None = None) -> None:
-  value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, int):
-    _fail(field, value, "an integer")
-  if (low is not None and value < low) or (high is not None and value > high):
-    _fail(field, value, f"an integer in [{low if low is not None else '-inf'}, "
-          f"{high if high is not None else 'inf'}]")
-
-
-def check_float(config, field: str, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> None:
-  value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    _fail(field, value, "a number")
-  bad_low = value != value or (low is not None and (value <= low if low_open else value < low))  # NaN
-  if bad_low or (high is not None and value > high):
-    _fail(field, value, f"a number in {'(' if low_open else '['}{low}, "
-          f"{high if high is not None else 'inf'}]")
-
-
-def check_int_tuple(config, field: str, low: int = 0, nonempty: bool = True) -> None:
-  value = _get(config, field)
-  ok = isinstance(value, (tuple, list)) and all(
-      isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)
-  if not ok or (nonempty and not value):
-    _fail(field, value, f"a {'non-empty ' if nonempty else ''}tuple of integers >= {low}")
-
-
 def check_optim(config, prefix: str) -> None:
   check_float(config, f"{prefix}.lr", 0.0, 10.0, low_open=True)
   check_float(config, f"{prefix}.b1", 0.0, 1.0)
@@ -213,10 +167,10 @@ def validate_vqvae(config) -> None:
   v = config.vqvae
   widths = sorted({v.ch * m for m in v.ch_mult} | {v.ch})
   if any(w % v.norm_groups for w in widths):
-    _fail("vqvae.norm_groups", v.norm_groups, f"a divisor of every level width {tuple(widths)}")
+    fail("vqvae.norm_groups", v.norm_groups, f"a divisor of every level width {tuple(widths)}")
   factor = 2 ** (len(v.ch_mult) - 1)
   if config.data.image_size % factor:
-    _fail("data.image_size", config.data.image_size,
+    fail("data.image_size", config.data.image_size,
           f"a multiple of the encoder's downsampling factor {factor} (len(vqvae.ch_mult) = "
           f"{len(v.ch_mult)})")
 
@@ -227,19 +181,19 @@ def check_losses(config, prefix: str) -> None:
   check_float(config, f"{prefix}.perceptual_weight", 0.0)
   check_float(config, f"{prefix}.disc_weight", 0.0)
   check_int(config, f"{prefix}.disc_start", 0)
-  if not isinstance(_get(config, f"{prefix}.disc_adaptive"), bool):
-    _fail(f"{prefix}.disc_adaptive", _get(config, f"{prefix}.disc_adaptive"), "True or False")
+  if not isinstance(field_value(config, f"{prefix}.disc_adaptive"), bool):
+    fail(f"{prefix}.disc_adaptive", field_value(config, f"{prefix}.disc_adaptive"), "True or False")
   check_optim(config, f"{prefix}.disc_optim")
   size = config.data.image_size
-  if _get(config, f"{prefix}.perceptual_weight") > 0 and size < 16:
-    _fail(f"{prefix}.perceptual_weight", _get(config, f"{prefix}.perceptual_weight"),
+  if field_value(config, f"{prefix}.perceptual_weight") > 0 and size < 16:
+    fail(f"{prefix}.perceptual_weight", field_value(config, f"{prefix}.perceptual_weight"),
           f"0 for {size}x{size} images (LPIPS needs data.image_size >= 16: VGG16 pools by 16)")
-  if _get(config, f"{prefix}.disc_weight") > 0:
+  if field_value(config, f"{prefix}.disc_weight") > 0:
     check_int(config, "discriminator.ndf", 1)
     check_int(config, "discriminator.num_layers", 1)
     layers = config.discriminator.num_layers
     if size < 3 * 2 ** layers:  # each stride-2 layer halves the side; the two stride-1 layers take 2 more
-      _fail("discriminator.num_layers", layers, f"at most log2(data.image_size / 3) = "
+      fail("discriminator.num_layers", layers, f"at most log2(data.image_size / 3) = "
             f"{max(size // 3, 1).bit_length() - 1} for {size}x{size} images (else no patch logits)")
 
 
@@ -253,7 +207,7 @@ def validate_vqvae_train(config) -> None:
 
 def validate_refit(config) -> None:
   if not isinstance(config.refit.enabled, bool):
-    _fail("refit.enabled", config.refit.enabled, "True or False")
+    fail("refit.enabled", config.refit.enabled, "True or False")
   check_int(config, "refit.num_features", 1)
   check_int(config, "refit.num_codes", 1, config.refit.num_features)
   check_int(config, "refit.kmeans_iters", 0)
@@ -263,14 +217,14 @@ def validate_refit(config) -> None:
   check_int(config, "refit.kmeans_refine_iters", 0)
   check_float(config, "refit.kmeans_overrelax", 0.0, 2.0, low_open=True)
   if config.refit.kmeans_overrelax >= 2.0:  # α >= 2 overshoots the mean by more than the step it corrects
-    _fail("refit.kmeans_overrelax", config.refit.kmeans_overrelax, "a number in (0, 2); 1 is plain Lloyd")
+    fail("refit.kmeans_overrelax", config.refit.kmeans_overrelax, "a number in (0, 2); 1 is plain Lloyd")
   nested = config.refit.kmeans_nested
   ok = isinstance(nested, (tuple, list)) and len(nested) <= 16 and all(
       isinstance(level, (tuple, list)) and len(level) == 2
       and all(isinstance(v, int) and not isinstance(v, bool) for v in level)
       and level[0] >= 1 and level[1] >= 0 for level in nested)
   if not ok:
-    _fail("refit.kmeans_nested", nested, "a tuple of at most 16 (num_points >= 1, lloyd_steps >= 0) "
+    fail("refit.kmeans_nested", nested, "a tuple of at most 16 (num_points >= 1, lloyd_steps >= 0) "
           "pairs, e.g. ((16384, 6), (65536, 2)); () for none")
   check_loop(config, "refit")
   check_losses(config, "refit")
@@ -285,7 +239,7 @@ def validate_prior(config) -> None:
   check_choice(config, "diffusion.schedule", ("cosine", "cosine_sqrt"))
   check_choice(config, "diffusion.parametrization", ("residual", "x0"))
   if not isinstance(config.diffusion.importance_sampling, bool):
-    _fail("diffusion.importance_sampling", config.diffusion.importance_sampling, "True or False")
+    fail("diffusion.importance_sampling", config.diffusion.importance_sampling, "True or False")
   check_int(config, "prior.ch", 1)
   check_int_tuple(config, "prior.ch_mult", 1)
   check_int(config, "prior.num_res_blocks", 1)
@@ -297,14 +251,14 @@ def validate_prior(config) -> None:
   if p.dropout > 0 and p.num_res_blocks < 2:
     # The denoiser drops out between the ResnetBlocks of a down-path level (the authors' placement), so with
     # one block per level a rate would be accepted and silently do nothing.
-    _fail("prior.dropout", p.dropout, "0.0 when prior.num_res_blocks = 1 (dropout sits between the "
+    fail("prior.dropout", p.dropout, "0.0 when prior.num_res_blocks = 1 (dropout sits between the "
           "down-path ResnetBlocks of a level; set prior.num_res_blocks >= 2 to use it)")
   widths = sorted({p.ch * m for m in p.ch_mult} | {p.ch})
   if any(w % p.groups for w in widths):
-    _fail("prior.groups", p.groups, f"a divisor of every level width {tuple(widths)}")
+    fail("prior.groups", p.groups, f"a divisor of every level width {tuple(widths)}")
   code_size = config.data.image_size // 2 ** (len(config.vqvae.ch_mult) - 1)
   if code_size % 2 ** (len(p.ch_mult) - 1):
-    _fail("prior.ch_mult", tuple(p.ch_mult), f"at most {code_size.bit_length() - 1} + 1 levels: the "
+    fail("prior.ch_mult", tuple(p.ch_mult), f"at most {code_size.bit_length() - 1} + 1 levels: the "
           f"{code_size}x{code_size} code maps must divide by 2**(len(prior.ch_mult) - 1)")
   check_loop(config, "prior_train")
   for name in ("eval_every", "eval_t_samples", "t_buckets"):
@@ -313,7 +267,7 @@ def validate_prior(config) -> None:
   check_int(config, "prior_train.max_code_maps", 0)
   check_float(config, "prior_train.hybrid_ce_weight", 0.0, 100.0)
   if 0 < config.prior_train.max_code_maps < config.prior_train.batch_size:
-    _fail("prior_train.max_code_maps", config.prior_train.max_code_maps,
+    fail("prior_train.max_code_maps", config.prior_train.max_code_maps,
           f"0 (all maps) or at least one global batch (prior_train.batch_size = "
           f"{config.prior_train.batch_size})")
   check_int(config, "sample.num_samples", 1)
@@ -336,28 +290,28 @@ def validate_prior(config) -> None:
   check_int(config, "eval.sample_draws", 1, 100)
   weights = config.eval.inception_weights
   if weights and not epath.Path(weights).is_file():
-    _fail("eval.inception_weights", weights, "'' (no FID: VGG16 or classifier features) or the path of an "
+    fail("eval.inception_weights", weights, "'' (no FID: VGG16 or classifier features) or the path of an "
           "existing weights file")
   stats = config.eval.reference_stats
   if not isinstance(stats, str) or (stats and (not stats.endswith(".npz") or not epath.Path(stats).is_file())):
-    _fail("eval.reference_stats", stats, "'' (computed once into the work directory) or the path of an "
+    fail("eval.reference_stats", stats, "'' (computed once into the work directory) or the path of an "
           "existing .npz written by --mode=reference_stats")
 
 
 def validate_distributed(config) -> None:
-  d = _get(config, "distributed")
+  d = field_value(config, "distributed")
   if not isinstance(d.enabled, bool):
-    _fail("distributed.enabled", d.enabled, "True or False")
+    fail("distributed.enabled", d.enabled, "True or False")
   if not isinstance(d.coordinator_address, str):
-    _fail("distributed.coordinator_address", d.coordinator_address, "'' (auto) or 'HOST:PORT'")
+    fail("distributed.coordinator_address", d.coordinator_address, "'' (auto) or 'HOST:PORT'")
   if d.coordinator_address and not d.coordinator_address.rpartition(":")[2].isdigit():
-    _fail("distributed.coordinator_address", d.coordinator_address, "'' (auto) or 'HOST:PORT'")
+    fail("distributed.coordinator_address", d.coordinator_address, "'' (auto) or 'HOST:PORT'")
   check_int(config, "distributed.num_processes", 0)
   check_int(config, "distributed.process_id", -1)
   check_int(config, "distributed.initialization_timeout", 1)
   ids = d.local_device_ids
   if not isinstance(ids, str) or (ids and not all(p.strip().isdigit() for p in ids.split(","))):
-    _fail("distributed.local_device_ids", ids, "'' (auto) or comma-separated device ids such as '0,1,2,3'")
+    fail("distributed.local_device_ids", ids, "'' (auto) or comma-separated device ids such as '0,1,2,3'")
   given = {"coordinator_address": bool(d.coordinator_address), "num_processes": d.num_processes > 0,
            "process_id": d.process_id >= 0}
   if any(given.values()) and not all(given.values()):
@@ -365,7 +319,7 @@ def validate_distributed(config) -> None:
     raise ConfigError(f"config.distributed: coordinator_address, num_processes and process_id go together "
                       f"(all set, or all empty for auto-detection on Cloud TPU / SLURM); missing {missing}")
   if given["process_id"] and d.process_id >= d.num_processes:
-    _fail("distributed.process_id", d.process_id, f"an integer in [0, {d.num_processes - 1}] "
+    fail("distributed.process_id", d.process_id, f"an integer in [0, {d.num_processes - 1}] "
           "(config.distributed.num_processes - 1)")
 
 
@@ -382,7 +336,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   check_int(config, "seed", 0)
   check_int(config, "cpu_devices", 0, 1024)
   if not isinstance(config.ordered_reductions, bool):
-    _fail("ordered_reductions", config.ordered_reductions, "True or False")
+    fail("ordered_reductions", config.ordered_reductions, "True or False")
   validate_data_config(config.data)
   for validator in VALIDATORS:
     validator(config)
@@ -391,13 +345,13 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 def global_batch_sizes(config: ml_collections.ConfigDict) -> list[int]:
   """The values of BATCH_FIELDS: what the device count must divide."""
-  return [_get(config, field) for field in BATCH_FIELDS]
+  return [field_value(config, field) for field in BATCH_FIELDS]
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, num_devices: int, num_hosts: int) -> None:
   """The checks that need the device count: every global batch size divides over all devices."""
   for field in BATCH_FIELDS:
-    value = _get(config, field)
+    value = field_value(config, field)
     if value % num_devices:
-      _fail(field, value, f"a multiple of the {num_devices} devices ({num_hosts} host(s) x "
+      fail(field, value, f"a multiple of the {num_devices} devices ({num_hosts} host(s) x "
             f"{num_devices // num_hosts} local): each device takes an equal share of the global batch")
