@@ -68,11 +68,12 @@ def pipeline_run(tmp_path_factory):
   Shared by the tests that check each stage's outputs, so the suite compiles and trains each stage once.
   Returns (config, workdir: vqddm_jax.workdir.Workdir).
   """
-  from vqddm_jax import stages
+  from vqddm_jax import run_config, stages
   from vqddm_jax.workdir import Workdir
   config = load_config("configs/mnist.py:tiny")
   config.data.data_dir = str(_session_data_dir())
   workdir = Workdir(tmp_path_factory.mktemp("pipeline"))
+  run_config.check_or_record(config, workdir, code_version="test", write=True)  # As `main` does first.
   for stage in stages.PIPELINE:
     result = stages.run_stage(stage, config, workdir)
     assert result.completed and not result.skipped, stage.name

@@ -158,7 +158,7 @@ def test_two_process_job_stops_together_resumes_and_ends_on_the_one_process_para
     for a, b in zip(_ema(reference, stage), _ema(job, stage), strict=True):
       np.testing.assert_array_equal(a, b, err_msg=stage)
   prior_step = checkpointing.latest_step(job.train("prior").checkpoints)
-  samples = workdir_lib.read_npz(job.samples(prior_step, 20).npz)
+  samples = workdir_lib.read_npz(job.samples(prior_step, 20, num_samples=8, seed=1).npz)
   assert samples["codes"].shape == (8, 16, 16) and samples["images"].shape == (8, 32, 32, 1)
   assert workdir_lib.read_json(job.code_store / "meta.json")["counts"] == {"train": 4500, "test": 500}
   assert "vqddm_jax: finished in" in logs[0] and "vqddm_jax: finished in" not in logs[1]  # process 0 reports

@@ -144,16 +144,18 @@ def test_sampling_is_deterministic_per_key_and_strided_sampling_runs(pipeline_ru
   a = _npz(first)  # Read eagerly: later runs overwrite the same file.
   assert a["codes"].shape == (config.sample.num_samples, 8, 8)
   assert a["images"].shape == (config.sample.num_samples, 32, 32, 1)
-  assert os.path.exists(first.outputs[0]) and first.outputs[0].endswith("samples_S20.png")
+  assert os.path.exists(first.outputs[0]) and first.outputs[0].endswith("samples_S20_n16_seed1.png")
   strided_config = config.copy_and_resolve_references()
   strided_config.sample.steps = 5
   assert not sample.is_done(strided_config, workdir)
   strided = sample.run(strided_config, workdir)
-  assert strided.outputs[1].endswith("_S5.npz") and sample.is_done(strided_config, workdir)
+  assert strided.outputs[1].endswith("_S5_n16_seed1.npz") and sample.is_done(strided_config, workdir)
   config2 = config.copy_and_resolve_references()
   config2.sample.seed = 99
   assert not sample.is_done(config2, workdir)
-  c = _npz(sample.run(config2, workdir))
+  other_seed = sample.run(config2, workdir)
+  assert other_seed.outputs[1].endswith("_S20_n16_seed99.npz") and os.path.exists(first.outputs[1])
+  c = _npz(other_seed)
   assert not np.array_equal(a["codes"], c["codes"])
   # Last, the pipeline's own settings again (other tests read the shared run's samples).
   b = _npz(sample.run(config, workdir))

@@ -14,7 +14,7 @@ from conftest import ROOT, load_config
 from vqddm_jax import checkpointing, main, stages
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.errors import MismatchError
-from vqddm_jax.stages import evaluate, refit, sample, train_prior
+from vqddm_jax.stages import encode, evaluate, sample, train_prior
 from vqddm_jax.workdir import Workdir
 
 
@@ -42,7 +42,7 @@ def test_a_finished_workdir_is_skipped_whole(pipeline_run, capsys):
   assert all(r.skipped and r.completed for r in results)
   assert main.execute(config, str(workdir.root), "all") == 0
   out = capsys.readouterr().out
-  assert "vqddm_jax: finished in" in out and "samples_S20.png" in out and "eval/report.md" in out
+  assert "vqddm_jax: finished in" in out and "samples_S20_n16_seed1.png" in out and "eval/report.md" in out
 
 
 def test_a_newer_prior_checkpoint_reruns_sample_and_evaluate(copied_run):
@@ -64,11 +64,13 @@ def test_a_sampling_temperature_samples_a_set_of_its_own(copied_run):
   (which stay), draws other codes with the same seed, and says τ in the records."""
   config, workdir = copied_run
   step = checkpointing.latest_step(workdir.train("prior").checkpoints)
-  plain = workdir.samples(step, config.diffusion.num_steps)
+  plain = workdir.samples(step, config.diffusion.num_steps, num_samples=config.sample.num_samples,
+                          seed=config.sample.seed)
   config.sample.temperature = 0.5
   assert not sample.is_done(config, workdir) and not evaluate.is_done(config, workdir)
   result = stages.run_stage(stages.BY_NAME["sample"], config, workdir)
-  tempered = workdir.samples(step, config.diffusion.num_steps, 0.5)
+  tempered = workdir.samples(step, config.diffusion.num_steps, num_samples=config.sample.num_samples,
+                             seed=config.sample.seed, temperature=0.5)
   assert result.outputs[0] == str(tempered.png) and tempered.png.name.endswith("_tau0.5.png")
   assert sample.is_done(config, workdir) and plain.png.exists()
   assert json.loads(tempered.record.read_text())["temperature"] == 0.5
@@ -81,13 +83,40 @@ def test_training_on_stale_inputs_is_refused(copied_run):
   config, workdir = copied_run
   rebuild = workdir_lib.read_json(workdir.refit_rebuild)
   workdir_lib.write_json(workdir.refit_rebuild, dict(rebuild, stage1_step=rebuild["stage1_step"] - 2))
-  with pytest.raises(MismatchError, match="refit.*rebuilt from the stage-1 checkpoint of step 2.*remove"):
-    refit.is_done(config, workdir)
+  with pytest.raises(MismatchError, match=r"ReFiT under .*/refit was made from vqvae step 2, but .*/vqvae now "
+                     r"holds vqvae step 4\. To redo ReFiT from it, remove .*/refit, .*/codes, .*/prior"):
+    stages.run_stage(stages.BY_NAME["refit"], config, workdir)
+  workdir_lib.write_json(workdir.refit_rebuild, rebuild)
   meta_path = workdir.code_store / "meta.json"
   meta = workdir_lib.read_json(meta_path)
   workdir_lib.write_json(meta_path, dict(meta, step=meta["step"] + 100))
-  with pytest.raises(MismatchError, match="prior.*trained on code maps from.*remove"):
-    train_prior.is_done(config, workdir)
+  with pytest.raises(MismatchError, match="the code maps under .*/codes were made from refit step 102.*"
+                     "Rerun --mode=encode"):
+    stages.run_stage(stages.BY_NAME["train_prior"], config, workdir)
+  assert not encode.is_done(config, workdir)
+  workdir_lib.write_json(meta_path, meta)
+  # Encoding with another tokenizer (stage 1 itself) leaves a prior trained on the other code maps.
+  no_refit = config.copy_and_resolve_references()
+  no_refit.refit.enabled = False
+  assert not stages.run_stage(stages.BY_NAME["encode"], no_refit, workdir).skipped
+  with pytest.raises(MismatchError, match=r"the prior under .*/prior was made from code maps of refit step 2 "
+                     r"\(K = 12\), but .*/codes now holds code maps of vqvae step 4 \(K = 16\)\. To redo the "
+                     r"prior from it, remove .*/prior, .*/samples, .*/eval"):
+    stages.run_stage(stages.BY_NAME["sample"], no_refit, workdir)
+
+
+def test_sample_after_stage_1_trained_further_exits_2_naming_what_to_rerun(copied_run, capsys):
+  """Stage 1 trained further: ReFiT, the code maps and the prior describe the old tokenizer, so sampling
+  (which decodes with the tokenizer) stops, naming the first stale link and what to remove and rerun."""
+  config, workdir = copied_run
+  config.vqvae_train.num_steps += 2
+  assert stages.run_stage(stages.BY_NAME["train_vqvae"], config, workdir).completed
+  config.sample.seed += 1  # Something new to sample, so that only staleness can stop it.
+  code, err = _execute(config, workdir.root, "sample", capsys)
+  assert code == 2, err
+  assert "ReFiT under" in err and "made from vqvae step 4" in err and "now holds vqvae step 6" in err
+  assert "remove" in err and "/refit," in err and "/prior" in err and "--mode=all" in err
+  assert "Traceback" not in err
 
 
 def _execute(config, workdir, mode, capsys) -> tuple[int, str]:
@@ -104,7 +133,7 @@ def test_users_mistakes_exit_2_with_one_message(copied_run, tmp_path, capsys):
   other = config.copy_and_resolve_references()
   other.prior.ch, other.sample.seed = 32, 5
   code, err = _execute(other, workdir.root, "sample", capsys)
-  assert code == 2 and "does not match" in err and "another config" in err
+  assert code == 2 and "made with another config" in err and "prior.ch: stored 16, now 32" in err
   bad_png = tmp_path / "mask.png"
   bad_png.write_bytes(b"not a picture")
   masked = config.copy_and_resolve_references()

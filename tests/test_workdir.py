@@ -40,7 +40,10 @@ def test_workdir_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch
   w = Workdir("gs://bucket/run")
   assert str(w.train("prior").checkpoints) == "gs://bucket/run/prior/checkpoints"
   assert str(w.code_store) == "gs://bucket/run/codes"
-  assert str(w.samples(2000, 250).png) == "gs://bucket/run/samples/2000/samples_S250.png"
+  assert (str(w.samples(2000, 250, num_samples=64, seed=1).png) ==
+          "gs://bucket/run/samples/2000/samples_S250_n64_seed1.png")
+  tempered = w.samples(2000, 250, num_samples=64, seed=1, temperature=0.5)
+  assert tempered.png.name == "samples_S250_n64_seed1_tau0.5.png"
   assert str(w.eval_inpaint("left_half").npz) == "gs://bucket/run/eval/inpaint/left_half/inpaint.npz"
   with pytest.raises(ValueError, match="unknown training stage"):
     w.train("sample")
@@ -54,7 +57,7 @@ def test_file_writers_round_trip_on_ram(ram_workdir):
   assert not workdir_lib.same_record(w.train("vqvae").eval_json, {"step": 4})
   assert workdir_lib.read_json(w.train("prior").eval_json) is None
   arrays = {"codes": np.arange(12, dtype=np.int32).reshape(3, 2, 2), "images": np.zeros((3, 4, 4, 1))}
-  files = w.samples(7, 5)
+  files = w.samples(7, 5, num_samples=3, seed=0)
   workdir_lib.write_npz(files.npz, **arrays)
   back = workdir_lib.read_npz(files.npz)
   assert set(back) == set(arrays) and np.array_equal(back["codes"], arrays["codes"])
@@ -90,3 +93,36 @@ def test_reports_tensorboard_and_caches_on_ram(ram_workdir):
   _, meta = classifier.load_or_train(w.classifier_cache, x, y, seed=0, **tiny)
   assert not meta["cached"] and w.classifier_cache.exists()
   assert classifier.load_or_train(w.classifier_cache, x, y, seed=0, **tiny)[1]["cached"]
+
+
+def test_as_path_expands_home(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  (tmp_path / "code").mkdir()
+  monkeypatch.chdir(tmp_path / "code")  # a job starts in the code directory
+  assert str(workdir_lib.as_path("~/runs/x")) == str(tmp_path / "home" / "runs" / "x")
+  assert str(Workdir("~/runs/x").train("vqvae").checkpoints) == str(tmp_path / "home" / "runs" / "x" / "vqvae" /
+                                                                    "checkpoints")
+  assert str(workdir_lib.as_path("gs://bucket/~/x")) == "gs://bucket/~/x"
+
+
+def test_workdir_inside_a_synced_tree_is_refused(tmp_path, monkeypatch):
+  import os
+  import re
+  from vqddm_jax.errors import ConfigError
+  home = tmp_path / "home"
+  code = home / "vqddm"
+  (code / "vqddm_jax").mkdir(parents=True)
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.chdir(code)
+  for fine in ("~/runs/x", "~/vqddm_runs/x", "gs://bucket/vqddm/x", "runs/x"):  # no marker yet: a user's clone
+    workdir_lib.check_not_in_synced_tree(fine)
+  (code / workdir_lib.SYNC_MARKER).write_text("made by sync\n")
+  (home / "link").symlink_to(code / "vqddm_jax")
+  tree = re.escape(os.path.realpath(code))
+  for bad in ("~/vqddm", "~/vqddm/runs/x", "runs/x", str(code / "vqddm_jax" / "a" / "b"), "~/link/run"):
+    with pytest.raises(ConfigError, match=rf"--workdir={re.escape(bad)}: {tree} is a code directory copied by "
+                                          rf"`launch/tpu.py sync` \(it holds \.vqddm_synced\)"):
+      workdir_lib.check_not_in_synced_tree(bad)
+  for fine in ("~/runs/x", "~/vqddm_runs/x", "gs://bucket/vqddm/x", str(tmp_path / "elsewhere")):
+    workdir_lib.check_not_in_synced_tree(fine)
+  assert not (code / "runs").exists() and not (home / "runs").exists()  # a check, not a maker of folders

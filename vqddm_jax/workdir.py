@@ -6,10 +6,12 @@ W/vqvae/    stage 1        checkpoints/  tensorboard/  images/recon_<step>.png  
 W/refit/    ReFiT          the same, plus rebuild.json  features.npy  report.json  report.md
 W/codes/    the code maps of the training and held-out splits (a TFDS data set) and meta.json
 W/prior/    stage 2        checkpoints/  tensorboard/  eval.json
-W/samples/<prior step>/samples_S<steps>.png|.npz|.json
+W/samples/<prior step>/samples_S<steps>_n<N>_seed<seed>[_tau<τ>].png|.npz|.json
 W/inpaint/<mask>/grid.png  inpaint.npz  inpaint.json
 W/eval/     report.json  report.md  samples.png  classifier.msgpack  inpaint/ (evaluate's own completions)
             reference_stats_<network>.npz (feature statistics of the whole training split)
+W/config.json   the config the run was made with, the code version, the date, accepted changes (run_config)
+W/lock.json     the job that holds the work directory while it runs (run_lock)
 ```
 Stages ask a `Workdir` for paths and never join strings. Paths are `etils.epath.Path`s and every read and
 write below goes through them, so `gs://` work directories work wherever local ones do (TensorFlow's file
@@ -29,10 +31,44 @@ from etils import epath
 TRAIN_STAGES = ("vqvae", "refit", "prior")
 
 
+# The file `launch/tpu.py sync` writes at the top of the code directory it puts on a TPU worker (launch/tpu_vm.py
+# keeps a copy of this name; tests/test_launch_safety.py checks the two agree). The next sync replaces that
+# tree whole, so nothing a run writes may live under it.
+SYNC_MARKER = ".vqddm_synced"
+
+
 def as_path(path: str | os.PathLike) -> epath.Path:
-  """An epath for a local path (made absolute) or a URI (`gs://...`, kept as it is)."""
+  """An epath for a local path (`~` expanded, made absolute) or a URI (`gs://...`, kept as it is)."""
   text = os.fspath(path)
-  return epath.Path(text if "://" in text else os.path.abspath(text))
+  # `~` arrives unexpanded when the shell did not see it (quoted, or after `--workdir=`): without this it
+  # would name a folder `~` in the current directory.
+  return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+
+
+def check_not_in_synced_tree(path: str | os.PathLike) -> None:
+  """Refuses a local work directory inside a code tree that `launch/tpu.py sync` made (and will replace).
+
+  A URI (`gs://...`) passes. The path need not exist yet. Symbolic links are resolved first: what counts is
+  where the files would really be written.
+
+  Raises:
+    ConfigError: `path` or one of its parents holds SYNC_MARKER; the message names --workdir, the tree and why.
+  """
+  text = os.fspath(path)
+  if "://" in text:
+    return
+  folder = os.path.realpath(os.path.expanduser(text))
+  while True:
+    if os.path.isfile(os.path.join(folder, SYNC_MARKER)):
+      from vqddm_jax.errors import ConfigError
+      raise ConfigError(
+          f"--workdir={text}: {folder} is a code directory copied by `launch/tpu.py sync` (it holds "
+          f"{SYNC_MARKER}), and the next sync deletes it with every checkpoint in it: give a directory outside "
+          f"it, e.g. ~/runs/NAME, or gs://BUCKET/PATH")
+    parent = os.path.dirname(folder)
+    if parent == folder:
+      return
+    folder = parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +116,16 @@ class Workdir:
       raise ValueError(f"unknown training stage {stage!r}: one of {TRAIN_STAGES}")
     return TrainPaths(self.root / stage)
 
+  @property
+  def config_json(self) -> epath.Path:
+    """The config the run was made with and the changes later runs made to it (`run_config`)."""
+    return self.root / "config.json"
+
+  @property
+  def lock_file(self) -> epath.Path:
+    """Held by the one job that runs in this work directory (`run_lock`)."""
+    return self.root / "lock.json"
+
   # ReFiT's extra files.
   @property
   def refit_rebuild(self) -> epath.Path:
@@ -100,11 +146,13 @@ class Workdir:
     """The code maps of both splits (encoded by all hosts together, written once, read by every host)."""
     return self.root / "codes"
 
-  def samples(self, prior_step: int, steps: int, temperature: float = 1.0) -> OutputFiles:
-    """Samples of the prior checkpoint `prior_step`, drawn with `steps` reverse steps (and a sampling
-    temperature other than 1 in the name, so that tempered samples never replace the model's own)."""
+  def samples(self, prior_step: int, steps: int, *, num_samples: int, seed: int,
+              temperature: float = 1.0) -> OutputFiles:
+    """`num_samples` samples of the prior checkpoint `prior_step` drawn with `steps` reverse steps from `seed`
+    (and a sampling temperature other than 1): all in the name, so that another set never replaces one."""
     folder = self.root / "samples" / str(prior_step)
-    name = f"samples_S{steps}" + ("" if temperature == 1.0 else f"_tau{temperature:g}")
+    name = (f"samples_S{steps}_n{num_samples}_seed{seed}" +
+            ("" if temperature == 1.0 else f"_tau{temperature:g}"))
     return OutputFiles(folder / f"{name}.png", folder / f"{name}.npz", folder / f"{name}.json")
 
   def latest_samples_grid(self) -> epath.Path | None:

@@ -4,7 +4,9 @@ Every stage module has
   run(config, workdir) -> StageResult   does the work (training stages resume from their latest checkpoint)
   is_done(config, workdir) -> bool      cheap: True when the stage's outputs exist and were made from the
                                         current inputs (a newer checkpoint upstream makes it False)
-`run_stage` skips a stage that is done; `--mode=all` runs the stages of `PIPELINE` in order, so rerunning it
+Each entry names the last link of the work directory's chain that its stage consumes (`lineage`), and
+`run_stage` refuses to run a stage on outputs made from something that has changed since; it skips a stage
+that is done; `--mode=all` runs the stages of `PIPELINE` in order, so rerunning it
 on a finished work directory skips everything, and after a change upstream reruns what depends on it.
 """
 from __future__ import annotations
@@ -41,6 +43,9 @@ class Stage:
   name: str
   help: str
   in_pipeline: bool = True
+  # The last link of the work directory's chain (`lineage`) this stage reads or extends: the chain up to it
+  # must be current before the stage runs ('tokenizer' = ReFiT or stage 1, as configured).
+  consumes: str | None = None
 
   def module(self) -> types.ModuleType:
     # Imported on use: `--help` and config errors never pay for JAX, TensorFlow or the models.
@@ -50,14 +55,17 @@ class Stage:
 REGISTRY: tuple[Stage, ...] = (
     Stage("train_vqvae", "stage 1: train the VQ-VAE on images (workdir/vqvae/)"),
     Stage("refit", "ReFiT: rebuild the codebook by k-means, fine-tune with the encoder frozen "
-          "(workdir/refit/; skipped when config.refit.enabled is False)"),
-    Stage("encode", "encode training and held-out images to code maps (workdir/codes/)"),
-    Stage("train_prior", "stage 2: train the discrete-diffusion prior on code maps (workdir/prior/)"),
-    Stage("sample", "sample code maps with the prior and decode them (workdir/samples/<step>/)"),
+          "(workdir/refit/; skipped when config.refit.enabled is False)", consumes="refit"),
+    Stage("encode", "encode training and held-out images to code maps (workdir/codes/)",
+          consumes="tokenizer"),
+    Stage("train_prior", "stage 2: train the discrete-diffusion prior on code maps (workdir/prior/)",
+          consumes="prior"),
+    Stage("sample", "sample code maps with the prior and decode them (workdir/samples/<step>/)",
+          consumes="prior"),
     Stage("evaluate", "quality report: FD/KID/precision/recall, bits per code, usage, steps table "
-          "(workdir/eval/)"),
+          "(workdir/eval/)", consumes="prior"),
     Stage("inpaint", "complete held-out images outside config.inpaint.mask (workdir/inpaint/)",
-          in_pipeline=False),
+          in_pipeline=False, consumes="prior"),
     # Not in `all`: evaluate computes the statistics on first use; this mode computes them once, apart from
     # training, for reuse in other runs (--config.eval.reference_stats).
     Stage("reference_stats", "FID reference statistics of the whole training split "
@@ -70,9 +78,10 @@ BY_NAME: dict[str, Stage] = {s.name: s for s in REGISTRY}
 def run_stage(stage: Stage, config: Any, workdir: Workdir) -> StageResult:
   """Runs `stage` unless it is done; returns what it did. On several hosts every host must see the stage
   in the same state (they run its collectives together), which is checked."""
-  from vqddm_jax import parallel
+  from vqddm_jax import agreement, lineage
   module = stage.module()
-  if parallel.same_on_every_process(module.is_done(config, workdir), f"whether {stage.name} is done"):
+  lineage.check(config, workdir, stage.consumes)
+  if agreement.same_on_every_process(module.is_done(config, workdir), f"whether {stage.name} is done"):
     logging.info("%s: already done under %s: skipping", stage.name, workdir.root)
     return StageResult(stage.name, skipped=True)
   return module.run(config, workdir)

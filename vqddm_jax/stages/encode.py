@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from vqddm_jax import checkpointing, data, parallel
+from vqddm_jax import checkpointing, data, lineage, parallel
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.models import loaders
 from vqddm_jax.stages import StageResult
@@ -30,9 +30,9 @@ def wanted_record(config: Any, workdir: Workdir, step: int | None = None) -> dic
 
 
 def is_done(config: Any, workdir: Workdir) -> bool:
-  meta = codes_lib.read_meta(workdir.code_store)
-  wanted = wanted_record(config, workdir)
-  return meta is not None and wanted["step"] is not None and all(meta.get(k) == v for k, v in wanted.items())
+  """Done while the store holds the code maps of the tokenizer's latest checkpoint (`lineage`)."""
+  return (lineage.holds(config, workdir, "codes") is not None
+          and lineage.first_stale(config, workdir, "codes") is None)
 
 
 def encode_split(model: Any, rparams: Any, cfg_data: Any, split: str, batch_size: int) -> np.ndarray:

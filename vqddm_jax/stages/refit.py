@@ -24,7 +24,6 @@ from absl import logging
 
 from vqddm_jax import checkpointing, data, kmeans, parallel
 from vqddm_jax import workdir as workdir_lib
-from vqddm_jax.errors import MismatchError
 from vqddm_jax.models import loaders
 from vqddm_jax.models.discriminator import build_discriminator
 from vqddm_jax.models.vqvae import build_vqvae
@@ -38,26 +37,14 @@ FROZEN = ("encoder", "quant_conv")
 
 
 def is_done(config: Any, workdir: Workdir) -> bool:
-  """Done when disabled, or when the fine-tune finished and its report exists (for the current stage 1)."""
+  """Done when disabled, or when the fine-tune finished and its report exists (that it was rebuilt from the
+  current stage 1 is `lineage`'s check)."""
   if not config.refit.enabled:
     return True
-  rebuild = _check_stage1_unchanged(workdir)
+  rebuild = workdir_lib.read_json(workdir.refit_rebuild)
   latest = checkpointing.latest_step(workdir.train(STAGE).checkpoints)
   return (rebuild is not None and latest is not None and latest >= config.refit.num_steps
           and workdir.refit_report("json").exists())
-
-
-def _check_stage1_unchanged(workdir: Workdir) -> dict | None:
-  """The stored rebuild record (None before the rebuild); raises when stage 1 has moved on since."""
-  rebuild = workdir_lib.read_json(workdir.refit_rebuild)
-  current = checkpointing.latest_step(workdir.train("vqvae").checkpoints)
-  if rebuild is not None and current is not None and rebuild["stage1_step"] != current:
-    raise MismatchError(
-        f"{workdir.train(STAGE).root} was rebuilt from the stage-1 checkpoint of step "
-        f"{rebuild['stage1_step']}, but {workdir.train('vqvae').checkpoints} now holds step {current}. "
-        f"To rebuild ReFiT from the new stage 1, remove {workdir.train(STAGE).root} (and the later stages' "
-        "folders codes/, prior/, samples/, eval/) and rerun")
-  return rebuild
 
 
 def frozen_encoder_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTransformation:
@@ -128,7 +115,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   data.prepare(config.data)
   optimizer = frozen_encoder_optimizer(rcfg.optim, rcfg.num_steps)
   model = build_vqvae(config.vqvae, config.data.channels, codebook_size=rcfg.num_codes)
-  rebuild = _check_stage1_unchanged(workdir)
+  rebuild = workdir_lib.read_json(workdir.refit_rebuild)
   if rebuild is not None and checkpointing.latest_step(paths.checkpoints) is not None:
     # Resume: the loop restores the state; only its structure is needed here (no k-means rerun).
     params = jax.tree_util.tree_map(jnp.zeros_like, loaders.vqvae_abstract_params(model, config))

@@ -1,7 +1,7 @@
 """`--mode=sample`: sample code maps with the prior, decode them with the tokenizer, save them.
 
-Writes `workdir/samples/<prior step>/samples_S<steps>.png` (a grid; `_tau<τ>` before the suffix when
-`config.sample.temperature` is not 1), `.npz` (codes i32[N,h,w], images
+Writes `workdir/samples/<prior step>/samples_S<steps>_n<N>_seed<seed>.png` (a grid; `_tau<τ>` before the
+suffix when `config.sample.temperature` is not 1), `.npz` (codes i32[N,h,w], images
 f32[N,H,W,C] in [-1, 1]) and `.json` (what made them). `config.sample.steps` (or `--sample_steps`) = 0 runs all
 T reverse steps, S < T a strided subset. Done while a newer prior or tokenizer checkpoint has not appeared.
 """
@@ -30,7 +30,8 @@ def is_done(config: Any, workdir: Workdir) -> bool:
   if models is None:
     return False
   record = _record(config, models)
-  files = workdir.samples(record["prior_step"], record["steps"], record["temperature"])
+  files = workdir.samples(record["prior_step"], record["steps"], num_samples=record["num_samples"],
+                          seed=record["seed"], temperature=record["temperature"])
   return workdir_lib.same_record(files.record, record)
 
 
@@ -47,7 +48,8 @@ def run(config: Any, workdir: Workdir) -> StageResult:
       num_sampling_steps=scfg.steps or None, chunk=scfg.chunk_steps)[:scfg.num_samples]
   seconds = time.perf_counter() - t0
   images = generation.decode_codes(gen.tokenizer, codes, scfg.decode_batch_size)
-  files = workdir.samples(gen.prior.step, steps, gen.temperature)
+  files = workdir.samples(gen.prior.step, steps, num_samples=scfg.num_samples, seed=scfg.seed,
+                          temperature=gen.temperature)
   if parallel.is_main_process():
     workdir_lib.write_png(files.png, metrics.image_grid(images))
     workdir_lib.write_npz(files.npz, codes=codes, images=images)

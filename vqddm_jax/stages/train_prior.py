@@ -13,10 +13,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from vqddm_jax import checkpointing, metrics, parallel
+from vqddm_jax import checkpointing, lineage, metrics, parallel
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.data import codes as codes_lib
-from vqddm_jax.errors import MismatchError
 from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.stages import StageResult
 from vqddm_jax.training import loop, optim, prior_step
@@ -25,35 +24,10 @@ from vqddm_jax.workdir import Workdir
 STAGE = "prior"
 
 
-def codes_record(meta: dict) -> dict:
-  """Which code maps a store holds: the tokenizer checkpoint that made them and K."""
-  return {k: meta.get(k) for k in ("tokenizer", "step", "codebook_size")}
-
-
 def is_done(config: Any, workdir: Workdir) -> bool:
-  directory = workdir.train(STAGE).checkpoints
-  latest = checkpointing.latest_step(directory)
-  if latest is None or latest < config.prior_train.num_steps:
-    return False
-  _check_codes_unchanged(workdir, directory, latest)
-  return True
-
-
-def _check_codes_unchanged(workdir: Workdir, directory: Any, step: int) -> None:
-  """Raises when checkpoint `step` was trained on other code maps than the store now holds."""
-  meta = codes_lib.read_meta(workdir.code_store)
-  if meta is None:
-    return
-  ckpt = checkpointing.Checkpointer(directory, read_only=True)
-  try:
-    trained_on = ckpt.restore_meta(step).get("codes")
-  finally:
-    ckpt.close()
-  if trained_on != codes_record(meta):
-    raise MismatchError(
-        f"the prior under {workdir.train(STAGE).root} was trained on code maps from {trained_on}, but the "
-        f"code store now holds maps from {codes_record(meta)} (re-encoded after a newer tokenizer). To "
-        f"train the prior on the new maps, remove {workdir.train(STAGE).root} (and samples/, eval/) and rerun")
+  """Trained to `num_steps` (that it was trained on the code maps the store holds is `lineage`'s check)."""
+  latest = checkpointing.latest_step(workdir.train(STAGE).checkpoints)
+  return latest is not None and latest >= config.prior_train.num_steps
 
 
 def run(config: Any, workdir: Workdir) -> StageResult:
@@ -62,9 +36,6 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   paths = workdir.train(STAGE)
   store = workdir.code_store
   meta = codes_lib.require_meta(store)
-  latest = checkpointing.latest_step(paths.checkpoints)
-  if latest is not None:
-    _check_codes_unchanged(workdir, paths.checkpoints, latest)
   train_codes = codes_lib.load_codes(store, config.data.train_split)
   eval_codes = codes_lib.load_codes(store, config.data.eval_split)
   num_classes, code_shape = int(meta["codebook_size"]), tuple(train_codes.shape[1:])
@@ -96,7 +67,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
                          tcfg.checkpoint_every, tcfg.keep_checkpoints)
   _, completed = loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,
                           key=jax.random.fold_in(key, 12), writer=writer,
-                          periodic=[(tcfg.eval_every, run_eval)], meta={"codes": codes_record(meta)})
+                          periodic=[(tcfg.eval_every, run_eval)], meta={"codes": lineage.holds(config, workdir, "codes")})
   return StageResult(STAGE, completed, (str(paths.root),))
 
 

@@ -1,0 +1,135 @@
+"""Is an output current? The chain of a work directory's trained outputs, and the one check every stage uses.
+
+The chain is stage 1 (`W/vqvae`) → ReFiT (`W/refit`, when enabled) → the code maps (`W/codes`) → the prior
+(`W/prior`) → what is made from them (`W/samples`, `W/inpaint`, `W/eval`). Each link records what it was made
+from: ReFiT the stage-1 step it was rebuilt from (`rebuild.json`), the code store the tokenizer checkpoint that
+encoded it (`meta.json`), every prior checkpoint the code store it was trained on (checkpoint meta). A link is
+current when that record equals what its upstream link holds now. When stage 1 trains further, say, ReFiT,
+the code maps and the prior all describe the old tokenizer: a stage that consumes them must stop rather than
+decode the old prior's codes with the new decoder. The registry (`stages.run_stage`) checks the chain up to
+what a stage consumes before the stage runs; `vqddm_jax.load` checks it before restoring.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from etils import epath
+
+from vqddm_jax import checkpointing
+from vqddm_jax import workdir as workdir_lib
+from vqddm_jax.errors import MismatchError
+from vqddm_jax.workdir import Workdir
+
+# The links, in order, with the mode that makes each.
+MAKERS = {"vqvae": "train_vqvae", "refit": "refit", "codes": "encode", "prior": "train_prior"}
+
+
+def tokenizer_link(config: Any) -> str:
+  """The link whose model encodes and decodes: ReFiT when enabled, else stage 1."""
+  return "refit" if config.refit.enabled else "vqvae"
+
+
+def links(config: Any) -> list[str]:
+  """The chain's link names in order for `config` (ReFiT only when enabled)."""
+  return ["vqvae", *(["refit"] if config.refit.enabled else []), "codes", "prior"]
+
+
+def folder(workdir: Workdir, link: str) -> epath.Path:
+  return workdir.code_store if link == "codes" else workdir.train(link).root
+
+
+def outputs_after(config: Any, workdir: Workdir, link: str) -> list[epath.Path]:
+  """The folders made from `link`, directly or not, that exist (what must go when `link` is redone)."""
+  chain = links(config)
+  later = [folder(workdir, name) for name in chain[chain.index(link) + 1:]]
+  later += [workdir.root / "samples", workdir.root / "inpaint", workdir.eval_dir]
+  return [p for p in later if p.exists()]
+
+
+def holds(config: Any, workdir: Workdir, link: str) -> dict | None:
+  """What `link` holds now (the record its consumers store), or None when it has nothing yet."""
+  del config
+  if link == "codes":
+    from vqddm_jax.data import codes as codes_lib  # TensorFlow: only where code maps are involved.
+    meta = codes_lib.read_meta(workdir.code_store)
+    return None if meta is None else {k: meta.get(k) for k in ("tokenizer", "step", "codebook_size")}
+  step = checkpointing.latest_step(workdir.train(link).checkpoints)
+  return None if step is None else {"stage": link, "step": int(step)}
+
+
+def made_from(config: Any, workdir: Workdir, link: str) -> dict | None:
+  """What `link`'s output records of its upstream link (None for stage 1, or when `link` holds nothing)."""
+  if link == "refit":
+    rebuild = workdir_lib.read_json(workdir.refit_rebuild)
+    return None if rebuild is None else {"stage": "vqvae", "step": rebuild["stage1_step"]}
+  if link == "codes":
+    held = holds(config, workdir, "codes")
+    return None if held is None else {"stage": held["tokenizer"], "step": held["step"]}
+  if link == "prior":
+    step = checkpointing.latest_step(workdir.train("prior").checkpoints)
+    if step is None:
+      return None
+    ckpt = checkpointing.Checkpointer(workdir.train("prior").checkpoints, read_only=True)
+    try:
+      return ckpt.restore_meta(step).get("codes")
+    finally:
+      ckpt.close()
+  return None
+
+
+def upstream(config: Any, link: str) -> str | None:
+  chain = links(config)
+  return None if link == "vqvae" else (tokenizer_link(config) if link == "codes" else chain[chain.index(link) - 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Stale:
+  """A link whose output was made from something its upstream link no longer holds."""
+  link: str
+  upstream: str
+  recorded: dict
+  now: dict
+
+
+def first_stale(config: Any, workdir: Workdir, through: str) -> Stale | None:
+  """The first link, from stage 1 up to and including `through`, that is not current (None if all are)."""
+  chain = links(config)
+  for link in chain[1:chain.index(through) + 1]:
+    up = upstream(config, link)
+    recorded, now = made_from(config, workdir, link), holds(config, workdir, up)
+    if recorded is not None and now is not None and recorded != now:
+      return Stale(link, up, recorded, now)
+  return None
+
+
+def check(config: Any, workdir: Workdir, through: str | None) -> None:
+  """Raises MismatchError when a link up to `through` (a link name, 'tokenizer', or None for nothing) was made
+  from an upstream output that has changed since, naming both and what to remove and rerun."""
+  through = tokenizer_link(config) if through == "tokenizer" else through
+  if through not in links(config):  # Nothing, or ReFiT while it is disabled.
+    return
+  stale = first_stale(config, workdir, through)
+  if stale is not None:
+    raise MismatchError(stale_message(config, workdir, stale))
+
+
+def stale_message(config: Any, workdir: Workdir, stale: Stale) -> str:
+  what = {"refit": "ReFiT", "codes": "the code maps", "prior": "the prior"}[stale.link]
+  made = (f"{what} under {folder(workdir, stale.link)} {'were' if stale.link == 'codes' else 'was'} made from "
+          f"{_describe(stale.recorded)}, but {folder(workdir, stale.upstream)} now holds "
+          f"{_describe(stale.now)}")
+  if stale.link == "codes":
+    later = outputs_after(config, workdir, "codes")
+    return (f"{made}. Rerun --mode=encode to encode with the current tokenizer" +
+            (f"; what was made from the old maps must then go too: remove {', '.join(map(str, later))}"
+             if later else "") + ", then rerun --mode=all")
+  remove = [folder(workdir, stale.link), *outputs_after(config, workdir, stale.link)]
+  return (f"{made}. To redo {what} from it, remove {', '.join(map(str, remove))} and rerun --mode=all "
+          f"(or --mode={MAKERS[stale.link]} and the stages after it)")
+
+
+def _describe(record: dict) -> str:
+  if "tokenizer" in record:
+    return f"code maps of {record['tokenizer']} step {record['step']} (K = {record.get('codebook_size')})"
+  return f"{record['stage']} step {record['step']}"
