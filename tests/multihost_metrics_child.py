@@ -39,9 +39,10 @@ def folder_config(folder: str) -> ml_collections.ConfigDict:
 
 
 def main(process_id: int, port: int, folder: str, out_dir: str) -> None:
-  parallel.initialize_distributed(ml_collections.ConfigDict(dict(
-      enabled=True, coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
-      local_device_ids="", initialization_timeout=60)))
+  distributed = config_schema.base_config().distributed
+  distributed.update(enabled=True, coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                     process_id=process_id, initialization_timeout=60)
+  parallel.initialize_distributed(distributed)
   net, images = toy_net(), image_set()
   lo, hi = streamed.host_range(SET_SIZE)
   chunks = ((s, images[s:min(s + CHUNK, hi)]) for s in range(lo, hi, CHUNK))

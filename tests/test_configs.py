@@ -52,6 +52,9 @@ def test_unknown_config_argument_raises():
     ("refit.kmeans_nested", ((0, 3),), "num_points >= 1"),
     ("distributed.local_device_ids", "a,b", "comma-separated"),
     ("distributed.coordinator_address", "host", "HOST:PORT"),
+    ("distributed.heartbeat_timeout", 1, "integer in"),
+    ("distributed.shutdown_timeout", 0, "integer in"),
+    ("train_watchdog_minutes", -1.0, "number in"),
 ])
 def test_bad_value_names_the_field(field, value, words):
   config = load_config("configs/mnist.py")

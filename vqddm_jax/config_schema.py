@@ -47,8 +47,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.ordered_reductions = False
   # Multi-host jobs (TPU pods, GPU clusters): jax.distributed.initialize(). Empty fields (""/0/-1) are
   # auto-detected on Cloud TPU and SLURM; elsewhere give coordinator_address, num_processes and process_id.
+  # Timeouts in seconds (JAX's defaults): a process without heartbeats for heartbeat_timeout is dead and ends
+  # every other; a process leaving normally waits shutdown_timeout for the others (docs/multihost.md).
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1,
-                       local_device_ids="", initialization_timeout=300)
+                       local_device_ids="", initialization_timeout=300, heartbeat_timeout=100,
+                       shutdown_timeout=300)
+  # A training loop's phase (a step, the periodic work after it, a checkpoint save) that lasts longer ends
+  # the job with exit code 75, which launch/tpu.py watch reruns (training/watchdog.py); 0 = no watchdog.
+  c.train_watchdog_minutes = 30.0
   c.data = dict(
       source="mnist5k", tfds_name="", data_dir="", manual_dir="", image_folder="", image_key="image",
       train_split="train", eval_split="test", image_size=32, channels=1, resize="pad",
@@ -309,6 +315,8 @@ def validate_distributed(config) -> None:
   check_int(config, "distributed.num_processes", 0)
   check_int(config, "distributed.process_id", -1)
   check_int(config, "distributed.initialization_timeout", 1)
+  check_int(config, "distributed.heartbeat_timeout", 2)
+  check_int(config, "distributed.shutdown_timeout", 1)
   ids = d.local_device_ids
   if not isinstance(ids, str) or (ids and not all(p.strip().isdigit() for p in ids.split(","))):
     fail("distributed.local_device_ids", ids, "'' (auto) or comma-separated device ids such as '0,1,2,3'")
@@ -337,6 +345,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   check_int(config, "cpu_devices", 0, 1024)
   if not isinstance(config.ordered_reductions, bool):
     fail("ordered_reductions", config.ordered_reductions, "True or False")
+  check_float(config, "train_watchdog_minutes", 0.0)
   validate_data_config(config.data)
   for validator in VALIDATORS:
     validator(config)

@@ -9,10 +9,9 @@ and makes the one stop decision of a job (SIGTERM on any host stops every host a
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,15 +82,21 @@ def initialize_distributed(cfg: Any) -> None:
   """Starts `jax.distributed` when `cfg.enabled` (the `config.distributed` section); a no-op otherwise.
 
   Must run before anything touches the JAX backend. Empty fields are left to JAX's auto-detection (Cloud
-  TPU, SLURM); `local_device_ids` ("0,1,2,3") limits this process to those local devices.
+  TPU, SLURM); `local_device_ids` ("0,1,2,3") limits this process to those local devices. A process that
+  stops sending heartbeats for `heartbeat_timeout` seconds (killed, host lost) ends every other process;
+  `shutdown_timeout` bounds how long a process leaving normally waits for the others. Then `job_end` starts:
+  a user error, an uncaught exception or the watchdog on one process ends every process within seconds.
 
   Raises:
     UserError: JAX refused to start (no cluster detected, or the other processes did not join in time).
   """
   if not cfg.enabled:
     return
+  from vqddm_jax import job_end
   from vqddm_jax.errors import UserError
-  kwargs: dict[str, Any] = {"initialization_timeout": int(cfg.initialization_timeout)}
+  kwargs: dict[str, Any] = {"initialization_timeout": int(cfg.initialization_timeout),
+                            "heartbeat_timeout_seconds": int(cfg.heartbeat_timeout),
+                            "shutdown_timeout_seconds": int(cfg.shutdown_timeout)}
   if cfg.coordinator_address:
     kwargs.update(coordinator_address=cfg.coordinator_address, num_processes=int(cfg.num_processes),
                   process_id=int(cfg.process_id))
@@ -104,8 +109,10 @@ def initialize_distributed(cfg: Any) -> None:
         f"jax.distributed could not start ({type(e).__name__}: {str(e).strip().splitlines()[0]}). On Cloud "
         "TPU and SLURM run the same command on every host; elsewhere set config.distributed."
         "coordinator_address, num_processes and process_id") from e
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices; heartbeat timeout %d s",
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+               cfg.heartbeat_timeout)
+  job_end.start()
 
 
 def per_device_batch_size(global_batch_size: int) -> int:
@@ -319,43 +326,6 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
-
-
-def _texts_of_all_processes(text: str) -> list[str]:
-  data = np.frombuffer(text.encode(), np.uint8)
-  rows = gather_rows(np.pad(data, (0, 1)))  # a NUL ends each process's text
-  return [part.decode() for part in rows.tobytes().split(b"\0")[:-1]]
-
-
-def check_same_on_every_process(what: str, entries: Mapping[str, Any]) -> None:
-  """Raises UserError naming every entry whose value differs between processes (and each process's value).
-
-  Args:
-    what: what is compared, for the message (e.g. "code", "config").
-    entries: JSON-able values by name; every process passes the same names.
-  """
-  if jax.process_count() == 1:
-    return
-  from vqddm_jax.errors import MismatchError
-  mine = json.dumps(dict(entries), sort_keys=True, default=str)
-  everyone = [json.loads(t) for t in _texts_of_all_processes(mine)]
-  differ = sorted(k for k in set().union(*everyone) if len({json.dumps(e.get(k)) for e in everyone}) > 1)
-  if differ:
-    lines = [f"  {k}: " + ", ".join(f"process {i} {e.get(k)!r}" for i, e in enumerate(everyone))
-             for k in differ[:10]]
-    raise MismatchError(f"the processes of this job do not run the same {what}:\n" + "\n".join(lines) +
-                        "\nstart every host from the same code and command line")
-
-
-def same_on_every_process(flag: bool, what: str) -> bool:
-  """`flag`, after checking that every process has the same value (a decision all hosts must share)."""
-  flags = gather_processes(np.array(bool(flag)))
-  if len(set(flags.tolist())) > 1:
-    from vqddm_jax.errors import MismatchError
-    raise MismatchError(f"the hosts disagree on {what} ({flags.tolist()} by process): they do not see the "
-                        "same work directory; on several hosts it must be shared (gs://... or a shared "
-                        "file system)")
-  return bool(flag)
 
 
 class StopAgreement:

@@ -39,8 +39,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_same_code(version: str) -> None:
   """Raises when the processes of the job run different code (compares every process's version)."""
-  from vqddm_jax import parallel
-  parallel.check_same_on_every_process("code", {"code version": version})
+  from vqddm_jax import agreement
+  agreement.check_same_on_every_process("code", {"code version": version})
 
 
 def _check_file(workdir: str, process: int, token: str) -> None:

@@ -4,7 +4,8 @@ A stage supplies its initial host state, its pmapped step `(state, batch, key) -
 function that opens its input iterator at a saved position. Everything the next step depends on — the state,
 the iterator position, the step count (keys are `fold_in(base_key, step)` inside the step) — is in the
 checkpoint, so a resumed run reaches exactly the parameters of an uninterrupted one. Progress (steps/s, ETA)
-and the stage's periodic work (image grids, held-out evaluation) run as clu periodic actions.
+and the stage's periodic work (image grids, held-out evaluation) run as clu periodic actions. A watchdog ends
+the job when one phase (a step, the periodic work after it, a checkpoint save) hangs (`training/watchdog.py`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from clu import periodic_actions
 from etils import epath
 
 from vqddm_jax import checkpointing, metrics, parallel
+from vqddm_jax.training import watchdog
 
 # (every, fn): `fn(step, replicated_state)` after every `every` completed steps and after the last one.
 Periodic = tuple[int, Callable[[int, Any], None]]
@@ -48,10 +50,12 @@ def _device_batches(batches: Any, size: int) -> Iterator[tuple[Any, Any]]:
 
 
 def restore_or_init(ckpt: checkpointing.Checkpointer, init_state: Any) -> tuple[Any, dict]:
-  """The latest checkpoint (structure of `init_state`), or `init_state` with empty meta."""
-  if ckpt.latest_step() is None:
+  """The latest readable checkpoint (structure of `init_state`), or `init_state` with empty meta. A corrupt
+  latest step is named and set aside, and the previous kept step resumes (`Checkpointer.restore_resumable`)."""
+  restored = ckpt.restore_resumable(jax.eval_shape(lambda: init_state))
+  if restored is None:
     return init_state, {}
-  state, meta = ckpt.restore(jax.eval_shape(lambda: init_state))
+  state, meta = restored
   logging.info("resumed %s from step %d", ckpt.directory, int(state.step))
   return state, meta
 
@@ -97,10 +101,13 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
       raise FloatingPointError(f"{loop.stage}: non-finite parameters at step {at_step}; not saved")
     ckpt.save(at_step, host, dict(meta or {}, position=position, nonfinite_steps=nonfinite))
 
-  completed = True
-  with parallel.StopAgreement() as stop:
+  completed, first = True, step
+  # Each phase of the loop must end within config.train_watchdog_minutes (training/watchdog.py).
+  with parallel.StopAgreement() as stop, watchdog.Watchdog(loop.stage) as dog:
     device_batches = _device_batches(batches, loop.prefetch)
     while step < loop.num_steps:
+      if step > first:  # The first step of a run compiles it: not timed.
+        dog.mark(f"step {step + 1} (its batch, its computation, the logging after it)")
       batch, position = next(device_batches)
       rstate, step_metrics = p_step(rstate, batch, key)
       step += 1
@@ -110,10 +117,13 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
         nonfinite = _log(loop, writer, step, history, nonfinite)
         history = []
       progress(step)
+      if last or any(step % every == 0 for every, _ in periodic):
+        dog.mark(f"the periodic work after step {step} (held-out evaluation, image grids)")
       for action in actions:
         action(step, rstate=rstate)
       stopping = stop.reached(step)  # The same answer on every host.
       if step % loop.checkpoint_every == 0 or last or stopping:
+        dog.mark(f"the checkpoint save at step {step}")
         if history:  # Count skipped steps up to here before they are saved.
           nonfinite = _log(loop, writer, step, history, nonfinite)
           history = []
@@ -121,8 +131,9 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
       if stopping:
         completed = last
         break
-  writer.flush()
-  ckpt.close()
+    dog.mark("closing the checkpoints (waiting for the last save)")
+    writer.flush()
+    ckpt.close()
   return parallel.unreplicate(rstate), completed
 
 
