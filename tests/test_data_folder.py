@@ -202,3 +202,75 @@ def test_greyscale_and_rgba_files_are_converted_to_rgb_and_counted(tmp_path, cap
                                    global_batch_size=4, num_shards=2))
   assert sum(int(b["mask"].sum()) for b in batches) == len(listing.splits["train"])
   assert all(b["image"].shape[-1] == 3 for b in batches)
+
+
+def test_sixteen_bit_pngs_are_scaled_to_eight_bits_not_clipped(tmp_path):
+  from vqddm_jax.data.tf_host import tf
+  ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+  Image.fromarray(ramp).save(tmp_path / "grey16.png")  # PIL mode 'I;16'.
+  rgb48 = np.stack([ramp, ramp[::-1], ramp.T], -1)
+  (tmp_path / "rgb48.png").write_bytes(tf.io.encode_png(rgb48).numpy())
+  with Image.open(tmp_path / "grey16.png") as im:
+    assert im.mode == "I;16"
+  expected = np.round(ramp / 257.0).astype(np.uint8)  # round(x * 255 / 65535)
+  for channels in (1, 3):
+    img, ok = folder.decode_file(str(tmp_path / "grey16.png").encode(), channels)
+    assert ok and img.shape == (256, 256, channels)
+    np.testing.assert_array_equal(img, np.repeat(expected[..., None], channels, -1))
+    assert np.array_equal(np.unique(img), np.arange(256))  # Every level present, nothing clipped to 255.
+  # PIL reads 48-bit RGB as 8 bits per channel (the high byte): a full ramp in each channel.
+  img, ok = folder.decode_file(str(tmp_path / "rgb48.png").encode(), 3)
+  assert ok and img.shape == (256, 256, 3)
+  np.testing.assert_array_equal(img, (rgb48 >> 8).astype(np.uint8))
+  assert all(np.array_equal(np.unique(img[..., c]), np.arange(256)) for c in range(3))
+  # A greyscale config now lists the 16-bit greyscale file (and still refuses the colour one).
+  listing = folder.list_folder(str(tmp_path), train_split="train", eval_split="test", channels=1,
+                               holdout_fraction=0.01)
+  assert [os.path.basename(p) for s in listing.splits.values() for p in s] == ["grey16.png"]
+
+
+def test_dangling_symlinks_and_symlink_loops_are_bad_files(tmp_path, caplog):
+  root, other = tmp_path / "links", tmp_path / "other"
+  os.makedirs(root / "sub")
+  os.makedirs(other)
+  rng = np.random.default_rng(4)
+  for path in (root / "a.png", root / "sub" / "b.png", other / "c.png"):
+    Image.fromarray(_noise(rng, 8, 8)).save(path)
+  os.symlink(tmp_path / "missing.png", root / "dangling.png")
+  os.symlink(root / "loop2.png", root / "loop1.png")  # loop1 -> loop2 -> loop1
+  os.symlink(root / "loop1.png", root / "loop2.png")
+  os.symlink(root, root / "sub" / "up")  # A folder link back to an ancestor: would list a.png forever.
+  os.symlink(other, root / "linked")  # A folder link elsewhere: followed.
+  before = folder.BAD_FILES.count
+  with caplog.at_level(logging.WARNING):
+    listing = folder.list_folder(str(root), train_split="train", eval_split="test", channels=3,
+                                 holdout_fraction=0.01)
+  assert sorted(os.path.relpath(p, root) for s in listing.splits.values() for p in s) == [
+      "a.png", "linked/c.png", "sub/b.png"]
+  assert folder.BAD_FILES.count - before == 4
+  messages = "\n".join(r.getMessage() for r in caplog.records)
+  assert f"dangling.png (dangling symlink to {tmp_path / 'missing.png'})" in messages
+  assert "loop1.png (symlink loop" in messages and "loop2.png (symlink loop" in messages
+  assert f"sub/up (symlink loop: a link back to its parent folder {root})" in messages
+
+
+def test_oversized_images_are_refused_with_their_size(tmp_path, monkeypatch, caplog):
+  rng = np.random.default_rng(5)
+  Image.fromarray(_noise(rng, 30, 40)).save(tmp_path / "big.png")  # 40×30 = 1200 pixels.
+  Image.fromarray(_noise(rng, 30, 30)).save(tmp_path / "fits.png")  # 900 pixels.
+  Image.fromarray(_noise(rng, 30, 30)).save(tmp_path / "fits.jpg", quality=95)
+  monkeypatch.setattr(folder, "MAX_PIXELS", 1000)
+  # PIL's own check (a warning over 500, an error over 1000, both exceptions under pytest) is not used:
+  # the 900-pixel files pass and decode, the 1200-pixel one gets our reason.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+  with caplog.at_level(logging.WARNING):
+    listing = folder.list_folder(str(tmp_path), train_split="train", eval_split="test", channels=3,
+                                 holdout_fraction=0.01)
+  assert sorted(os.path.basename(p) for s in listing.splits.values() for p in s) == ["fits.jpg", "fits.png"]
+  assert any("big.png (40×30 pixels, over the limit of 1000 pixels)" in r.getMessage()
+             for r in caplog.records)
+  for name in ("fits.png", "fits.jpg"):
+    img, ok = folder.decode_file(str(tmp_path / name).encode(), 3)
+    assert ok and img.shape == (30, 30, 3)
+  img, ok = folder.decode_file(str(tmp_path / "big.png").encode(), 3)  # Also refused if it reaches decoding.
+  assert not ok and img.shape == (1, 1, 3)

@@ -1,10 +1,12 @@
 """The feature classifier: training, features, caching, the labelled MNIST-5k split."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 import pytest
+from flax import serialization
 
 from vqddm_jax.evaluation import classifier
 
@@ -76,6 +78,27 @@ def test_load_or_train_caches_and_invalidates(tmp_path, trained):
   # Other labels (or settings) must not reuse the cache.
   _, meta3 = classifier.load_or_train(cache, x, (y + 1) % 4, seed=0, **TINY)
   assert not meta3["cached"] and meta3["cache_key"] != meta1["cache_key"]
+
+
+def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, trained, caplog):
+  params, _, x, y = trained
+  cache = tmp_path / "eval" / "classifier.msgpack"
+  classifier.load_or_train(str(cache), x, y, seed=0, **TINY)
+  good = cache.read_bytes()
+  corrupt = {"truncated": good[:len(good) // 2], "garbage": b"\x00garbage" * 50, "empty": b"",
+             "other layout": serialization.msgpack_serialize({"meta": "[1, 2]"})}
+  for what, blob in corrupt.items():
+    cache.write_bytes(blob)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      rebuilt, meta = classifier.load_or_train(str(cache), x, y, seed=0, **TINY)
+    assert not meta["cached"], what
+    assert any(f"Classifier cache {cache} cannot be read" in r.getMessage() and "retraining" in r.getMessage()
+               for r in caplog.records), what
+    np.testing.assert_array_equal(rebuilt["Dense_4"]["kernel"], params["Dense_4"]["kernel"])
+    # Rewritten whole: the next call loads it.
+    again, meta = classifier.load_or_train(str(cache), x, y, seed=0, **TINY)
+    assert meta["cached"] and classifier.accuracy(again, x, y) == classifier.accuracy(params, x, y), what
 
 
 @pytest.fixture(scope="module")

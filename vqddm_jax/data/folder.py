@@ -16,25 +16,44 @@ no pixel data, plus the end-of-image marker in the file's last KiB, which catche
 removes zero-byte, non-image, truncated and (in a greyscale config) colour files before the split sizes and
 epoch lengths are fixed. A file that passes the pre-check but still fails to decode (corrupt data mid-file) is
 dropped from the stream at decoding time; `TrainIterator` tracks positions in listed files, so resume stays
-exact on one host.
+exact on one host. Also counted as bad files, never a crash: dangling symlinks, symlink loops (a file link
+that resolves to itself, a folder link back to one of its own parent folders), folders that cannot be listed,
+and images over `MAX_PIXELS` pixels.
+
+16-bit greyscale PNGs (PIL modes 'I;16', 'I;16B', 'I;16L', 'I') are scaled to 8 bits, round(x * 255 / 65535),
+rather than clipped as PIL's `convert` would (which turns all but the darkest 0.4 % of a 0..65535 ramp into
+255); 48-bit RGB and 64-bit RGBA PNGs are already read by PIL as 8 bits per channel (the high byte).
+
+`MAX_PIXELS` is PIL's default decompression-bomb limit (2**30 / 12 = 89,478,485 pixels, about 9459 x 9459). A
+file over it is refused at listing, with its size, before any pixel is decoded: at the limit one RGB image
+is 268 MB decoded and 1 GB as the float32 copy the resize works on, per parallel decode. Images are opened
+without PIL's own check, which warns through the `warnings` module (an exception under `-W error`) and cannot
+be filtered safely from the decoding threads; ours gives the same verdict with the file's size as the reason.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import os
 import threading
 
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import Image, JpegImagePlugin, PngImagePlugin
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
-# PIL modes that give exactly `channels` channels after a lossless conversion.
-_MODES = {1: ("L", "1"), 3: ("RGB", "P", "CMYK", "YCbCr")}
+MAX_PIXELS = 89_478_485  # Width x height above which a file is refused (PIL's default; see the module doc).
+# 16-bit greyscale modes (a PNG's 'I' holds 0..65535 too): scaled to 8 bits by `_to_8_bits`.
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+# PIL modes that give exactly `channels` channels after a conversion that loses no more than the low byte.
+_MODES = {1: ("L", "1") + _SIXTEEN_BIT, 3: ("RGB", "P", "CMYK", "YCbCr")}
 # Greyscale and alpha modes an RGB config converts as torchvision does (grey repeated, alpha dropped); counted.
-_CONVERTED_TO_RGB = ("L", "1", "LA", "I", "I;16", "F", "RGBA", "RGBa", "PA")
+_CONVERTED_TO_RGB = ("L", "1", "LA", "F", "RGBA", "RGBa", "PA") + _SIXTEEN_BIT
+# The PIL readers of the two accepted formats, by the first bytes of the file.
+_READERS = ((b"\x89PNG\r\n\x1a\n", PngImagePlugin.PngImageFile),
+            (b"\xff\xd8\xff", JpegImagePlugin.JpegImageFile))
 _TAIL_BYTES = 1024
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 
@@ -71,6 +90,22 @@ def _accepts(mode: str, channels: int) -> bool:
   return mode in _MODES[channels] or (channels == 3 and mode in _CONVERTED_TO_RGB)
 
 
+def _open(path: str) -> Image.Image:
+  """Opens a PNG or JPEG file (header only) without PIL's decompression-bomb check; other formats through
+  `Image.open`, only to name them in the reason they are refused."""
+  with open(path, "rb") as f:
+    prefix = f.read(8)
+  for magic, reader in _READERS:
+    if prefix.startswith(magic):
+      return reader(path)
+  return Image.open(path)
+
+
+def _too_large(im: Image.Image) -> str | None:
+  w, h = im.size
+  return f"{w}×{h} pixels, over the limit of {MAX_PIXELS} pixels" if w * h > MAX_PIXELS else None
+
+
 def inspect_file(path: str, channels: int) -> tuple[str | None, bool]:
   """(why `path` is not a usable image with `channels` channels or None, whether it is a greyscale/alpha file
   that decoding converts to RGB). Reads the header and the last KiB only; no pixel data is decoded."""
@@ -78,10 +113,12 @@ def inspect_file(path: str, channels: int) -> tuple[str | None, bool]:
     size = os.path.getsize(path)
     if size == 0:
       return "empty file", False
-    with Image.open(path) as im:
-      fmt, mode = im.format, im.mode
+    with _open(path) as im:
+      fmt, mode, too_large = im.format, im.mode, _too_large(im)
     if fmt not in _END_MARKERS:
       return f"format {fmt}, expected PNG or JPEG", False
+    if too_large:
+      return too_large, False
     if not _accepts(mode, channels):
       return f"mode {mode} cannot give {channels} channel(s)", False
     with open(path, "rb") as f:
@@ -98,14 +135,28 @@ def check_file(path: str, channels: int) -> str | None:
   return inspect_file(path, channels)[0]
 
 
+def _unreachable(path: str, error: OSError) -> str:
+  """The reason a listed path cannot be opened: a dangling link, a link loop or another OS error."""
+  if os.path.islink(path) and error.errno == errno.ENOENT:
+    return f"dangling symlink to {os.readlink(path)}"
+  if error.errno == errno.ELOOP:
+    return "symlink loop (the link resolves to itself)"
+  return f"{type(error).__name__}: {error}"
+
+
 def _vet(paths: list[str], channels: int) -> tuple[list[str], int]:
   """The paths that pass `check_file`, in the given order, and how many of them are converted to RGB;
   reports the others."""
-  keys = []
+  keys, unreachable = [], {}
   for p in paths:
-    st = os.stat(p)
+    try:
+      st = os.stat(p)
+    except OSError as e:
+      unreachable[p] = _unreachable(p, e)
+      keys.append((p, -1, -1, channels))
+      continue
     keys.append((p, st.st_size, st.st_mtime_ns, channels))
-  todo = [k for k in keys if k not in _CHECKED]
+  todo = [k for k in keys if k not in _CHECKED and k[0] not in unreachable]
   if todo:
     # I/O bound (open + two small reads per file): threads hide the latency of network disks.
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
@@ -113,7 +164,7 @@ def _vet(paths: list[str], channels: int) -> tuple[list[str], int]:
         _CHECKED[key] = result
   good, converted = [], 0
   for key in keys:
-    reason, to_rgb = _CHECKED[key]
+    reason, to_rgb = (unreachable[key[0]], False) if key[0] in unreachable else _CHECKED[key]
     if reason is None:
       good.append(key[0])
       converted += to_rgb
@@ -123,12 +174,38 @@ def _vet(paths: list[str], channels: int) -> tuple[list[str], int]:
 
 
 def _find_images(root: str) -> list[str]:
-  """Relative POSIX paths of every PNG/JPEG (any case) under `root`, sorted."""
+  """Relative POSIX paths of every PNG/JPEG (any case) under `root`, sorted.
+
+  Folder links are followed, except one back to a folder on its own path from `root` (a loop, which would
+  list the same files again at ever deeper paths): it is reported as a bad file, as is a folder that cannot
+  be listed. File links are listed whatever they point to; `_vet` reports the dangling ones and the loops.
+  """
   found = []
-  for dirpath, _, filenames in os.walk(root, followlinks=True):
-    for name in filenames:
-      if name.lower().endswith(EXTENSIONS):
-        found.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+
+  def visit(folder: str, ancestors: frozenset[tuple[int, int]]) -> None:
+    try:
+      with os.scandir(folder) as it:
+        entries = list(it)
+    except OSError as e:
+      BAD_FILES.report(folder, f"cannot list folder: {type(e).__name__}: {e.strerror}")
+      return
+    for entry in entries:
+      try:
+        is_dir = entry.is_dir()  # Follows links; False for a dangling link.
+      except OSError:  # A loop of links (ELOOP): not a folder; `_vet` reports it if it has an image name.
+        is_dir = False
+      if is_dir:
+        st = entry.stat()
+        if (st.st_dev, st.st_ino) in ancestors:
+          BAD_FILES.report(entry.path, f"symlink loop: a link back to its parent folder "
+                                       f"{os.path.realpath(entry.path)}")
+        else:
+          visit(entry.path, ancestors | {(st.st_dev, st.st_ino)})
+      elif entry.name.lower().endswith(EXTENSIONS):
+        found.append(os.path.relpath(entry.path, root).replace(os.sep, "/"))
+
+  st = os.stat(root)
+  visit(root, frozenset({(st.st_dev, st.st_ino)}))
   return sorted(found)
 
 
@@ -168,21 +245,34 @@ def list_folder(root: str, *, train_split: str, eval_split: str, channels: int,
   if converted:
     logging.info("Image folder %s: converted %d greyscale/RGBA files to RGB (grey repeated, alpha dropped).",
                  root, converted)
+  from vqddm_jax import agreement  # Lazily (JAX): on multi-host jobs every host must list the same files.
+  agreement.check_same_files(f"image folder listing of {root}", splits, root)
   return FolderListing(splits)
+
+
+def _to_8_bits(im: Image.Image) -> Image.Image:
+  """A 16-bit greyscale image as mode 'L', round(x * 255 / 65535); other images unchanged."""
+  if im.mode not in _SIXTEEN_BIT:
+    return im
+  x = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+  return Image.fromarray(((x * 255 + 32767) // 65535).astype(np.uint8))  # u8[h, w] -> mode 'L'.
 
 
 def decode_file(path: bytes, channels: int) -> tuple[np.ndarray, bool]:
   """Decodes one vetted file with PIL: (u8[h, w, channels], True), or (u8[1, 1, channels], False)."""
   name = path.decode("utf-8")
   try:
-    with Image.open(name) as im:
+    with _open(name) as im:
+      too_large = _too_large(im)  # Checked again: the file may have been replaced since it was listed.
+      if too_large:
+        raise ValueError(too_large)
       im.load()  # Forces a full decode so corrupt data raises here, not later.
       if not _accepts(im.mode, channels):
         raise ValueError(f"mode {im.mode} cannot give {channels} channel(s)")
       if channels == 3 and im.mode == "P":
         # The same colours as P -> RGB, without PIL's warning about palette transparency stored as bytes.
         im = im.convert("RGBA")
-      im = im.convert("L" if channels == 1 else "RGB")
+      im = _to_8_bits(im).convert("L" if channels == 1 else "RGB")
       array = np.asarray(im, dtype=np.uint8)
     return array.reshape(array.shape[:2] + (channels,)), True
   except Exception as e:  # pylint: disable=broad-except  # Any failure means "skip this file".

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from etils import epath
 from flax import serialization
 
@@ -231,7 +232,8 @@ def load_or_train(cache_path: str | os.PathLike, images, labels, *, seed: int = 
   """The classifier cached in the file `cache_path`, trained by `train_classifier` if missing.
 
   The cache is keyed by a hash of the training images, labels, hyper-parameters and architecture: a cache
-  written for other data or settings is retrained and overwritten, never silently reused. The file is
+  written for other data or settings is retrained and overwritten, never silently reused; an unreadable one
+  (truncated, garbage) is logged as a warning, retrained and overwritten. The file is
   written whole (temporary file + rename), through epath (local or `gs://`). Training is deterministic, so
   on multi-host jobs every process may call it and one of them (`save`) writes the cache.
 
@@ -254,17 +256,33 @@ def load_or_train(cache_path: str | os.PathLike, images, labels, *, seed: int = 
           for k, v in bound.arguments.items() if k not in ("images", "labels")}
   key = _cache_key(images, labels, full)
   path = epath.Path(cache_path)
-  if path.exists():
-    blob = serialization.msgpack_restore(path.read_bytes())
-    meta = json.loads(blob["meta"])
-    if meta.get("cache_key") == key:
-      return blob["params"], dict(meta, cached=True)
+  cached = _read_cache(path)
+  if cached is not None and cached[1].get("cache_key") == key:
+    return cached[0], dict(cached[1], cached=True)
   params, meta = train_classifier(images, labels, **hyper)
   meta["cache_key"] = key
   if save:
     workdir_lib.write_bytes(path, serialization.msgpack_serialize(
         {"params": serialization.to_state_dict(params), "meta": json.dumps(meta)}))
   return params, dict(meta, cached=False)
+
+
+def _read_cache(path: epath.Path) -> tuple[Any, dict[str, Any]] | None:
+  """(params, meta) stored in the cache file `path`, or None if there is none or it cannot be read."""
+  if not path.exists():
+    return None
+  # Any failure to read it (msgpack, JSON, the layout) means the same: the cache is disposable and training
+  # rebuilds it deterministically, so the classifier is retrained rather than the evaluation stopped.
+  try:
+    blob = serialization.msgpack_restore(path.read_bytes())
+    params, meta = blob["params"], json.loads(blob["meta"])
+    if not isinstance(params, dict) or not isinstance(meta, dict):
+      raise TypeError(f"params are a {type(params).__name__}, meta a {type(meta).__name__}")
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Classifier cache %s cannot be read (%s: %s); retraining the classifier to rebuild it.",
+                    path, type(e).__name__, e)
+    return None
+  return params, meta
 
 
 def labelled_split(data_config: Any, split: str, *, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
