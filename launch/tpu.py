@@ -6,8 +6,9 @@
 `--help` lists the commands, `COMMAND --help` their flags; docs/multihost.md is the runbook. `--dry_run` prints
 the gcloud commands (one a line) and runs none. Every gcloud call goes through `gcloud()`; `$GCLOUD` may name
 the binary (tpu_vm.py holds the gcloud side). On each worker (paths relative to the home directory):
-`vqddm/` is the synced tree (its VERSION file holds the stamp of the synced files), `vqddm_venv/` the Python
-environment (launch/worker_setup.sh), `vqddm_run/` the job's log, exit code and pid (launch/worker_run.sh).
+`vqddm/` is the synced tree (its VERSION file holds the stamp of the synced files; `.vqddm_synced` marks it as
+sync's, which sync alone may replace), `vqddm_venv/` the Python environment (launch/worker_setup.sh; it deletes
+only one holding its `.vqddm_venv`), `vqddm_run/` the job's log, exit code and pid (launch/worker_run.sh).
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import time
 
 # launch/ is not a package: make its sibling module importable however this file is loaded.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from tpu_vm import (DEFAULT_VERSION, REPO_ROOT, WORKER_RUN, LaunchError, Tpu, check_workdir,  # noqa: E402
-                    job_reports, job_summary, num_workers, setup, start_job, sync)
+from tpu_vm import (DEFAULT_VERSION, REPO_ROOT, TPU_NAME, WORKER_RUN, LaunchError, Tpu,  # noqa: E402
+                    check_workdir, job_reports, job_summary, num_workers, setup, start_job, sync)
+from tpu_vm import RESUMABLE_EXIT_CODES  # noqa: E402
 
 
 def _say(message: str) -> None:
@@ -87,6 +89,14 @@ def cmd_watch(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> int:
         failed = ", ".join(f"worker {w} exit {r.get('rc')}" for w, r in reports.items() if r["state"] == "failed")
         raise LaunchError(f"the job failed ({failed}): see python launch/tpu.py logs --name={tpu.name} "
                           f"--zone={tpu.zone} --worker=N")
+      if summary == "stalled":  # A hung phase ended the job (the watchdog): rerunning resumes.
+        codes = ", ".join(f"worker {w} exit {r.get('rc')}" for w, r in reports.items() if r["state"] == "failed")
+        why = "; ".join(sorted({RESUMABLE_EXIT_CODES[r["rc"]] for r in reports.values()
+                                if r.get("rc") in RESUMABLE_EXIT_CODES}))
+        use_restart(f"the job stalled ({codes}: {why})")
+        attempt(start_job, tpu, args, overrides, workers)
+        time.sleep(args.poll_seconds)
+        continue
       # Stopped but not finished (e.g. SIGTERM before a maintenance event): rerunning resumes. Seen twice, as a
       # job stopped by an imminent preemption would otherwise be restarted on a VM about to go.
       if idle_polls >= 2:
@@ -104,7 +114,8 @@ def cmd_watch(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("--name", required=True, help="TPU VM name (also the queued resource's, with --queued)")
+  common.add_argument("--name", required=True, help="TPU VM name (also the queued resource's, with --queued): "
+                      "lowercase letters, digits and hyphens, a letter first, at most 63 characters")
   common.add_argument("--zone", required=True, help="e.g. us-central2-b")
   common.add_argument("--project", default=None, help="default: gcloud's configured project")
   common.add_argument("--queued", action="store_true", help="the TPU is (to be) made through a queued resource")
@@ -187,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
   args = _build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
   if overrides and args.command not in ("run", "watch"):
     print(f"tpu.py {args.command}: --config.* overrides belong to run/watch: {overrides}", file=sys.stderr)
+    return 2
+  if not TPU_NAME.fullmatch(args.name):
+    print(f"tpu.py {args.command}: --name={args.name!r} is not a TPU name: lowercase letters, digits and hyphens, "
+          f"a letter first, no hyphen last, at most 63 characters ({TPU_NAME.pattern})", file=sys.stderr)
     return 2
   tpu = Tpu(args.name, args.zone, args.project, args.queued, args.dry_run, args.repo_root.resolve())
   try:

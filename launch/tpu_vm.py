@@ -3,8 +3,8 @@ tree with a version stamp, and starting, checking and summarising the job on eve
 
 Every gcloud call goes through `gcloud()`; `$GCLOUD` may name the binary. On each worker (paths relative to
 the home directory, where `gcloud ... ssh --command` starts): `vqddm/` is the synced tree (its VERSION file
-holds the stamp of the synced files), `vqddm_venv/` the Python environment (launch/worker_setup.sh),
-`vqddm_run/` the job's log, exit code and pid (launch/worker_run.sh).
+holds the stamp of the synced files, its SYNC_MARKER file says sync made it), `vqddm_venv/` the Python
+environment (launch/worker_setup.sh), `vqddm_run/` the job's log, exit code and pid (launch/worker_run.sh).
 """
 from __future__ import annotations
 
@@ -14,18 +14,26 @@ import hashlib
 import io
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CODE_DIR = "vqddm"
 SETUP_DIR = "vqddm_setup"
 REMOTE_ARCHIVE = "vqddm-sync.tar.gz"
 WORKER_RUN = f"bash {CODE_DIR}/launch/worker_run.sh"
 DEFAULT_VERSION = "tpu-ubuntu2204-base"
+# Written at the top of every tree sync puts on a worker: sync replaces (deletes) only a directory that holds it,
+# never a user's own `~/vqddm`. The same name as vqddm_jax.workdir.SYNC_MARKER, which refuses a work directory
+# inside such a tree: a copy, as importing vqddm_jax would take another sys.path entry and numpy (a test compares).
+SYNC_MARKER = ".vqddm_synced"
+# TPU VM names (RFC 1035 labels, as Compute Engine names): what gcloud would refuse, refused before any call.
+TPU_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class LaunchError(Exception):
@@ -180,10 +188,35 @@ def tree_stamp(root: pathlib.Path, paths: list[str]) -> str:
   return digest.hexdigest()[:12]
 
 
+def swap_command() -> str:
+  """The shell command (POSIX sh, one line) that puts the uploaded archive in place of CODE_DIR on a worker.
+
+  It unpacks beside the old tree and swaps, so files deleted locally disappear on the workers too. It deletes
+  CODE_DIR and its staging folder only when they hold SYNC_MARKER (or do not exist): anything else there is
+  the user's, and the worker refuses (exit 3, naming itself and the directory) before deleting anything.
+  """
+  new = f"{CODE_DIR}.new"
+  refuse = (f"echo \"worker $(hostname): sync refuses to replace $PWD/$d: it was not made by launch/tpu.py sync "
+            f"(no {SYNC_MARKER} in it); move it away, then sync again\" >&2; exit 3")
+  return (f"rmdir {new} 2>/dev/null; "  # an empty staging folder left by an interrupted sync (rmdir keeps others)
+          f"for d in {CODE_DIR} {new}; do if {{ [ -e \"$d\" ] || [ -L \"$d\" ]; }} && "
+          f"[ ! -f \"$d/{SYNC_MARKER}\" ]; then {refuse}; fi; done; "
+          f"rm -rf {new} && mkdir {new} && tar -xzf {REMOTE_ARCHIVE} -C {new} && rm -rf {CODE_DIR} && "
+          f"mv {new} {CODE_DIR} && rm -f {REMOTE_ARCHIVE}")
+
+
+def _add_file(tar: tarfile.TarFile, name: str, text: str) -> None:
+  data = text.encode()
+  info = tarfile.TarInfo(name)
+  info.size, info.mtime = len(data), int(time.time())
+  tar.addfile(info, fileobj=io.BytesIO(data))
+
+
 def sync(tpu: Tpu) -> str:
   """Copies the working tree to every worker's CODE_DIR (replacing it whole) with its stamp in VERSION.
 
-  Refuses while a job runs: it imports modules lazily, and replacing its tree under it would break it.
+  Refuses while a job runs: it imports modules lazily, and replacing its tree under it would break it. A worker
+  whose CODE_DIR was not made by sync (no SYNC_MARKER) keeps it and fails the command (see swap_command).
   """
   running = [w for w, r in job_reports(tpu).items() if r.get("state") == "running"]
   if running:
@@ -196,17 +229,19 @@ def sync(tpu: Tpu) -> str:
   print(f"sync: {len(paths)} files of {root}, version {stamp}", file=sys.stderr, flush=True)
   if not tpu.dry_run:
     with tarfile.open(archive, "w:gz") as tar:
+      # The marker first: a staging folder that an interrupted unpacking leaves behind is marked already.
+      _add_file(tar, SYNC_MARKER, "Made by launch/tpu.py sync: the next sync deletes this directory and puts "
+                                  "a new copy in its place. Keep nothing of your own in it.\n")
       for path in paths:
         tar.add(root / path, arcname=path, recursive=False)
-      version = (stamp + "\n").encode()
-      info = tarfile.TarInfo("VERSION")
-      info.size, info.mtime = len(version), int(time.time())
-      tar.addfile(info, fileobj=io.BytesIO(version))
+      _add_file(tar, "VERSION", stamp + "\n")
   try:
     tpu.scp([str(archive)], REMOTE_ARCHIVE)
-    # Unpack beside the old tree and swap, so files deleted locally disappear on the workers too.
-    tpu.ssh(f"rm -rf {CODE_DIR}.new && mkdir {CODE_DIR}.new && tar -xzf {REMOTE_ARCHIVE} -C {CODE_DIR}.new && "
-            f"rm -rf {CODE_DIR} && mv {CODE_DIR}.new {CODE_DIR} && rm -f {REMOTE_ARCHIVE}")
+    try:
+      tpu.ssh(swap_command())
+    except LaunchError as e:
+      raise LaunchError(f"{e}\na worker that said above that it refuses to replace a directory deleted nothing "
+                        f"there: move that directory away on that worker and sync again") from None
   finally:
     if not tpu.dry_run:
       archive.unlink(missing_ok=True)
@@ -274,6 +309,9 @@ def check_workdir(workdir: str, workers: int) -> None:
                       f"sees; give a gs://BUCKET/PATH one (each worker's local disk holds only its own shards)")
   if not workdir.startswith(("/", "~")):  # the job starts in the code directory, which `sync` replaces whole
     raise LaunchError(f"--workdir={workdir}: give gs://BUCKET/PATH or an absolute path on the worker")
+  if os.path.normpath(workdir) == f"~/{CODE_DIR}" or os.path.normpath(workdir).startswith(f"~/{CODE_DIR}/"):
+    raise LaunchError(f"--workdir={workdir} lies in ~/{CODE_DIR}, the code directory that the next `sync` "
+                      f"replaces whole: give another directory, e.g. ~/runs/NAME")
 
 
 def main_command(args: argparse.Namespace, overrides: list[str], workers: int) -> list[str]:
@@ -296,17 +334,26 @@ def start_job(tpu: Tpu, args: argparse.Namespace, overrides: list[str], workers:
 
 # --- watch ---------------------------------------------------------------------------------------------------------
 
+# Exit codes of vqddm_jax.main after which a rerun resumes (vqddm_jax/training/watchdog.py: EXIT_STALLED).
+RESUMABLE_EXIT_CODES = {"75": "a training phase hung past config.train_watchdog_minutes (the watchdog)"}
+
+
 def job_summary(reports: dict[str, dict[str, str]], workers: int) -> str:
   """One word for the job over all workers, from worker_run.sh's status reports.
 
   `failed` (a worker exited non-zero), `running`, `finished` (all exited 0 on their own), `idle` (none runs and
-  not all finished: stopped by SIGTERM, killed, or never started: a rerun resumes) or `unknown` (workers missing).
+  not all finished: stopped by SIGTERM, killed, or never started: a rerun resumes), `stalled` (none runs and a
+  worker exited with a code of RESUMABLE_EXIT_CODES: the other workers' failures followed from it, and a rerun
+  resumes) or `unknown` (workers missing).
   """
   states = [r.get("state") for r in reports.values()]
-  if "failed" in states:
+  stalled = any(r.get("state") == "failed" and r.get("rc") in RESUMABLE_EXIT_CODES for r in reports.values())
+  if "failed" in states and not stalled:
     return "failed"
   if "running" in states:
     return "running"
   if len(reports) < workers:
     return "unknown"
+  if stalled:
+    return "stalled"
   return "finished" if all(s == "finished" for s in states) else "idle"

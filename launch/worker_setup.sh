@@ -7,8 +7,10 @@
 # TPU VM base images (tpu-ubuntu2204-base) come with Python 3.10, and JAX 0.10.2 needs 3.11 or newer: uv
 # installs a standalone Python 3.11 and makes the environment with it. Then requirements.txt, the TPU build
 # of JAX (libtpu) and TensorFlow's GCS file system (gs:// work directories). Running it again updates the
-# environment in place. Settings (environment variables): VQDDM_HOME (default $HOME), VQDDM_VENV (default
-# $VQDDM_HOME/vqddm_venv), PYTHON_VERSION (3.11), JAX_VERSION (0.10.2), TF_VERSION (2.21.0).
+# environment in place. An environment of the wrong Python version is made again only when this script made it
+# (it holds the file .vqddm_venv); any other directory at that path is left alone and the script fails.
+# Settings (environment variables): VQDDM_HOME (default $HOME), VQDDM_VENV (default $VQDDM_HOME/vqddm_venv),
+# PYTHON_VERSION (3.11), JAX_VERSION (0.10.2), TF_VERSION (2.21.0).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -17,6 +19,8 @@ VENV=${VQDDM_VENV:-$BASE/vqddm_venv}
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 JAX_VERSION=${JAX_VERSION:-0.10.2}
 TF_VERSION=${TF_VERSION:-2.21.0}
+# Written into every environment this script makes: the only kind it will ever delete.
+VENV_MARKER=.vqddm_venv
 
 log() {
   echo "[worker_setup $(hostname)] $*"
@@ -58,10 +62,21 @@ make_venv() {
     log "keeping $VENV ($("$VENV/bin/python" --version))"
     return
   fi
+  if [[ -e $VENV || -L $VENV ]] && [[ ! -f $VENV/$VENV_MARKER ]]; then
+    echo "worker_setup.sh: $VENV exists but is not a Python $PYTHON_VERSION environment that this script made" \
+      "(no $VENV_MARKER in it): left as it is; move it away or set VQDDM_VENV to another path" >&2
+    return 1
+  fi
   log "making $VENV with Python $PYTHON_VERSION"
   uv python install "$PYTHON_VERSION"
   rm -rf "$VENV"
-  uv venv --python "$PYTHON_VERSION" "$VENV"
+  # Whatever uv leaves at $VENV from here on is ours (the path was free): marked, or removed when uv fails.
+  if ! uv venv --python "$PYTHON_VERSION" "$VENV"; then
+    rm -rf "$VENV"
+    return 1
+  fi
+  echo "Made by vqddm's launch/worker_setup.sh, which may delete and make this environment again." \
+    >"$VENV/$VENV_MARKER"
 }
 
 install_packages() {

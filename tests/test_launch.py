@@ -88,12 +88,16 @@ def test_setup_dry_run(monkeypatch, capsys, repo):
 def test_sync_dry_run(monkeypatch, capsys, repo):
   stamp = _stamp(repo, [".gitignore", "launch/worker_setup.sh", "requirements.txt", "train.py"])
   archive = pathlib.Path(tempfile.gettempdir()) / f"vqddm-sync-{stamp}.tar.gz"
-  assert dry(monkeypatch, capsys, repo, "sync") == [
+  lines = dry(monkeypatch, capsys, repo, "sync")
+  assert lines[:2] == [
       f"{SSH} '--command=bash vqddm/launch/worker_run.sh status'",
       f"gcloud compute tpus tpu-vm scp {archive} vqddm-v4:vqddm-sync.tar.gz --zone=us-central2-b "
-      "--project=my-project --worker=all",
-      f"{SSH} '--command=rm -rf vqddm.new && mkdir vqddm.new && tar -xzf vqddm-sync.tar.gz -C vqddm.new && "
-      "rm -rf vqddm && mv vqddm.new vqddm && rm -f vqddm-sync.tar.gz'"]
+      "--project=my-project --worker=all"]
+  # The swap itself (marker checks, then unpack and replace) runs on a fake worker in test_launch_safety.py.
+  swap = shlex.split(lines[2])[-1].removeprefix("--command=")
+  assert lines[2].startswith(SSH) and swap == sys.modules["tpu_vm"].swap_command()
+  assert swap.endswith("rm -rf vqddm.new && mkdir vqddm.new && tar -xzf vqddm-sync.tar.gz -C vqddm.new && "
+                       "rm -rf vqddm && mv vqddm.new vqddm && rm -f vqddm-sync.tar.gz")
   assert not archive.exists()  # a dry run packs nothing
 
 
@@ -155,7 +159,7 @@ def test_overrides_must_be_flag_equals_value(capsys, repo):
 # --- (b) a fake gcloud ---------------------------------------------------------------------------------------------
 
 FAKE_GCLOUD = """\
-import json, os, shutil, sys
+import json, os, shutil, subprocess, sys
 state = os.environ["FAKE_GCLOUD_DIR"]
 args = sys.argv[1:]
 with open(os.path.join(state, "calls.jsonl"), "a") as f:
@@ -169,11 +173,17 @@ if "describe" in args:
   print(script["describe"][min(n, len(script["describe"]) - 1)])
 elif "scp" in args and args[4].endswith(".tar.gz"):
   shutil.copy(args[4], os.path.join(state, "synced.tar.gz"))
+  if "home" in script:  # a worker's home directory: the archive lands where the command names it
+    shutil.copy(args[4], os.path.join(script["home"], args[5].split(":", 1)[1]))
 elif "ssh" in args:
   command = next(a for a in args if a.startswith("--command="))
-  for key, answer in script.get("ssh", {}).items():
-    if key in command:
-      print(answer)
+  answers = [answer for key, answer in script.get("ssh", {}).items() if key in command]
+  for answer in answers:
+    print(answer)
+  if not answers and "home" in script:  # run it in the worker's home, as the remote shell would
+    home = script["home"]
+    sys.exit(subprocess.run(["sh", "-c", command.removeprefix("--command=")], cwd=home,
+                            env=dict(os.environ, HOME=home, PWD=home)).returncode)
 """
 
 
@@ -188,7 +198,12 @@ def statuses(*states):
 
 @pytest.fixture
 def fake_gcloud(tmp_path, monkeypatch):
-  """Installs the fake as $GCLOUD; returns (set_script(dict), calls() -> recorded argv lists)."""
+  """Installs the fake as $GCLOUD; returns (set_script(dict), calls() -> recorded argv lists, its folder).
+
+  The script: "describe" (the states it answers in turn), "ssh" ({part of the command: the answer}), and
+  "home" (a folder standing for every worker's home: archives are copied there, unanswered ssh commands run
+  there with `sh -c`).
+  """
   state = tmp_path / "fake_gcloud"
   state.mkdir()
   binary = state / "gcloud"
@@ -254,7 +269,8 @@ def test_sync_uploads_the_tree_with_its_stamp(fake_gcloud, capsys, repo):
   assert tpu.main(["sync", *COMMON, f"--repo_root={repo}"]) == 0
   files = [".gitignore", "launch/worker_setup.sh", "requirements.txt", "train.py"]
   with tarfile.open(state / "synced.tar.gz") as tar:
-    assert sorted(tar.getnames()) == sorted([*files, "VERSION"])  # debug.log is ignored by git
+    assert tar.getnames()[0] == ".vqddm_synced"  # first: a half-unpacked copy is marked as sync's already
+    assert sorted(tar.getnames()) == sorted([*files, "VERSION", ".vqddm_synced"])  # debug.log is ignored by git
     assert tar.extractfile("VERSION").read().decode() == _stamp(repo, files) + "\n"
   assert [_kind(c) for c in calls()] == ["ssh status", "scp code", "ssh tar -xzf"]
 
@@ -312,6 +328,25 @@ def test_watch_reruns_a_stopped_job_and_reports_failure(fake_gcloud, capsys, rep
   (fake_gcloud[2] / "describes").unlink()
   assert tpu.main(["watch", *COMMON, *JOB, "--poll_seconds=0", f"--repo_root={repo}"]) == 1
   assert "the job failed (worker 1" in capsys.readouterr().err
+
+
+def test_watch_reruns_a_job_the_watchdog_ended(fake_gcloud, capsys, repo):
+  set_script, calls, _ = fake_gcloud
+  # Worker 1 hung (the watchdog's exit 75); the others followed it (75, or JAX's abort when the job ended).
+  stalled = "\n".join(f"vqddm-status worker={i} state=failed rc={rc}" for i, rc in enumerate((75, 75, 134, 75)))
+  set_script({"describe": ["READY"], "ssh": {"worker_run.sh stamp": stamps(*["aaaaaaaaaaaa"] * 4),
+                                             "worker_run.sh status": stalled}})
+  assert tpu.main(["watch", *COMMON, *JOB, "--poll_seconds=0", "--max_restarts=1", f"--repo_root={repo}"]) == 1
+  err = capsys.readouterr().err
+  assert "the job stalled (worker 0 exit 75, worker 1 exit 75, worker 2 exit 134, worker 3 exit 75: a training " \
+         "phase hung past config.train_watchdog_minutes (the watchdog)): restart 1 of 1" in err
+  assert "restarts are used" in err  # the same answer again: the second rerun is refused
+  assert [_kind(c) for c in calls()] == ["describe", "ssh status", "ssh stamp", "ssh start", "describe",
+                                         "ssh status"]
+  # Any other failure still ends the watch.
+  set_script({"describe": ["READY"], "ssh": {"worker_run.sh status": stalled.replace("rc=75", "rc=1")}})
+  assert tpu.main(["watch", *COMMON, *JOB, "--poll_seconds=0", f"--repo_root={repo}"]) == 1
+  assert "the job failed (worker 0 exit 1" in capsys.readouterr().err
 
 
 # --- worker_run.sh on this machine ---------------------------------------------------------------------------------
