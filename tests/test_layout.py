@@ -53,7 +53,7 @@ def _reachable(graph, start: str) -> set[str]:
 
 @pytest.mark.parametrize("module", ["vqddm_jax.stages.sample", "vqddm_jax.stages.inpaint",
                                     "vqddm_jax.stages.evaluate", "vqddm_jax.stages.encode",
-                                    "vqddm_jax.generation", "vqddm_jax.models.loaders",
+                                    "vqddm_jax.generation", "vqddm_jax.inference", "vqddm_jax.models.loaders",
                                     "vqddm_jax.evaluation"])
 def test_inference_and_evaluation_never_import_training(graph, module):
   training = {m for m in _reachable(graph, module) if m.startswith("vqddm_jax.training")}

@@ -1,4 +1,4 @@
-"""Metric writers, image grids, parameter counts and the non-finite guard."""
+"""Metric writers, image grids and the pixel conversions, parameter counts and the non-finite guard."""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
@@ -52,6 +52,17 @@ def update_if_finite(ok: jnp.ndarray, update: Callable[[], Any], old: Any) -> An
   return jax.lax.cond(ok, update, lambda: old)
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """`u8[...]` pixels 0..255 of images `f32[...]` in [-1, 1] (clipped, rounded): what a saved PNG holds."""
+  return np.round((np.clip(np.asarray(images, np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def from_uint8(pixels: np.ndarray) -> np.ndarray:
+  """`f32[...]` in [-1, 1] of pixels `u8[...]`: the input pipeline's mapping (`data.preprocess.to_unit_range`)
+  in NumPy, so that images given as arrays encode exactly as the stored data do."""
+  return np.asarray(pixels).astype(np.float32) / 127.5 - 1.0
+
+
 def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
   """Tiles images into one picture.
 
@@ -68,7 +79,7 @@ def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.
   ncol = ncol or int(np.ceil(np.sqrt(n)))
   nrow = int(np.ceil(n / ncol))
   grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
-  pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+  pixels = to_uint8(images)
   for i in range(n):
     r, col = divmod(i, ncol)
     y, x = pad + r * (h + pad), pad + col * (w + pad)
