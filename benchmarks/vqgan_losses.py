@@ -129,10 +129,10 @@ def stage1(args, folder, gan: bool) -> tuple:
   start = time.time()
   train_vqvae.run(config, workdir)
   tokenizer = loaders.restore_vqvae(config, workdir, "vqvae")
-  usage = json.loads(workdir.train("vqvae").eval_json.read_text())["usage"]
+  usage = json.loads(workdir.vqvae.eval_json.read_text())["usage"]
   _report(f"stage1_{name}", heldout_figures(config, tokenizer),
           {"usage": usage, "wall_s": round(time.time() - start, 1),
-           "grid": str(workdir.train("vqvae").image(args.steps))})
+           "grid": str(workdir.vqvae.image(args.steps))})
   return config, workdir
 
 
@@ -146,15 +146,15 @@ def refit_at(args, config, source, lr: float, label: str) -> None:
   from vqddm_jax.stages import refit
   from vqddm_jax.workdir import Workdir
   workdir = Workdir(pathlib.Path(args.out) / f"refit_{label}")
-  if not workdir.train("vqvae").root.exists():
-    shutil.copytree(str(source.train("vqvae").root), str(workdir.train("vqvae").root))
+  if not workdir.vqvae.root.exists():
+    shutil.copytree(str(source.vqvae.root), str(workdir.vqvae.root))
   config = config.copy_and_resolve_references()
   config.refit.update(optim=config_schema.gan_optim(lr), disc_optim=config_schema.gan_optim(lr))
   start = time.time()
   refit.run(config, workdir)
   after = loaders.restore_vqvae(config, workdir, "refit", codebook_size=config.refit.num_codes)
   # Checkpoint 0 of ReFiT holds the rebuilt codebook with stage 1's decoder: the starting point.
-  ckpt = checkpointing.Checkpointer(workdir.train("refit").checkpoints, read_only=True)
+  ckpt = checkpointing.Checkpointer(workdir.refit.checkpoints, read_only=True)
   try:
     rebuilt = ckpt.restore_item("ema_params", after.params, step=0)
   finally:
@@ -162,7 +162,7 @@ def refit_at(args, config, source, lr: float, label: str) -> None:
   before = heldout_figures(config, dataclasses.replace(after, params=rebuilt))
   _report(f"refit_{label}_rebuilt", before, {})
   _report(f"refit_{label}_finetuned", heldout_figures(config, after),
-          {"lr": lr, "wall_s": round(time.time() - start, 1), "grid": str(workdir.train("refit").image(
+          {"lr": lr, "wall_s": round(time.time() - start, 1), "grid": str(workdir.refit.image(
               args.refit_steps))})
 
 

@@ -50,7 +50,7 @@ def test_a_truncated_latest_step_is_set_aside_and_training_resumes_from_the_prev
   workdir = Workdir(tmp_path / "w")
   real_run = sigterm_training_at(monkeypatch, 3)
   assert not stages.run_stage(stages.BY_NAME["train_vqvae"], tiny_config, workdir).completed
-  directory = workdir.train("vqvae").checkpoints
+  directory = workdir.vqvae.checkpoints
   assert sorted(int(p.name) for p in directory.iterdir()) == [2, 3]
   assert _truncate_arrays(directory / "3", "params")
   monkeypatch.setattr(loop, "run", real_run)
@@ -59,9 +59,9 @@ def test_a_truncated_latest_step_is_set_aside_and_training_resumes_from_the_prev
   warned = " ".join(r.getMessage() for r in caplog.records)
   assert f"checkpoint step 3 under {directory} is corrupt: item 'params' cannot be read" in warned
   assert "resuming from the previous kept step 2" in warned
-  assert (workdir.train("vqvae").root / "corrupt_checkpoints" / "3").exists()
+  assert (workdir.vqvae.root / "corrupt_checkpoints" / "3").exists()
   assert checkpointing.latest_step(directory) == 4
-  ref_dir = reference.train("vqvae").checkpoints
+  ref_dir = reference.vqvae.checkpoints
   for item in ("params", "ema_params", "opt_state"):
     for a, b in zip(_leaves(ref_dir, item, 4), _leaves(directory, item, 4), strict=True):
       np.testing.assert_array_equal(a, b, err_msg=item)
@@ -71,7 +71,7 @@ def test_a_stage_reading_a_corrupt_step_stops_naming_it(pipeline_run, tmp_path, 
   config, shared = pipeline_run
   shutil.copytree(shared.root, tmp_path / "w")
   workdir = Workdir(tmp_path / "w")
-  directory = workdir.train("refit").checkpoints
+  directory = workdir.refit.checkpoints
   latest = checkpointing.latest_step(directory)
   (directory / str(latest) / "ema_params" / "_METADATA").write_text("")
   config = config.copy_and_resolve_references()
@@ -85,7 +85,7 @@ def test_a_stage_reading_a_corrupt_step_stops_naming_it(pipeline_run, tmp_path, 
 
 def test_a_checkpoint_of_another_model_is_a_mismatch_not_corruption(pipeline_run):
   _, workdir = pipeline_run
-  directory = workdir.train("prior").checkpoints
+  directory = workdir.prior.checkpoints
   stored = checkpointing.read_item(directory, "ema_params")
   wrong = jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x) + (2,), x.dtype), stored)
   ckpt = checkpointing.Checkpointer(directory, read_only=True)

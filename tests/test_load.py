@@ -13,7 +13,7 @@ import pytest
 import vqddm_jax
 from conftest import ROOT
 from vqddm_jax import checkpointing, data, metrics
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.errors import ConfigError, MismatchError, MissingInputError
 from vqddm_jax.workdir import Workdir
@@ -35,10 +35,10 @@ def heldout_images(pipeline_run):
 
 def _mode_sample_outputs(config, workdir):
   """(codes, images) that `--mode=sample` wrote for the fixture's config (all T reverse steps)."""
-  step = checkpointing.latest_step(workdir.train("prior").checkpoints)
+  step = checkpointing.latest_step(workdir.prior.checkpoints)
   files = workdir.samples(step, config.diffusion.num_steps, num_samples=config.sample.num_samples,
                           seed=config.sample.seed)
-  stored = workdir_lib.read_npz(files.npz)
+  stored = files_lib.read_npz(files.npz)
   return stored["codes"], stored["images"]
 
 
@@ -93,12 +93,12 @@ def test_a_stale_or_foreign_workdir_is_refused(pipeline_run, tmp_path):
   config, workdir = pipeline_run
   copy = Workdir(tmp_path / "w")
   shutil.copytree(workdir.root, copy.root)  # Never the shared run itself.
-  rebuild = workdir_lib.read_json(copy.refit_rebuild)
-  workdir_lib.write_json(copy.refit_rebuild, dict(rebuild, stage1_step=rebuild["stage1_step"] - 2))
+  rebuild = files_lib.read_json(copy.refit_rebuild)
+  files_lib.write_json(copy.refit_rebuild, dict(rebuild, stage1_step=rebuild["stage1_step"] - 2))
   with pytest.raises(MismatchError, match=r"ReFiT under .*/refit was made from vqvae step 2, but .*/vqvae "
                      r"now holds vqvae step 4.*remove .*/refit, .*/codes, .*/prior"):
     vqddm_jax.load(copy.root)
-  workdir_lib.write_json(copy.refit_rebuild, rebuild)
+  files_lib.write_json(copy.refit_rebuild, rebuild)
   other = config.copy_and_resolve_references()
   other.vqvae.ch = 16
   with pytest.raises(MismatchError, match=r"vqvae\.ch: stored 8, now 16"):

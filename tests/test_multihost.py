@@ -34,7 +34,7 @@ import pytest
 
 from conftest import ROOT, _session_data_dir
 from vqddm_jax import checkpointing
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.workdir import Workdir
 
 STAGE1_STEPS = 32
@@ -105,7 +105,7 @@ def _run(workdir, mode, tmp_path, name, *, processes: int = 2,
     procs = _start(workdir, mode, logs)
     if sigterm_after_step is not None:
       deadline = time.monotonic() + TIMEOUT
-      while not (workdir.train("vqvae").checkpoints / str(sigterm_after_step)).exists():
+      while not (workdir.vqvae.checkpoints / str(sigterm_after_step)).exists():
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), paths[0].read_text()[-3000:]
         time.sleep(0.1)
       procs[1].send_signal(signal.SIGTERM)  # process 1 alone
@@ -145,7 +145,7 @@ def test_two_process_job_stops_together_resumes_and_ends_on_the_one_process_para
   assert stops[0] == stops[1] and len(stops[0]) == 1, stops
   stop_step = int(stops[0][0])
   assert 8 < stop_step < STAGE1_STEPS, stop_step
-  assert checkpointing.latest_step(job.train("vqvae").checkpoints) == stop_step
+  assert checkpointing.latest_step(job.vqvae.checkpoints) == stop_step
   assert not job.code_store.exists()  # the pipeline stopped with stage 1
   # The same command again: resumes, ends on the reference's parameters bit for bit, runs every stage.
   codes, logs = _run(job, pipeline, tmp_path, "resumed")
@@ -157,8 +157,8 @@ def test_two_process_job_stops_together_resumes_and_ends_on_the_one_process_para
         reference.train(stage).checkpoints)
     for a, b in zip(_ema(reference, stage), _ema(job, stage), strict=True):
       np.testing.assert_array_equal(a, b, err_msg=stage)
-  prior_step = checkpointing.latest_step(job.train("prior").checkpoints)
-  samples = workdir_lib.read_npz(job.samples(prior_step, 20, num_samples=8, seed=1).npz)
+  prior_step = checkpointing.latest_step(job.prior.checkpoints)
+  samples = files_lib.read_npz(job.samples(prior_step, 20, num_samples=8, seed=1).npz)
   assert samples["codes"].shape == (8, 16, 16) and samples["images"].shape == (8, 32, 32, 1)
-  assert workdir_lib.read_json(job.code_store / "meta.json")["counts"] == {"train": 4500, "test": 500}
+  assert files_lib.read_json(job.code_store / "meta.json")["counts"] == {"train": 4500, "test": 500}
   assert "vqddm_jax: finished in" in logs[0] and "vqddm_jax: finished in" not in logs[1]  # process 0 reports

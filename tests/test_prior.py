@@ -10,7 +10,7 @@ import pytest
 
 from conftest import sigterm_training_at
 from vqddm_jax import checkpointing, diffusion, generation, parallel
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.models.unet import UNet
@@ -100,7 +100,7 @@ def _prior_state(config, workdir):
   optimizer = optim.make_optimizer(config.prior_train.optim, config.prior_train.num_steps)
   abstract = jax.eval_shape(lambda: stage2.init_state(model, optimizer, jax.random.key(0), (8, 8),
                                                       config.diffusion.num_steps))
-  ckpt = checkpointing.Checkpointer(workdir.train("prior").checkpoints, read_only=True)
+  ckpt = checkpointing.Checkpointer(workdir.prior.checkpoints, read_only=True)
   try:
     return ckpt.restore(abstract)[0]
   finally:
@@ -127,14 +127,14 @@ def test_prior_resume_after_sigterm_is_exact(pipeline_run, monkeypatch, tmp_path
 def test_prior_eval_reports_bits_per_code_against_uniform(pipeline_run):
   import json
   _, workdir = pipeline_run
-  ev = json.loads(workdir.train("prior").eval_json.read_text())
+  ev = json.loads(workdir.prior.eval_json.read_text())
   assert ev["num_maps"] == 32 and ev["stderr"] > 0 and np.isfinite(ev["nelbo_bits_per_code"])
   k = codes_lib.read_meta(workdir.code_store)["codebook_size"]
   assert ev["uniform_bits_per_code"] == pytest.approx(np.log2(k))
 
 
 def _npz(result):
-  return workdir_lib.read_npz(workdir_lib.as_path(next(p for p in result.outputs if p.endswith(".npz"))))
+  return files_lib.read_npz(files_lib.as_path(next(p for p in result.outputs if p.endswith(".npz"))))
 
 
 def test_sampling_is_deterministic_per_key_and_strided_sampling_runs(pipeline_run):

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, load_config
 from vqddm_jax import main, run_config, run_lock
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.errors import MismatchError
 from vqddm_jax.workdir import Workdir
 
@@ -139,7 +139,7 @@ def test_the_lock_of_a_dead_process_is_taken_over(tmp_path):
   path = Workdir(tmp_path).lock_file
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                         text=True, check=True)
-  workdir_lib.write_json(path, {"token": "old", "host": socket.gethostname(), "pid": int(dead.stdout),
+  files_lib.write_json(path, {"token": "old", "host": socket.gethostname(), "pid": int(dead.stdout),
                                 "heartbeat": time.time(), "started": "then"})
   with run_lock.WorkdirLock(path) as lock:
     assert json.loads(path.read_text())["token"] == lock.token
@@ -148,10 +148,10 @@ def test_the_lock_of_a_dead_process_is_taken_over(tmp_path):
 def test_a_lock_from_another_host_is_stale_only_once_its_heartbeat_is_old(tmp_path):
   path = Workdir(tmp_path).lock_file
   holder = {"token": "old", "host": "elsewhere", "pid": 1, "started": "then"}
-  workdir_lib.write_json(path, dict(holder, heartbeat=time.time() - 10))
+  files_lib.write_json(path, dict(holder, heartbeat=time.time() - 10))
   with pytest.raises(MismatchError, match="process 1 on elsewhere"):
     run_lock.WorkdirLock(path, stale_seconds=60).acquire()
-  workdir_lib.write_json(path, dict(holder, heartbeat=time.time() - 120))
+  files_lib.write_json(path, dict(holder, heartbeat=time.time() - 120))
   with run_lock.WorkdirLock(path, stale_seconds=60) as lock:
     assert json.loads(path.read_text())["token"] == lock.token
 
@@ -171,4 +171,4 @@ def test_main_refuses_a_held_work_directory_with_exit_2(tmp_path, capsys):
     assert main.execute(config, str(tmp_path), "train_vqvae") == 2
   err = capsys.readouterr().err
   assert err.startswith("vqddm_jax: another job runs in this work directory") and "Traceback" not in err
-  assert not workdir.train("vqvae").root.exists()
+  assert not workdir.vqvae.root.exists()

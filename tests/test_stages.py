@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, load_config
 from vqddm_jax import checkpointing, main, stages
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.errors import MismatchError
 from vqddm_jax.stages import encode, evaluate, sample, train_prior
 from vqddm_jax.workdir import Workdir
@@ -51,7 +51,7 @@ def test_a_newer_prior_checkpoint_reruns_sample_and_evaluate(copied_run):
   assert not train_prior.is_done(config, workdir)
   assert sample.is_done(config, workdir) and evaluate.is_done(config, workdir)
   assert train_prior.run(config, workdir).completed  # Resumes from the finished checkpoint.
-  new_step = checkpointing.latest_step(workdir.train("prior").checkpoints)
+  new_step = checkpointing.latest_step(workdir.prior.checkpoints)
   assert new_step == config.prior_train.num_steps and train_prior.is_done(config, workdir)
   assert not sample.is_done(config, workdir) and not evaluate.is_done(config, workdir)
   result = stages.run_stage(stages.BY_NAME["sample"], config, workdir)
@@ -63,7 +63,7 @@ def test_a_sampling_temperature_samples_a_set_of_its_own(copied_run):
   """sample.temperature ≠ 1 reruns sample and evaluate, writes `_tau` files beside the model's own samples
   (which stay), draws other codes with the same seed, and says τ in the records."""
   config, workdir = copied_run
-  step = checkpointing.latest_step(workdir.train("prior").checkpoints)
+  step = checkpointing.latest_step(workdir.prior.checkpoints)
   plain = workdir.samples(step, config.diffusion.num_steps, num_samples=config.sample.num_samples,
                           seed=config.sample.seed)
   config.sample.temperature = 0.5
@@ -75,26 +75,26 @@ def test_a_sampling_temperature_samples_a_set_of_its_own(copied_run):
   assert sample.is_done(config, workdir) and plain.png.exists()
   assert json.loads(tempered.record.read_text())["temperature"] == 0.5
   assert json.loads(plain.record.read_text())["temperature"] == 1.0
-  plain_codes, tempered_codes = (workdir_lib.read_npz(f.npz)["codes"] for f in (plain, tempered))
+  plain_codes, tempered_codes = (files_lib.read_npz(f.npz)["codes"] for f in (plain, tempered))
   assert plain_codes.shape == tempered_codes.shape and (plain_codes != tempered_codes).any()
 
 
 def test_training_on_stale_inputs_is_refused(copied_run):
   config, workdir = copied_run
-  rebuild = workdir_lib.read_json(workdir.refit_rebuild)
-  workdir_lib.write_json(workdir.refit_rebuild, dict(rebuild, stage1_step=rebuild["stage1_step"] - 2))
+  rebuild = files_lib.read_json(workdir.refit_rebuild)
+  files_lib.write_json(workdir.refit_rebuild, dict(rebuild, stage1_step=rebuild["stage1_step"] - 2))
   with pytest.raises(MismatchError, match=r"ReFiT under .*/refit was made from vqvae step 2, but .*/vqvae now "
                      r"holds vqvae step 4\. To redo ReFiT from it, remove .*/refit, .*/codes, .*/prior"):
     stages.run_stage(stages.BY_NAME["refit"], config, workdir)
-  workdir_lib.write_json(workdir.refit_rebuild, rebuild)
+  files_lib.write_json(workdir.refit_rebuild, rebuild)
   meta_path = workdir.code_store / "meta.json"
-  meta = workdir_lib.read_json(meta_path)
-  workdir_lib.write_json(meta_path, dict(meta, step=meta["step"] + 100))
+  meta = files_lib.read_json(meta_path)
+  files_lib.write_json(meta_path, dict(meta, step=meta["step"] + 100))
   with pytest.raises(MismatchError, match="the code maps under .*/codes were made from refit step 102.*"
                      "Rerun --mode=encode"):
     stages.run_stage(stages.BY_NAME["train_prior"], config, workdir)
   assert not encode.is_done(config, workdir)
-  workdir_lib.write_json(meta_path, meta)
+  files_lib.write_json(meta_path, meta)
   # Encoding with another tokenizer (stage 1 itself) leaves a prior trained on the other code maps.
   no_refit = config.copy_and_resolve_references()
   no_refit.refit.enabled = False

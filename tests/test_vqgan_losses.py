@@ -227,7 +227,7 @@ def _restore(config, workdir):
   optimizer = optim.make_optimizer(tcfg.optim, tcfg.num_steps)
   abstract = jax.eval_shape(lambda: vq_trainer.attach_discriminator(
       config, tcfg, vqvae_step.init_state(model, optimizer, jax.random.key(0), (32, 32, 1))))
-  ckpt = checkpointing.Checkpointer(workdir.train("vqvae").checkpoints, read_only=True)
+  ckpt = checkpointing.Checkpointer(workdir.vqvae.checkpoints, read_only=True)
   try:
     return ckpt.restore(abstract)[0]
   finally:
@@ -250,7 +250,7 @@ def test_resume_is_bit_exact_and_refit_inherits_the_discriminator(tiny_config, m
   assert train_vqvae.run(config, reference_dir).completed
   reference = _restore(config, reference_dir)
   assert int(reference.step) == 4
-  tags = _scalar_tags(reference_dir.train("vqvae").tensorboard)
+  tags = _scalar_tags(reference_dir.vqvae.tensorboard)
   for name in ("recon", "perceptual", "g_loss", "d_loss", "logits_real", "logits_fake", "disc_factor",
                "lambda", "codebook", "commitment"):
     assert f"vqvae/{name}" in tags, name
@@ -258,7 +258,7 @@ def test_resume_is_bit_exact_and_refit_inherits_the_discriminator(tiny_config, m
   workdir = Workdir(tmp_path / "resumed")
   real_run = sigterm_training_at(monkeypatch, 2)
   assert not train_vqvae.run(config, workdir).completed
-  assert checkpointing.latest_step(workdir.train("vqvae").checkpoints) == 2
+  assert checkpointing.latest_step(workdir.vqvae.checkpoints) == 2
   monkeypatch.setattr(loop, "run", real_run)
   assert train_vqvae.run(config, workdir).completed
   state = _restore(config, workdir)

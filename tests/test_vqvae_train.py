@@ -23,7 +23,7 @@ def _restore(workdir, config):
   model = build_vqvae(config.vqvae, 1)
   optimizer = optim.make_optimizer(config.vqvae_train.optim, config.vqvae_train.num_steps)
   abstract = jax.eval_shape(lambda: vqvae_step.init_state(model, optimizer, jax.random.key(0), (32, 32, 1)))
-  ckpt = checkpointing.Checkpointer(workdir.train("vqvae").checkpoints, read_only=True)
+  ckpt = checkpointing.Checkpointer(workdir.vqvae.checkpoints, read_only=True)
   try:
     return ckpt.restore(abstract)
   finally:
@@ -40,7 +40,7 @@ def uninterrupted(pipeline_run):
 
 def test_run_writes_checkpoints_events_grid_and_eval(uninterrupted):
   config, workdir, state = uninterrupted
-  paths = workdir.train("vqvae")
+  paths = workdir.vqvae
   assert int(state.step) == config.vqvae_train.num_steps
   assert sorted(int(p.name) for p in paths.checkpoints.iterdir() if p.name.isdigit()) == [2, 4]
   assert any(p.name.startswith("events.out.tfevents") for p in paths.tensorboard.iterdir())
@@ -74,7 +74,7 @@ def test_sigterm_saves_and_resume_is_exact(uninterrupted, monkeypatch, tmp_path)
   workdir = Workdir(tmp_path)
   real_run = sigterm_training_at(monkeypatch, 2)
   result = train_vqvae.run(config, workdir)
-  assert not result.completed and checkpointing.latest_step(workdir.train("vqvae").checkpoints) == 2
+  assert not result.completed and checkpointing.latest_step(workdir.vqvae.checkpoints) == 2
   assert not train_vqvae.is_done(config, workdir)
   monkeypatch.setattr(loop, "run", real_run)
   assert train_vqvae.run(config, workdir).completed  # Resumes from step 2.

@@ -14,6 +14,7 @@ import pytest
 from etils.epath import backend, gpath, register
 
 from vqddm_jax import generation, metrics
+from vqddm_jax import files as files_lib
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.evaluation import classifier
 from vqddm_jax.stages import refit
@@ -38,7 +39,7 @@ def test_workdir_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch
   monkeypatch.chdir(tmp_path)
   assert str(Workdir("runs/a").root) == str(tmp_path / "runs" / "a")
   w = Workdir("gs://bucket/run")
-  assert str(w.train("prior").checkpoints) == "gs://bucket/run/prior/checkpoints"
+  assert str(w.prior.checkpoints) == "gs://bucket/run/prior/checkpoints"
   assert str(w.code_store) == "gs://bucket/run/codes"
   assert (str(w.samples(2000, 250, num_samples=64, seed=1).png) ==
           "gs://bucket/run/samples/2000/samples_S250_n64_seed1.png")
@@ -51,31 +52,31 @@ def test_workdir_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch
 
 def test_file_writers_round_trip_on_ram(ram_workdir):
   w = ram_workdir
-  workdir_lib.write_json(w.train("vqvae").eval_json, {"mse": 0.5, "step": np.int64(3)})
-  assert workdir_lib.read_json(w.train("vqvae").eval_json) == {"mse": 0.5, "step": 3}
-  assert workdir_lib.same_record(w.train("vqvae").eval_json, {"step": 3})
-  assert not workdir_lib.same_record(w.train("vqvae").eval_json, {"step": 4})
-  assert workdir_lib.read_json(w.train("prior").eval_json) is None
+  files_lib.write_json(w.vqvae.eval_json, {"mse": 0.5, "step": np.int64(3)})
+  assert files_lib.read_json(w.vqvae.eval_json) == {"mse": 0.5, "step": 3}
+  assert files_lib.same_record(w.vqvae.eval_json, {"step": 3})
+  assert not files_lib.same_record(w.vqvae.eval_json, {"step": 4})
+  assert files_lib.read_json(w.prior.eval_json) is None
   arrays = {"codes": np.arange(12, dtype=np.int32).reshape(3, 2, 2), "images": np.zeros((3, 4, 4, 1))}
   files = w.samples(7, 5, num_samples=3, seed=0)
-  workdir_lib.write_npz(files.npz, **arrays)
-  back = workdir_lib.read_npz(files.npz)
+  files_lib.write_npz(files.npz, **arrays)
+  back = files_lib.read_npz(files.npz)
   assert set(back) == set(arrays) and np.array_equal(back["codes"], arrays["codes"])
-  workdir_lib.write_png(files.png, metrics.image_grid(arrays["images"]))
+  files_lib.write_png(files.png, metrics.image_grid(arrays["images"]))
   assert files.png.read_bytes()[:4] == b"\x89PNG"
   assert w.latest_samples_grid() == files.png
-  workdir_lib.write_npy(w.refit_features, np.ones((5, 3), np.float32))
-  assert workdir_lib.read_npy(w.refit_features).shape == (5, 3)
+  files_lib.write_npy(w.refit_features, np.ones((5, 3), np.float32))
+  assert files_lib.read_npy(w.refit_features).shape == (5, 3)
   assert not list(files.npz.parent.glob(".*.tmp")), "temporary files must be renamed away"
 
 
 def test_reports_tensorboard_and_caches_on_ram(ram_workdir):
   w = ram_workdir
-  writer = metrics.make_writer(w.train("prior").tensorboard, is_main=True)
+  writer = metrics.make_writer(w.prior.tensorboard, is_main=True)
   writer.write_scalars(1, {"loss": 1.0})
   writer.write_images(1, {"grid": np.zeros((1, 4, 4, 1), np.uint8)})
   writer.flush()
-  assert any(p.name.startswith("events.out.tfevents") for p in w.train("prior").tensorboard.iterdir())
+  assert any(p.name.startswith("events.out.tfevents") for p in w.prior.tensorboard.iterdir())
   row = {"usage": 0.5, "usage_10": 0.25, "perplexity": 3.0, "mse": 0.1}
   refit.write_report(w, {"stage1_step": 4, "num_features": 10, "before": row, "rebuilt": row}, row)
   assert json.loads(w.refit_report("json").read_text())["finetuned"] == row
@@ -86,7 +87,7 @@ def test_reports_tensorboard_and_caches_on_ram(ram_workdir):
             "images": np.zeros((2, 8, 8, 1), np.float32), "originals": np.ones((2, 8, 8, 1), np.float32)}
   files = w.eval_inpaint("left_half")
   generation.save_inpainting(files, result, 8, {"prior_step": 1})
-  assert files.png.exists() and workdir_lib.read_json(files.record) == {"prior_step": 1}
+  assert files.png.exists() and files_lib.read_json(files.record) == {"prior_step": 1}
   x = np.random.default_rng(0).uniform(-1, 1, (32, 8, 8, 1)).astype(np.float32)
   y = (np.arange(32) % 2).astype(np.int32)
   tiny = dict(num_steps=2, batch_size=8, widths=(2, 2, 2), num_classes=2)
@@ -99,10 +100,10 @@ def test_as_path_expands_home(tmp_path, monkeypatch):
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   (tmp_path / "code").mkdir()
   monkeypatch.chdir(tmp_path / "code")  # a job starts in the code directory
-  assert str(workdir_lib.as_path("~/runs/x")) == str(tmp_path / "home" / "runs" / "x")
-  assert str(Workdir("~/runs/x").train("vqvae").checkpoints) == str(tmp_path / "home" / "runs" / "x" / "vqvae" /
+  assert str(files_lib.as_path("~/runs/x")) == str(tmp_path / "home" / "runs" / "x")
+  assert str(Workdir("~/runs/x").vqvae.checkpoints) == str(tmp_path / "home" / "runs" / "x" / "vqvae" /
                                                                     "checkpoints")
-  assert str(workdir_lib.as_path("gs://bucket/~/x")) == "gs://bucket/~/x"
+  assert str(files_lib.as_path("gs://bucket/~/x")) == "gs://bucket/~/x"
 
 
 def test_workdir_inside_a_synced_tree_is_refused(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from vqddm_jax import checkpointing, data, diffusion, masks, metrics, parallel
+from vqddm_jax import files as files_lib
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.errors import ConfigError
@@ -68,7 +69,7 @@ def load_generator(config: Any, workdir: Workdir) -> Generator:
 def current_record(config: Any, workdir: Workdir) -> dict | None:
   """`Generator.record()` of what `load_generator` would restore now (cheap), or None if a stage is missing."""
   stage, _ = loaders.tokenizer_stage(config)
-  prior_step = checkpointing.latest_step(workdir.train("prior").checkpoints)
+  prior_step = checkpointing.latest_step(workdir.prior.checkpoints)
   tokenizer_step = checkpointing.latest_step(workdir.train(stage).checkpoints)
   if prior_step is None or tokenizer_step is None:
     return None
@@ -240,6 +241,6 @@ def save_inpainting(files: workdir_lib.OutputFiles, result: dict[str, np.ndarray
   masked = np.where(pixel_mask, originals, 0.0)
   n = min(len(mask), 8)
   rows = np.concatenate([masked[:n], result["images"][:n], originals[:n]])
-  workdir_lib.write_png(files.png, metrics.image_grid(rows, ncol=n))
-  workdir_lib.write_npz(files.npz, **result)
-  workdir_lib.write_json(files.record, record)
+  files_lib.write_png(files.png, metrics.image_grid(rows, ncol=n))
+  files_lib.write_npz(files.npz, **result)
+  files_lib.write_json(files.record, record)

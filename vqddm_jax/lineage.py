@@ -17,7 +17,7 @@ from typing import Any
 from etils import epath
 
 from vqddm_jax import checkpointing
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.errors import MismatchError
 from vqddm_jax.workdir import Workdir
 
@@ -61,16 +61,16 @@ def holds(config: Any, workdir: Workdir, link: str) -> dict | None:
 def made_from(config: Any, workdir: Workdir, link: str) -> dict | None:
   """What `link`'s output records of its upstream link (None for stage 1, or when `link` holds nothing)."""
   if link == "refit":
-    rebuild = workdir_lib.read_json(workdir.refit_rebuild)
+    rebuild = files_lib.read_json(workdir.refit_rebuild)
     return None if rebuild is None else {"stage": "vqvae", "step": rebuild["stage1_step"]}
   if link == "codes":
     held = holds(config, workdir, "codes")
     return None if held is None else {"stage": held["tokenizer"], "step": held["step"]}
   if link == "prior":
-    step = checkpointing.latest_step(workdir.train("prior").checkpoints)
+    step = checkpointing.latest_step(workdir.prior.checkpoints)
     if step is None:
       return None
-    ckpt = checkpointing.Checkpointer(workdir.train("prior").checkpoints, read_only=True)
+    ckpt = checkpointing.Checkpointer(workdir.prior.checkpoints, read_only=True)
     try:
       return ckpt.restore_meta(step).get("codes")
     finally:

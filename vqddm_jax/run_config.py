@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping
 
 import ml_collections
 
+from vqddm_jax import files as files_lib
+
 # Dotted-name patterns (fnmatch) of the fields a rerun may change, with why; every other field defines the run.
 MAY_CHANGE: dict[str, str] = {
     "vqvae_train.num_steps": "train stage 1 further",
@@ -145,17 +147,16 @@ def check_or_record(config: ml_collections.ConfigDict, workdir: Any, *, code_ver
     MismatchError: a field that defines the run differs (each named, with both values), or the file is not
       a config record.
   """
-  from vqddm_jax import workdir as workdir_lib
   from vqddm_jax.errors import MismatchError
   path = workdir.config_json
   try:
-    record = workdir_lib.read_json(path)
+    record = files_lib.read_json(path)
   except ValueError as e:
     raise MismatchError(f"{path} is not valid JSON ({e}): it should hold the config this work directory was "
                         "made with; restore it, or use a new --workdir") from None
   if record is None:
     if write:
-      workdir_lib.write_json(path, new_record(config, code_version))
+      files_lib.write_json(path, new_record(config, code_version))
     return []
   if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
     raise MismatchError(f"{path} does not hold a config record (no 'config' object): restore it, or use a "
@@ -164,7 +165,7 @@ def check_or_record(config: ml_collections.ConfigDict, workdir: Any, *, code_ver
   if refused:
     raise MismatchError(refusal_message(path, refused))
   if accepted and write:
-    workdir_lib.write_json(path, updated_record(record, config, accepted, code_version))
+    files_lib.write_json(path, updated_record(record, config, accepted, code_version))
   return accepted
 
 
@@ -174,11 +175,10 @@ def stored_config(workdir: Any) -> ml_collections.ConfigDict:
   Raises:
     MissingInputError: the work directory has no stored config.
   """
-  from vqddm_jax import workdir as workdir_lib
   from vqddm_jax.errors import MismatchError, MissingInputError
   path = workdir.config_json
   try:
-    record = workdir_lib.read_json(path)
+    record = files_lib.read_json(path)
   except ValueError as e:
     raise MismatchError(f"{path} is not valid JSON ({e}): pass --config") from None
   if not isinstance(record, dict) or not isinstance(record.get("config"), dict):

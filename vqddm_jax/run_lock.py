@@ -23,7 +23,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.errors import MismatchError
 
 HEARTBEAT_SECONDS = 60.0
@@ -73,7 +73,7 @@ class WorkdirLock:
 
   def _read(self) -> dict | None:
     try:
-      holder = workdir_lib.read_json(self.path)
+      holder = files_lib.read_json(self.path)
     except ValueError:  # Half-written by a job that died: nobody holds it.
       logging.warning("%s is not valid JSON: taking it over", self.path)
       return None
@@ -101,7 +101,7 @@ class WorkdirLock:
   def _write_new(self) -> None:
     data = (json.dumps(self._record(), indent=1) + "\n").encode()
     if "://" in str(self.path):
-      workdir_lib.write_bytes(self.path, data)
+      files_lib.write_bytes(self.path, data)
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     try:  # Atomic on local and network file systems: only one job creates the file.
@@ -118,7 +118,7 @@ class WorkdirLock:
         logging.warning("lost the work-directory lock %s (removed or taken over by another job)", self.path)
         return
       holder["heartbeat"] = time.time()
-      workdir_lib.write_json(self.path, holder)
+      files_lib.write_json(self.path, holder)
 
   def release(self) -> None:
     """Stops the heartbeat and removes the lock if it is still this job's."""

@@ -1,4 +1,4 @@
-"""The one owner of a run's work directory: its layout, and every read and write of its files.
+"""The one owner of a run's work directory: its layout (which file is where), by name.
 
 Layout (W = `--workdir`, a local folder or an object-store URI such as `gs://bucket/run`):
 ```
@@ -13,20 +13,18 @@ W/eval/     report.json  report.md  samples.png  classifier.msgpack  inpaint/ (e
 W/config.json   the config the run was made with, the code version, the date, accepted changes (run_config)
 W/lock.json     the job that holds the work directory while it runs (run_lock)
 ```
-Stages ask a `Workdir` for paths and never join strings. Paths are `etils.epath.Path`s and every read and
-write below goes through them, so `gs://` work directories work wherever local ones do (TensorFlow's file
+Stages ask a `Workdir` for paths and never join strings. Paths are `etils.epath.Path`s, read and written
+through `vqddm_jax.files`, so `gs://` work directories work wherever local ones do (TensorFlow's file
 system serves `gs://` to epath, TensorBoard and TFDS; Orbax takes the same paths).
 """
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import os
-from typing import Any, Mapping
 
-import numpy as np
 from etils import epath
+
+from vqddm_jax import files as files_lib
 
 TRAIN_STAGES = ("vqvae", "refit", "prior")
 
@@ -35,14 +33,6 @@ TRAIN_STAGES = ("vqvae", "refit", "prior")
 # keeps a copy of this name; tests/test_launch_safety.py checks the two agree). The next sync replaces that
 # tree whole, so nothing a run writes may live under it.
 SYNC_MARKER = ".vqddm_synced"
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-  """An epath for a local path (`~` expanded, made absolute) or a URI (`gs://...`, kept as it is)."""
-  text = os.fspath(path)
-  # `~` arrives unexpanded when the shell did not see it (quoted, or after `--workdir=`): without this it
-  # would name a folder `~` in the current directory.
-  return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
 
 
 def check_not_in_synced_tree(path: str | os.PathLike) -> None:
@@ -105,7 +95,7 @@ class Workdir:
   """Paths of one pipeline run; see the module docstring for the layout."""
 
   def __init__(self, root: str | os.PathLike):
-    self.root = as_path(root)
+    self.root = files_lib.as_path(root)
 
   def __repr__(self) -> str:
     return f"Workdir({str(self.root)!r})"
@@ -115,6 +105,21 @@ class Workdir:
     if stage not in TRAIN_STAGES:
       raise ValueError(f"unknown training stage {stage!r}: one of {TRAIN_STAGES}")
     return TrainPaths(self.root / stage)
+
+  @property
+  def vqvae(self) -> TrainPaths:
+    """Stage 1 (`train_vqvae`)."""
+    return self.train("vqvae")
+
+  @property
+  def refit(self) -> TrainPaths:
+    """The ReFiT fine-tune (`refit`)."""
+    return self.train("refit")
+
+  @property
+  def prior(self) -> TrainPaths:
+    """Stage 2, the prior (`train_prior`)."""
+    return self.train("prior")
 
   @property
   def config_json(self) -> epath.Path:
@@ -196,66 +201,3 @@ class Workdir:
     """Evaluate's own completions: never in `inpaint/`, where a user's `--mode=inpaint` writes."""
     folder = self.eval_dir / "inpaint" / mask_name
     return OutputFiles(folder / "grid.png", folder / "inpaint.npz", folder / "inpaint.json")
-
-
-# ---------------------------------------------------------------------------------------------- file I/O
-
-
-def write_bytes(path: epath.Path, data: bytes) -> epath.Path:
-  """Writes `data` whole: to a temporary sibling first, then renamed, so readers never see half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_bytes(data)
-  tmp.replace(path)
-  return path
-
-
-def read_json(path: epath.Path) -> Any | None:
-  """The JSON value in `path`, or None when the file does not exist."""
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_json(path: epath.Path, value: Any) -> epath.Path:
-  return write_bytes(path, (json.dumps(value, indent=1, default=float) + "\n").encode())
-
-
-def write_text(path: epath.Path, text: str) -> epath.Path:
-  return write_bytes(path, text.encode())
-
-
-def write_png(path: epath.Path, picture: np.ndarray) -> epath.Path:
-  """Writes a `u8[H, W, C]` picture (C = 1 or 3) as PNG."""
-  from PIL import Image  # Only writers of pictures need it.
-  buf = io.BytesIO()
-  Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(buf, format="PNG")
-  return write_bytes(path, buf.getvalue())
-
-
-def write_npz(path: epath.Path, **arrays: np.ndarray) -> epath.Path:
-  """Writes named arrays as a compressed `.npz`."""
-  buf = io.BytesIO()
-  np.savez_compressed(buf, **arrays)
-  return write_bytes(path, buf.getvalue())
-
-
-def read_npz(path: epath.Path) -> dict[str, np.ndarray]:
-  """All arrays of an `.npz` file, loaded eagerly."""
-  with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
-    return {k: npz[k] for k in npz.files}
-
-
-def write_npy(path: epath.Path, array: np.ndarray) -> epath.Path:
-  buf = io.BytesIO()
-  np.save(buf, array)
-  return write_bytes(path, buf.getvalue())
-
-
-def read_npy(path: epath.Path) -> np.ndarray:
-  return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-
-
-def same_record(path: epath.Path, record: Mapping[str, Any]) -> bool:
-  """True when `path` holds a JSON object whose entries named in `record` equal it (JSON round trip)."""
-  stored = read_json(path)
-  wanted = json.loads(json.dumps(record, default=float))
-  return isinstance(stored, dict) and all(stored.get(k) == v for k, v in wanted.items())

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.data.tf_host import tf
 from vqddm_jax.errors import ConfigError, MissingInputError
 
@@ -24,7 +24,7 @@ META_FILE = "meta.json"
 
 def read_meta(directory: epath.Path) -> dict | None:
   """What the store under `directory` was made from, or None when there is no complete store."""
-  return workdir_lib.read_json(directory / META_FILE)
+  return files_lib.read_json(directory / META_FILE)
 
 
 def write_codes(directory: epath.Path, splits: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
@@ -44,7 +44,7 @@ def write_codes(directory: epath.Path, splits: Mapping[str, np.ndarray], meta: M
       data_dir=str(directory / "tfds"), disable_shuffling=True)
   full = dict(meta, split_names=names, builder_dir=str(epath.Path(builder.data_dir).relative_to(directory)),
               counts={s: int(len(c)) for s, c in splits.items()})
-  workdir_lib.write_json(directory / META_FILE, full)  # Written last: its presence marks a complete store.
+  files_lib.write_json(directory / META_FILE, full)  # Written last: its presence marks a complete store.
 
 
 def require_meta(directory: epath.Path) -> dict:

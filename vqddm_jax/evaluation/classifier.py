@@ -29,7 +29,7 @@ from absl import logging
 from etils import epath
 from flax import serialization
 
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 
 FEATURES = 128  # Width of the penultimate layer, the feature space of the metrics.
 WIDTHS = (32, 64, 64)  # Conv stage widths of the default classifier.
@@ -262,7 +262,7 @@ def load_or_train(cache_path: str | os.PathLike, images, labels, *, seed: int = 
   params, meta = train_classifier(images, labels, **hyper)
   meta["cache_key"] = key
   if save:
-    workdir_lib.write_bytes(path, serialization.msgpack_serialize(
+    files_lib.write_bytes(path, serialization.msgpack_serialize(
         {"params": serialization.to_state_dict(params), "meta": json.dumps(meta)}))
   return params, dict(meta, cached=False)
 

@@ -26,7 +26,7 @@ from absl import logging
 from etils import epath
 
 from vqddm_jax import parallel
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.errors import ConfigError, MismatchError
 from vqddm_jax.evaluation import moments as moments_lib
 from vqddm_jax.evaluation import streamed
@@ -87,14 +87,14 @@ def check_record(stored: dict, wanted: dict, *, path: Any, given: bool) -> None:
 
 
 def save(path: epath.Path, stats: ReferenceStats) -> epath.Path:
-  return workdir_lib.write_npz(path, mu=stats.mu, sigma=stats.sigma, count=np.int64(stats.count),
+  return files_lib.write_npz(path, mu=stats.mu, sigma=stats.sigma, count=np.int64(stats.count),
                                record=np.array(json.dumps(stats.record, sort_keys=True)))
 
 
 def load(path: epath.Path) -> ReferenceStats:
   """Reads a statistics file; ConfigError when it is not one."""
   try:
-    arrays = workdir_lib.read_npz(path)
+    arrays = files_lib.read_npz(path)
     record = json.loads(str(arrays["record"]))
     stats = ReferenceStats(np.asarray(arrays["mu"], np.float64), np.asarray(arrays["sigma"], np.float64),
                            record)
@@ -148,7 +148,7 @@ def load_or_compute(data_cfg: Any, net: FeatureNet, *, cache: epath.Path, given:
     MismatchError: `cache` does not match this run.
   """
   from vqddm_jax import data  # Lazily: the data package imports TensorFlow.
-  path = workdir_lib.as_path(given) if given else cache
+  path = files_lib.as_path(given) if given else cache
   if path.exists():
     stats = load(path)
     check_record(stats.record, wanted_record(data_cfg, net, data.num_examples(data_cfg, data_cfg.train_split)),

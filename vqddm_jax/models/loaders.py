@@ -65,7 +65,7 @@ def restore_prior(config: Any, workdir: Workdir, num_classes: int, code_shape: t
   """The denoiser and EMA parameters of the latest stage-2 checkpoint."""
   model: UNet = prior_lib.build_denoiser(config, num_classes)
   abstract = jax.eval_shape(lambda: prior_lib.init_params(model, jax.random.key(0), code_shape))
-  params, step = _restore_ema(workdir.train("prior").checkpoints, abstract, "prior")
+  params, step = _restore_ema(workdir.prior.checkpoints, abstract, "prior")
   return Restored(model, params, "prior", step)
 
 

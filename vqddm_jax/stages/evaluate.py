@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from vqddm_jax import data, evaluation, generation, masks, metrics, parallel
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.evaluation import feature_net, inception_score, reference_stats, streamed
 from vqddm_jax.evaluation import report as report_lib
 from vqddm_jax.stages import StageResult
@@ -43,7 +43,7 @@ def _record(config: Any, models: dict) -> dict:
 
 def is_done(config: Any, workdir: Workdir) -> bool:
   models = generation.current_record(config, workdir)
-  return models is not None and workdir_lib.same_record(
+  return models is not None and files_lib.same_record(
       workdir.eval_report("json"), {"inputs": _record(config, models)})
 
 
@@ -258,13 +258,13 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   report = dict(facts, protocol=_protocol(config, net, ref, n_real, workdir), quality=rows,
                 steps_vs_quality=table, sample_draws=sample_draws(config, gen, scorer, table[0]),
                 inputs=_record(config, gen.record()),
-                heldout_nelbo=workdir_lib.read_json(workdir.train("prior").eval_json) or {},
-                codebook=_codebook_facts(config, workdir), refit=workdir_lib.read_json(workdir.refit_report("json")),
+                heldout_nelbo=files_lib.read_json(workdir.prior.eval_json) or {},
+                codebook=_codebook_facts(config, workdir), refit=files_lib.read_json(workdir.refit_report("json")),
                 samples_grid=workdir.eval_samples_grid.name, seconds=time.perf_counter() - t_start)
   if parallel.is_main_process():
-    workdir_lib.write_png(workdir.eval_samples_grid, metrics.image_grid(samples[:64]))
-    workdir_lib.write_json(workdir.eval_report("json"), report)
-    workdir_lib.write_text(workdir.eval_report("md"), report_lib.markdown(report))
+    files_lib.write_png(workdir.eval_samples_grid, metrics.image_grid(samples[:64]))
+    files_lib.write_json(workdir.eval_report("json"), report)
+    files_lib.write_text(workdir.eval_report("md"), report_lib.markdown(report))
   logging.info("evaluation report: %s", workdir.eval_report("md"))
   return StageResult("evaluate", True, (str(workdir.eval_report("md")), str(workdir.eval_report("json"))))
 
@@ -299,5 +299,5 @@ def _inpainting_row(config: Any, workdir: Workdir, gen: generation.Generator, sc
 
 def _codebook_facts(config: Any, workdir: Workdir) -> dict | None:
   """Usage, perplexity and MSE of the final tokenizer (ReFiT's fine-tuned codebook when ReFiT ran)."""
-  refit_report = workdir_lib.read_json(workdir.refit_report("json"))
-  return refit_report["finetuned"] if refit_report else workdir_lib.read_json(workdir.train("vqvae").eval_json)
+  refit_report = files_lib.read_json(workdir.refit_report("json"))
+  return refit_report["finetuned"] if refit_report else files_lib.read_json(workdir.vqvae.eval_json)

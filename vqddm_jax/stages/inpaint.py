@@ -14,7 +14,7 @@ from typing import Any
 from absl import logging
 
 from vqddm_jax import generation, masks, parallel
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.stages import StageResult
 from vqddm_jax.workdir import Workdir
 
@@ -28,7 +28,7 @@ def _record(config: Any, models: dict) -> dict:
 def is_done(config: Any, workdir: Workdir) -> bool:
   models = generation.current_record(config, workdir)
   files = workdir.inpaint(masks.mask_name(config.inpaint.mask))
-  return models is not None and workdir_lib.same_record(files.record, _record(config, models))
+  return models is not None and files_lib.same_record(files.record, _record(config, models))
 
 
 def run(config: Any, workdir: Workdir) -> StageResult:

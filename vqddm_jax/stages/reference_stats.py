@@ -13,14 +13,14 @@ from typing import Any
 
 from absl import logging
 
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.evaluation import reference_stats
 from vqddm_jax.stages import StageResult, evaluate
 from vqddm_jax.workdir import Workdir
 
 def _path(config: Any, workdir: Workdir):
   given = config.eval.reference_stats
-  return workdir_lib.as_path(given) if given else workdir.reference_stats(evaluate.feature_network_key(config))
+  return files_lib.as_path(given) if given else workdir.reference_stats(evaluate.feature_network_key(config))
 
 
 def is_done(config: Any, workdir: Workdir) -> bool:

@@ -23,7 +23,7 @@ import optax
 from absl import logging
 
 from vqddm_jax import checkpointing, data, kmeans, parallel
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.models import loaders
 from vqddm_jax.models.discriminator import build_discriminator
 from vqddm_jax.models.vqvae import build_vqvae
@@ -41,8 +41,8 @@ def is_done(config: Any, workdir: Workdir) -> bool:
   current stage 1 is `lineage`'s check)."""
   if not config.refit.enabled:
     return True
-  rebuild = workdir_lib.read_json(workdir.refit_rebuild)
-  latest = checkpointing.latest_step(workdir.train(STAGE).checkpoints)
+  rebuild = files_lib.read_json(workdir.refit_rebuild)
+  latest = checkpointing.latest_step(workdir.refit.checkpoints)
   return (rebuild is not None and latest is not None and latest >= config.refit.num_steps
           and workdir.refit_report("json").exists())
 
@@ -94,7 +94,7 @@ def rebuild_codebook(config: Any, workdir: Workdir) -> tuple[Any, Any, dict]:
   logging.info("ReFiT: k-means with K' = %d on %d feature vectors of dimension %d", rcfg.num_codes,
                *features.shape)
   if parallel.is_main_process():  # Kept for inspection and benchmarks/kmeans.py --features.
-    workdir_lib.write_npy(workdir.refit_features, features)
+    files_lib.write_npy(workdir.refit_features, features)
   centroids = kmeans.kmeans(jax.random.key(config.seed), features, rcfg.num_codes,
                             num_iters=rcfg.kmeans_iters, batch_size=rcfg.kmeans_batch_size,
                             init=rcfg.kmeans_init, refine_iters=rcfg.kmeans_refine_iters,
@@ -111,11 +111,11 @@ def rebuild_codebook(config: Any, workdir: Workdir) -> tuple[Any, Any, dict]:
 def run(config: Any, workdir: Workdir) -> StageResult:
   """Rebuilds the codebook (once) and fine-tunes (or resumes); writes the report when the fine-tune ends."""
   rcfg = config.refit
-  paths = workdir.train(STAGE)
+  paths = workdir.refit
   data.prepare(config.data)
   optimizer = frozen_encoder_optimizer(rcfg.optim, rcfg.num_steps)
   model = build_vqvae(config.vqvae, config.data.channels, codebook_size=rcfg.num_codes)
-  rebuild = workdir_lib.read_json(workdir.refit_rebuild)
+  rebuild = files_lib.read_json(workdir.refit_rebuild)
   if rebuild is not None and checkpointing.latest_step(paths.checkpoints) is not None:
     # Resume: the loop restores the state; only its structure is needed here (no k-means rerun).
     params = jax.tree_util.tree_map(jnp.zeros_like, loaders.vqvae_abstract_params(model, config))
@@ -129,7 +129,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
     ckpt.save(0, state, {"position": None, "nonfinite_steps": 0})
     ckpt.close()
     if parallel.is_main_process():
-      workdir_lib.write_json(workdir.refit_rebuild, rebuild)
+      files_lib.write_json(workdir.refit_rebuild, rebuild)
   final, completed = vq_trainer.train_vq(config, workdir, stage=STAGE, tcfg=rcfg, model=model,
                                          optimizer=optimizer, state=state, beta=0.0)
   if completed:
@@ -140,7 +140,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
 def _stage1_discriminator(config: Any, workdir: Workdir) -> dict | None:
   """Stage 1's discriminator {'params', 'batch_stats'} when ReFiT uses one and stage 1's latest checkpoint
   holds one; None otherwise (ReFiT then starts a fresh one)."""
-  directory = workdir.train("vqvae").checkpoints
+  directory = workdir.vqvae.checkpoints
   step = checkpointing.latest_step(directory)
   if (not LossSettings.from_section(config.refit).uses_discriminator or step is None
       or not checkpointing.has_item(directory, "disc_params", step)):
@@ -170,7 +170,7 @@ def write_report(workdir: Workdir, rebuild: dict, finetuned: dict) -> dict:
   report = dict(rebuild, finetuned=finetuned)
   if not parallel.is_main_process():
     return report
-  workdir_lib.write_json(workdir.refit_report("json"), report)
+  files_lib.write_json(workdir.refit_report("json"), report)
   lines = ["# ReFiT report", "",
            f"Stage-1 checkpoint step {rebuild['stage1_step']}; k-means on {rebuild['num_features']} "
            "feature vectors. Held-out images (EMA parameters).", "",
@@ -178,6 +178,6 @@ def write_report(workdir: Workdir, rebuild: dict, finetuned: dict) -> dict:
            "|---|---|---|---|---|"]
   lines += [f"| {name} | {m['usage']:.1%} | {m['usage_10']:.1%} | {m['perplexity']:.1f} | {m['mse']:.5f} |"
             for name, m in rows.items()]
-  workdir_lib.write_text(workdir.refit_report("md"), "\n".join(lines) + "\n")
+  files_lib.write_text(workdir.refit_report("md"), "\n".join(lines) + "\n")
   logging.info("ReFiT report:\n%s", "\n".join(lines))
   return report

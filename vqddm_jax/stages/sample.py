@@ -14,7 +14,7 @@ import jax
 from absl import logging
 
 from vqddm_jax import generation, metrics, parallel
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.stages import StageResult
 from vqddm_jax.workdir import Workdir
 
@@ -32,7 +32,7 @@ def is_done(config: Any, workdir: Workdir) -> bool:
   record = _record(config, models)
   files = workdir.samples(record["prior_step"], record["steps"], num_samples=record["num_samples"],
                           seed=record["seed"], temperature=record["temperature"])
-  return workdir_lib.same_record(files.record, record)
+  return files_lib.same_record(files.record, record)
 
 
 def run(config: Any, workdir: Workdir) -> StageResult:
@@ -51,9 +51,9 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   files = workdir.samples(gen.prior.step, steps, num_samples=scfg.num_samples, seed=scfg.seed,
                           temperature=gen.temperature)
   if parallel.is_main_process():
-    workdir_lib.write_png(files.png, metrics.image_grid(images))
-    workdir_lib.write_npz(files.npz, codes=codes, images=images)
-    workdir_lib.write_json(files.record, dict(record, seconds=seconds))
+    files_lib.write_png(files.png, metrics.image_grid(images))
+    files_lib.write_npz(files.npz, codes=codes, images=images)
+    files_lib.write_json(files.record, dict(record, seconds=seconds))
   logging.info("%d samples with %d reverse steps in %.1fs: %s and %s", len(codes), steps, seconds,
                files.png, files.npz)
   return StageResult("sample", True, (str(files.png), str(files.npz)))

@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 
 from vqddm_jax import checkpointing, lineage, metrics, parallel
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.stages import StageResult
@@ -26,14 +26,14 @@ STAGE = "prior"
 
 def is_done(config: Any, workdir: Workdir) -> bool:
   """Trained to `num_steps` (that it was trained on the code maps the store holds is `lineage`'s check)."""
-  latest = checkpointing.latest_step(workdir.train(STAGE).checkpoints)
+  latest = checkpointing.latest_step(workdir.prior.checkpoints)
   return latest is not None and latest >= config.prior_train.num_steps
 
 
 def run(config: Any, workdir: Workdir) -> StageResult:
   """Trains (or resumes) stage 2 to `config.prior_train.num_steps`."""
   tcfg = config.prior_train
-  paths = workdir.train(STAGE)
+  paths = workdir.prior
   store = workdir.code_store
   meta = codes_lib.require_meta(store)
   train_codes = codes_lib.load_codes(store, config.data.train_split)
@@ -97,6 +97,6 @@ def _heldout_evaluation(config: Any, workdir: Workdir, model: Any, sched: Any, e
                  results["stderr"], results["uniform_bits_per_code"], tcfg.eval_t_samples,
                  results["num_maps"])
     if parallel.is_main_process():
-      workdir_lib.write_json(workdir.train(STAGE).eval_json, results)
+      files_lib.write_json(workdir.prior.eval_json, results)
 
   return run_eval

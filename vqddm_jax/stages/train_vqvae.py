@@ -22,7 +22,7 @@ STAGE = "vqvae"
 
 
 def is_done(config: Any, workdir: Workdir) -> bool:
-  latest = checkpointing.latest_step(workdir.train(STAGE).checkpoints)
+  latest = checkpointing.latest_step(workdir.vqvae.checkpoints)
   return latest is not None and latest >= config.vqvae_train.num_steps
 
 
@@ -39,4 +39,4 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   state = vq_trainer.attach_discriminator(config, tcfg, state)
   _, completed = vq_trainer.train_vq(config, workdir, stage=STAGE, tcfg=tcfg, model=model,
                                      optimizer=optimizer, state=state, beta=config.vqvae.beta)
-  return StageResult(STAGE, completed, (str(workdir.train(STAGE).root),))
+  return StageResult(STAGE, completed, (str(workdir.vqvae.root),))

@@ -15,7 +15,7 @@ import optax
 from absl import logging
 
 from vqddm_jax import data, metrics, parallel
-from vqddm_jax import workdir as workdir_lib
+from vqddm_jax import files as files_lib
 from vqddm_jax.models import lpips
 from vqddm_jax.models.discriminator import NLayerDiscriminator, build_discriminator
 from vqddm_jax.models.vqvae import VQVAE
@@ -112,7 +112,7 @@ def train_vq(config: Any, workdir: Workdir, *, stage: str, tcfg: Any, model: VQV
   def write_grid(step: int, rstate: Any) -> None:
     if parallel.is_main_process():
       grid = vqvae_step.reconstruction_grid(model, parallel.unreplicate(rstate.ema_params), grid_images)
-      workdir_lib.write_png(paths.image(step), grid)
+      files_lib.write_png(paths.image(step), grid)
       writer.write_images(step, {f"{stage}/reconstructions": grid[None]})
 
   def run_eval(step: int, rstate: Any) -> None:
@@ -120,7 +120,7 @@ def train_vq(config: Any, workdir: Workdir, *, stage: str, tcfg: Any, model: VQV
     writer.write_scalars(step, {f"{stage}/eval_{k}": v for k, v in results.items()})
     logging.info("%s held-out at step %d: %s", stage, step, results)
     if parallel.is_main_process():
-      workdir_lib.write_json(paths.eval_json, dict(results, step=step))
+      files_lib.write_json(paths.eval_json, dict(results, step=step))
 
   open_batches = lambda pos: data.train_batches(  # noqa: E731
       config.data, global_batch_size=tcfg.batch_size, num_shards=parallel.local_device_count(),
