@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Runs vqddm_jax on a Cloud TPU VM (one host or a pod slice) through gcloud.
 
-  python launch/tpu.py {create,setup,sync,run,status,logs,stop,delete,watch} --name=N --zone=Z [flags]
+  python launch/tpu.py COMMAND --name=N --zone=Z [flags]
 
-`--help` lists the commands, `COMMAND --help` their flags; docs/multihost.md is the runbook. `--dry_run` prints
-the gcloud commands (one a line) and runs none. Every gcloud call goes through `gcloud()`; `$GCLOUD` may name
-the binary (tpu_vm.py holds the gcloud side). On each worker (paths relative to the home directory):
+`--help` lists the commands (COMMANDS below is their one table), `COMMAND --help` their flags; docs/multihost.md
+is the runbook. `--dry_run` prints the gcloud commands (one a line) and runs none. Every gcloud call goes through
+`gcloud()`; `$GCLOUD` may name the binary (tpu_vm.py holds the gcloud side). launch/ is not a package: run as a
+script, this file has launch/ first on sys.path, which is how `import tpu_vm` finds its sibling (tests load both
+by path). On each worker (paths relative to the home directory):
 `vqddm/` is the synced tree (its VERSION file holds the stamp of the synced files; `.vqddm_synced` marks it as
 sync's, which sync alone may replace), `vqddm_venv/` the Python environment (launch/worker_setup.sh; it deletes
 only one holding its `.vqddm_venv`), `vqddm_run/` the job's log, exit code and pid (launch/worker_run.sh).
@@ -13,15 +15,15 @@ only one holding its `.vqddm_venv`), `vqddm_run/` the job's log, exit code and p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
-# launch/ is not a package: make its sibling module importable however this file is loaded.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from tpu_vm import (DEFAULT_VERSION, REPO_ROOT, TPU_NAME, WORKER_RUN, LaunchError, Tpu,  # noqa: E402
+from tpu_vm import (DEFAULT_VERSION, REPO_ROOT, RESUMABLE_EXIT_CODES, TPU_NAME, WORKER_RUN, LaunchError, Tpu,
                     check_workdir, job_reports, job_summary, num_workers, setup, start_job, sync)
-from tpu_vm import RESUMABLE_EXIT_CODES  # noqa: E402
 
 
 def _say(message: str) -> None:
@@ -34,17 +36,26 @@ def _deploy(tpu: Tpu, args: argparse.Namespace, overrides: list[str], workers: i
   start_job(tpu, args, overrides, workers)
 
 
+def _watch_dry_run(tpu: Tpu, args: argparse.Namespace, overrides: list[str], workers: int) -> int:
+  """Prints the commands of one poll and of one recovery."""
+  tpu.state()
+  tpu.delete()
+  tpu.create(args.accelerator_type, args.version, args.spot, args.reserved)
+  _deploy(tpu, args, overrides, workers)
+  job_reports(tpu)
+  return 0
+
+
+def _exits(reports: dict[str, dict[str, str]]) -> str:
+  return ", ".join(f"worker {w} exit {r.get('rc')}" for w, r in reports.items() if r["state"] == "failed")
+
+
 def cmd_watch(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> int:
   """Keeps a run alive on a preemptible TPU: recreate, set up, sync and rerun (which resumes) when it is lost."""
   workers = args.num_workers or num_workers(args.accelerator_type)
   check_workdir(args.workdir, workers)
-  if tpu.dry_run:  # the commands of one poll and of one recovery
-    tpu.state()
-    tpu.delete()
-    tpu.create(args.accelerator_type, args.version, args.spot, args.reserved)
-    _deploy(tpu, args, overrides, workers)
-    job_reports(tpu)
-    return 0
+  if tpu.dry_run:
+    return _watch_dry_run(tpu, args, overrides, workers)
   restarts, deploy, unreadable, idle_polls = 0, False, 0, 0
 
   def use_restart(why: str) -> None:
@@ -86,14 +97,12 @@ def cmd_watch(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> int:
         _say(f"the job finished on all {workers} workers")
         return 0
       if summary == "failed":
-        failed = ", ".join(f"worker {w} exit {r.get('rc')}" for w, r in reports.items() if r["state"] == "failed")
-        raise LaunchError(f"the job failed ({failed}): see python launch/tpu.py logs --name={tpu.name} "
+        raise LaunchError(f"the job failed ({_exits(reports)}): see python launch/tpu.py logs --name={tpu.name} "
                           f"--zone={tpu.zone} --worker=N")
       if summary == "stalled":  # A hung phase ended the job (the watchdog): rerunning resumes.
-        codes = ", ".join(f"worker {w} exit {r.get('rc')}" for w, r in reports.items() if r["state"] == "failed")
         why = "; ".join(sorted({RESUMABLE_EXIT_CODES[r["rc"]] for r in reports.values()
                                 if r.get("rc") in RESUMABLE_EXIT_CODES}))
-        use_restart(f"the job stalled ({codes}: {why})")
+        use_restart(f"the job stalled ({_exits(reports)}: {why})")
         attempt(start_job, tpu, args, overrides, workers)
         time.sleep(args.poll_seconds)
         continue
@@ -110,9 +119,79 @@ def cmd_watch(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> int:
     time.sleep(args.poll_seconds)
 
 
+# --- the commands --------------------------------------------------------------------------------------------------
+
+def cmd_create(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> None:
+  if args.num_workers is None:
+    num_workers(args.accelerator_type)  # refuses an unknown type before gcloud does, with the known ones
+  tpu.create(args.accelerator_type, args.version, args.spot, args.reserved)
+
+
+def cmd_setup(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> None:
+  setup(tpu)
+
+
+def cmd_sync(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> None:
+  sync(tpu)
+
+
+def cmd_run(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> None:
+  start_job(tpu, args, overrides, args.num_workers or num_workers(args.accelerator_type))
+
+
+def cmd_status(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> None:
+  tpu.describe()
+  tpu.ssh(f"{WORKER_RUN} status", check=False)
+
+
+def cmd_logs(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> None:
+  tpu.ssh(f"{WORKER_RUN} logs {args.lines}", worker=args.worker)
+
+
+def cmd_stop(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> None:
+  tpu.ssh(f"{WORKER_RUN} stop {args.grace_seconds}")
+
+
+def cmd_delete(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> None:
+  tpu.delete()
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One command: its flag groups (after `common`, which all take; see _flag_groups), its help line, the function
+  that runs it (`handler(args, tpu, overrides)`: an exit code, or None for 0) and its own flags (name and
+  `add_argument` keywords)."""
+  groups: tuple[str, ...]
+  help: str
+  handler: Callable[[argparse.Namespace, Tpu, list[str]], int | None]
+  flags: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+
+COMMANDS = {
+    "create": Command(("shape", "make"), "create the TPU VM (on-demand, --spot, --reserved; --queued)", cmd_create),
+    "setup": Command((), "Python 3.11 environment, requirements and jax[tpu] on every worker; device check",
+                     cmd_setup),
+    "sync": Command((), "copy the working tree (git's tracked and unignored files) to every worker", cmd_sync),
+    "run": Command(("shape", "job"), "start the job on every worker, detached, one log per worker", cmd_run),
+    "status": Command((), "describe the VM and the job on each worker", cmd_status),
+    "logs": Command((), "the end of one worker's log", cmd_logs,
+                    (("--worker", {"default": "0", "help": "worker index (default 0)"}),
+                     ("--lines", {"type": int, "default": 100}))),
+    "stop": Command((), "SIGTERM the job (it saves a checkpoint), SIGKILL leftovers after a grace period", cmd_stop,
+                    (("--grace_seconds", {"type": int, "default": 300, "help": "time to save a checkpoint"}),)),
+    "delete": Command((), "delete the TPU VM (or the queued resource)", cmd_delete),
+    "watch": Command(("shape", "make", "job"), "when the TPU is preempted: recreate, setup, sync, run (resumes)",
+                     cmd_watch, (("--max_restarts", {"type": int, "default": 10}),
+                                 ("--poll_seconds", {"type": float, "default": 60.0}))),
+}
+# The commands that start the job: they take the --config.* overrides, which they hand to vqddm_jax.main.
+JOB_COMMANDS = tuple(name for name, command in COMMANDS.items() if "job" in command.groups)
+
+
 # --- command line --------------------------------------------------------------------------------------------------
 
-def _build_parser() -> argparse.ArgumentParser:
+def _flag_groups() -> dict[str, argparse.ArgumentParser]:
+  """The flags commands share, by group name (Command.groups)."""
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--name", required=True, help="TPU VM name (also the queued resource's, with --queued): "
                       "lowercase letters, digits and hyphens, a letter first, at most 63 characters")
@@ -136,56 +215,21 @@ def _build_parser() -> argparse.ArgumentParser:
   job.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job, e.g. JAX_COORDINATOR_PORT=8476 (repeatable)")
   job.add_argument("--skip_preflight", action="store_true", help="start without vqddm_jax.preflight")
+  return {"common": common, "shape": shape, "make": make, "job": job}
 
-  parser = argparse.ArgumentParser(prog="python launch/tpu.py", description=__doc__.split("\n\n")[0],
-                                   epilog="run/watch pass every --config.a.b=value on to vqddm_jax.main")
-  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for name, parents, helptext in (
-      ("create", [common, shape, make], "create the TPU VM (on-demand, --spot, --reserved; --queued)"),
-      ("setup", [common], "Python 3.11 environment, requirements and jax[tpu] on every worker; device check"),
-      ("sync", [common], "copy the working tree (git's tracked and unignored files) to every worker"),
-      ("run", [common, shape, job], "start the job on every worker, detached, one log per worker"),
-      ("status", [common], "describe the VM and the job on each worker"),
-      ("logs", [common], "the end of one worker's log"),
-      ("stop", [common], "SIGTERM the job (it saves a checkpoint), SIGKILL leftovers after a grace period"),
-      ("delete", [common], "delete the TPU VM (or the queued resource)"),
-      ("watch", [common, shape, make, job], "when the TPU is preempted: recreate, setup, sync, run (resumes)")):
-    sub = commands.add_parser(name, parents=parents, help=helptext, description=helptext)
-    if name == "logs":
-      sub.add_argument("--worker", default="0", help="worker index (default 0)")
-      sub.add_argument("--lines", type=int, default=100)
-    elif name == "stop":
-      sub.add_argument("--grace_seconds", type=int, default=300, help="time to save a checkpoint")
-    elif name == "watch":
-      sub.add_argument("--max_restarts", type=int, default=10)
-      sub.add_argument("--poll_seconds", type=float, default=60.0)
+
+def _build_parser() -> argparse.ArgumentParser:
+  """The command line of COMMANDS: one sub-command each, with its groups' flags and its own."""
+  groups = _flag_groups()
+  epilog = f"{'/'.join(JOB_COMMANDS)} pass every --config.a.b=value on to vqddm_jax.main"
+  parser = argparse.ArgumentParser(prog="python launch/tpu.py", description=__doc__.split("\n\n")[0], epilog=epilog)
+  subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for name, command in COMMANDS.items():
+    sub = subparsers.add_parser(name, parents=[groups["common"], *(groups[g] for g in command.groups)],
+                                help=command.help, description=command.help)
+    for flag, options in command.flags:
+      sub.add_argument(flag, **options)
   return parser
-
-
-def _run_command(args: argparse.Namespace, tpu: Tpu, overrides: list[str]) -> int:
-  command = args.command
-  if command == "create":
-    if args.num_workers is None:
-      num_workers(args.accelerator_type)  # refuses an unknown type before gcloud does, with the known ones
-    tpu.create(args.accelerator_type, args.version, args.spot, args.reserved)
-  elif command == "setup":
-    setup(tpu)
-  elif command == "sync":
-    sync(tpu)
-  elif command == "run":
-    start_job(tpu, args, overrides, args.num_workers or num_workers(args.accelerator_type))
-  elif command == "status":
-    tpu.describe()
-    tpu.ssh(f"{WORKER_RUN} status", check=False)
-  elif command == "logs":
-    tpu.ssh(f"{WORKER_RUN} logs {args.lines}", worker=args.worker)
-  elif command == "stop":
-    tpu.ssh(f"{WORKER_RUN} stop {args.grace_seconds}")
-  elif command == "delete":
-    tpu.delete()
-  elif command == "watch":
-    return cmd_watch(args, tpu, overrides)
-  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tpu.py: write overrides as --config.a.b=value (one argument): {bad}", file=sys.stderr)
     return 2
   args = _build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
-  if overrides and args.command not in ("run", "watch"):
-    print(f"tpu.py {args.command}: --config.* overrides belong to run/watch: {overrides}", file=sys.stderr)
+  if overrides and args.command not in JOB_COMMANDS:
+    print(f"tpu.py {args.command}: --config.* overrides belong to {'/'.join(JOB_COMMANDS)}: {overrides}",
+          file=sys.stderr)
     return 2
   if not TPU_NAME.fullmatch(args.name):
     print(f"tpu.py {args.command}: --name={args.name!r} is not a TPU name: lowercase letters, digits and hyphens, "
@@ -205,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   tpu = Tpu(args.name, args.zone, args.project, args.queued, args.dry_run, args.repo_root.resolve())
   try:
-    return _run_command(args, tpu, overrides)
+    return COMMANDS[args.command].handler(args, tpu, overrides) or 0
   except LaunchError as e:
     print(f"tpu.py {args.command}: {e}", file=sys.stderr)
     return 1

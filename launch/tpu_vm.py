@@ -1,5 +1,6 @@
 """The Cloud TPU VM side of `launch/tpu.py`: gcloud calls, the worker count of an accelerator type, syncing the
-tree with a version stamp, and starting, checking and summarising the job on every worker.
+tree with a version stamp (`vqddm_jax/code_version.files_version` over the synced files), and starting, checking
+and summarising the job on every worker.
 
 Every gcloud call goes through `gcloud()`; `$GCLOUD` may name the binary. On each worker (paths relative to
 the home directory, where `gcloud ... ssh --command` starts): `vqddm/` is the synced tree (its VERSION file
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
+import importlib.util
 import io
 import os
 import pathlib
@@ -38,6 +39,20 @@ TPU_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 class LaunchError(Exception):
   """A problem the user has to fix; printed without a traceback."""
+
+
+def _load_code_version():
+  """vqddm_jax/code_version.py of this checkout, loaded by its path (stdlib only, and the package is not on
+  sys.path here): its `files_version` is the one hash the project has, so the VERSION stamp sync writes and the
+  code version the job's processes compare are computed by the same function."""
+  spec = importlib.util.spec_from_file_location("vqddm_launch_code_version",
+                                                REPO_ROOT / "vqddm_jax" / "code_version.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+code_version = _load_code_version()
 
 
 def gcloud(args: list[str], *, dry_run: bool, capture: bool = False, check: bool = True,
@@ -178,16 +193,6 @@ def list_tree(root: pathlib.Path) -> list[str]:
   return sorted({p for p in out.decode().split("\0") if p and (root / p).is_file()})
 
 
-def tree_stamp(root: pathlib.Path, paths: list[str]) -> str:
-  """First 12 hex digits of a sha256 over the sorted relative paths and bytes of `paths`."""
-  digest = hashlib.sha256()
-  for path in sorted(paths):
-    data = (root / path).read_bytes()
-    digest.update(f"{path}\0{len(data)}\0".encode())
-    digest.update(data)
-  return digest.hexdigest()[:12]
-
-
 def swap_command() -> str:
   """The shell command (POSIX sh, one line) that puts the uploaded archive in place of CODE_DIR on a worker.
 
@@ -224,7 +229,7 @@ def sync(tpu: Tpu) -> str:
                       f"stop --name={tpu.name} --zone={tpu.zone})")
   root = tpu.repo_root
   paths = list_tree(root)
-  stamp = tree_stamp(root, paths)
+  stamp = code_version.files_version(root, paths)
   archive = pathlib.Path(tempfile.gettempdir()) / f"vqddm-sync-{stamp}.tar.gz"
   print(f"sync: {len(paths)} files of {root}, version {stamp}", file=sys.stderr, flush=True)
   if not tpu.dry_run:
@@ -293,7 +298,7 @@ def check_versions(tpu: Tpu, workers: int) -> None:
     raise LaunchError(f"{problem}\nsync the code to every worker first: python launch/tpu.py sync "
                       f"--name={tpu.name} --zone={tpu.zone}")
   try:
-    local = tree_stamp(tpu.repo_root, list_tree(tpu.repo_root))
+    local = code_version.files_version(tpu.repo_root, list_tree(tpu.repo_root))
   except LaunchError:
     return
   if local not in stamps.values():

@@ -18,10 +18,20 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 
-_spec = importlib.util.spec_from_file_location("vqddm_launch_tpu", LAUNCH / "tpu.py")
-tpu = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = tpu  # dataclasses look their module up there
-_spec.loader.exec_module(tpu)
+
+def _load(name, path):
+  """A launch/ script as a module, by its path: launch/ is no package and stays off sys.path."""
+  if name in sys.modules:  # test_multihost_faults.py imports tpu_vm too
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there; tpu.py's `import tpu_vm` finds it there
+  spec.loader.exec_module(module)
+  return module
+
+
+tpu_vm = _load("tpu_vm", LAUNCH / "tpu_vm.py")  # first: `python launch/tpu.py` finds it as its sibling
+tpu = _load("vqddm_launch_tpu", LAUNCH / "tpu.py")
 
 COMMON = ["--name=vqddm-v4", "--zone=us-central2-b", "--project=my-project"]
 SSH = "gcloud compute tpus tpu-vm ssh vqddm-v4 --zone=us-central2-b --project=my-project --worker=all"
@@ -95,7 +105,7 @@ def test_sync_dry_run(monkeypatch, capsys, repo):
       "--project=my-project --worker=all"]
   # The swap itself (marker checks, then unpack and replace) runs on a fake worker in test_launch_safety.py.
   swap = shlex.split(lines[2])[-1].removeprefix("--command=")
-  assert lines[2].startswith(SSH) and swap == sys.modules["tpu_vm"].swap_command()
+  assert lines[2].startswith(SSH) and swap == tpu_vm.swap_command()
   assert swap.endswith("rm -rf vqddm.new && mkdir vqddm.new && tar -xzf vqddm-sync.tar.gz -C vqddm.new && "
                        "rm -rf vqddm && mv vqddm.new vqddm && rm -f vqddm-sync.tar.gz")
   assert not archive.exists()  # a dry run packs nothing
@@ -428,18 +438,3 @@ def test_preflight_reports_an_unusable_workdir(tmp_path, capsys):
   assert preflight.main([f"--workdir={tmp_path / 'a_file' / 'run'}"]) == 1
   err = capsys.readouterr().err
   assert err.startswith("preflight FAILED: process 0/1") and "file under" in err
-
-
-def test_code_version(tmp_path):
-  from vqddm_jax.code_version import code_version
-  (tmp_path / "vqddm_jax" / "sub").mkdir(parents=True)
-  (tmp_path / "configs").mkdir()
-  (tmp_path / "vqddm_jax" / "sub" / "a.py").write_text("x = 1\n")
-  (tmp_path / "configs" / "c.py").write_text("c = 1\n")
-  (tmp_path / "requirements.txt").write_text("jax\n")
-  first = code_version(tmp_path)
-  assert re.fullmatch(r"[0-9a-f]{12}", first) and code_version(tmp_path) == first
-  (tmp_path / "vqddm_jax" / "notes.txt").write_text("not code")
-  assert code_version(tmp_path) == first
-  (tmp_path / "requirements.txt").write_text("jax==0.10.2\n")
-  assert code_version(tmp_path) != first

@@ -2,14 +2,12 @@
 and work directories inside the synced code tree (launch's side; vqddm_jax's side is in test_workdir.py)."""
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from test_launch import COMMON, LAUNCH, fake_gcloud, repo, statuses, tpu  # noqa: F401  (fixtures)
+from test_launch import COMMON, LAUNCH, fake_gcloud, repo, statuses, tpu, tpu_vm  # noqa: F401  (fixtures)
 from vqddm_jax import workdir as workdir_lib
 
-tpu_vm = sys.modules["tpu_vm"]  # launch/tpu.py's sibling, importable once test_launch loaded tpu.py
 MARKER = ".vqddm_synced"
 
 
@@ -73,7 +71,7 @@ def test_sync_replaces_its_own_copy(fake_gcloud, repo, tmp_path):
   assert _sync(repo) == 0  # nothing there yet
   code = home / "vqddm"
   assert (code / MARKER).is_file() and (code / "train.py").read_text() == "print('train')\n"
-  assert (code / "VERSION").read_text().strip() == tpu_vm.tree_stamp(repo, tpu_vm.list_tree(repo))
+  assert (code / "VERSION").read_text().strip() == tpu_vm.code_version.files_version(repo, tpu_vm.list_tree(repo))
   assert sorted(p.name for p in home.iterdir()) == ["vqddm"]  # no archive, no staging folder left
   (code / "stale.py").write_text("deleted locally\n")
   (repo / "train.py").write_text("print('train v2')\n")
