@@ -18,8 +18,8 @@ they differ from the paper text (docs/method.md §5.1); without it the config fo
 - refit.optim.{lr, b1, b2, schedule, warmup_steps, grad_clip} = 2e-6, 0.5, 0.9, "constant", 0, 0.0, and the
   same for refit.disc_optim: the two Adams of their ReFiT fine-tune (§4).
 """
-from vqddm_jax.config_schema import base_config, paper_stage1_256, paper_stage2
-from vqddm_jax.config_variants import apply_authors, parse_arg
+from vqddm_jax.config_schema import base_config
+from vqddm_jax.config_variants import apply_authors, paper_stage1_256, paper_stage2, parse_arg
 
 
 def get_config(arg=None):

@@ -16,7 +16,7 @@ def get_config(arg=None):
   if arg == "tiny":
     config.data.shuffle_buffer = 256
     config.vqvae.update(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, embed_dim=8,
-                        codebook_size=16, norm_groups=4)
+                        codebook_size=16, groups=4)
     config.vqvae_train.update(batch_size=16, num_steps=4, log_every=2, checkpoint_every=2,
                               image_every=4, eval_every=4, eval_examples=64)
     config.refit.update(num_codes=12, num_features=200, kmeans_iters=10, kmeans_batch_size=64,

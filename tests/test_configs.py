@@ -1,12 +1,22 @@
-"""Every config file loads and validates; bad values fail naming the field; the CLI rejects bad input."""
+"""Every config file loads and validates; bad values fail naming the field; the CLI rejects bad input; one
+validator per section, section keys that are the built modules' attributes, choices defined once."""
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from conftest import ROOT, load_config
-from vqddm_jax import config_schema
+from vqddm_jax import choices, config_schema, diffusion, kmeans
+from vqddm_jax.config_checks import field_value, set_field
+from vqddm_jax.errors import ConfigError
+from vqddm_jax.models import prior as prior_lib
+from vqddm_jax.models.discriminator import NLayerDiscriminator, build_discriminator
+from vqddm_jax.models.unet import UNet
+from vqddm_jax.models.vqvae import VQVAE, build_vqvae
 
 CONFIGS = ["configs/mnist.py", "configs/mnist.py:tiny", "configs/celeba.py", "configs/celeba.py:celeb_a",
            "configs/lsun_church.py", "configs/celeba.py:authors", "configs/lsun_church.py:authors"]
@@ -25,9 +35,10 @@ def test_folder_variant_requires_a_folder():
 
 
 def test_celeba_matches_the_paper():
-  v = load_config("configs/celeba.py").vqvae
+  config = load_config("configs/celeba.py")
+  v = config.vqvae
   assert (v.ch, tuple(v.ch_mult), v.num_res_blocks, tuple(v.attn_resolutions)) == (128, (1, 1, 2, 2, 4), 2, (16,))
-  assert (v.embed_dim, v.codebook_size, v.beta) == (256, 1024, 0.25)
+  assert (v.embed_dim, v.codebook_size, v.groups, config.vqvae_train.beta) == (256, 1024, 32, 0.25)
 
 
 def test_unknown_config_argument_raises():
@@ -36,7 +47,9 @@ def test_unknown_config_argument_raises():
 
 
 @pytest.mark.parametrize("field,value,words", [
-    ("vqvae.norm_groups", 7, "divisor"),
+    ("vqvae.groups", 7, "divisor"),
+    ("prior.groups", 3, "divisor"),
+    ("vqvae_train.beta", -0.1, "number in"),
     ("vqvae.codebook_size", 1, "integer in"),
     ("vqvae.dtype", "float16", "one of"),
     ("vqvae_train.optim.schedule", "linear", "one of"),
@@ -55,14 +68,18 @@ def test_unknown_config_argument_raises():
     ("distributed.heartbeat_timeout", 1, "integer in"),
     ("distributed.shutdown_timeout", 0, "integer in"),
     ("train_watchdog_minutes", -1.0, "number in"),
+    # The data section speaks the same dialect (types and ranges in one check each).
+    ("data.channels", 2, "one of 1, 3"),
+    ("data.holdout_fraction", 1.0, r"number in \(0.0, 1.0\)"),
+    ("data.train_split", " ", "non-empty string"),
+    # A ConfigDict refuses 1 or 'yes' for a bool field, but not None; one check says what is allowed.
+    ("refit.enabled", None, "True or False"),
+    ("prior.softmax_q", None, "True or False"),
+    ("diffusion.importance_sampling", None, "True or False"),
 ])
 def test_bad_value_names_the_field(field, value, words):
   config = load_config("configs/mnist.py")
-  node = config
-  *parents, leaf = field.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  set_field(config, field, value)
   with pytest.raises(ValueError, match=rf"config\.{field.replace('.', r'[.]')} = .*{words}"):
     config_schema.validate_config(config)
 
@@ -77,9 +94,9 @@ def test_cli_rejects_unknown_mode_and_bad_value_before_any_work(tmp_path):
   workdir = tmp_path / "w"
   out = _main("--config=configs/mnist.py:tiny", f"--workdir={workdir}", "--mode=nope")
   assert out.returncode != 0 and "--mode" in out.stderr and "train_vqvae" in out.stderr
-  out = _main("--config=configs/mnist.py:tiny", f"--workdir={workdir}", "--config.vqvae.norm_groups=7")
+  out = _main("--config=configs/mnist.py:tiny", f"--workdir={workdir}", "--config.vqvae.groups=7")
   assert out.returncode == 2
-  assert "config.vqvae.norm_groups = 7" in out.stderr and "divisor" in out.stderr
+  assert "config.vqvae.groups = 7" in out.stderr and "divisor" in out.stderr
   assert not workdir.exists()  # Nothing was done.
 
 
@@ -107,3 +124,64 @@ def test_kmeans_options_reach_the_config():
   config = load_config("configs/mnist.py")
   config.refit.update(kmeans_nested=((16384, 6), (65536, 2)), kmeans_overrelax=1.5)
   config_schema.validate_config(config)
+
+
+def test_every_section_has_one_validator_named_for_it():
+  config = config_schema.base_config()
+  sections = {name for name, value in config.items() if isinstance(value, ml_collections.ConfigDict)}
+  assert set(config_schema.VALIDATORS) == sections
+  for name, validator in config_schema.VALIDATORS.items():
+    assert validator.__name__ == f"validate_{name}"
+
+
+def _attributes(module) -> set[str]:
+  return {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+
+
+def test_model_sections_are_the_attributes_of_the_modules_they_build():
+  """`vqvae`, `prior` and `discriminator` hold exactly the modules' attributes, less what comes from elsewhere
+  (the data's channels, the number of codes), so a builder is `Module(**section)` and no name can drift."""
+  config = load_config("configs/celeba.py:authors")  # time_scale is a field reference there
+  assert set(config.vqvae) == _attributes(VQVAE) - {"out_channels"}
+  assert set(config.prior) == _attributes(UNet) - {"num_classes"}
+  assert set(config.discriminator) == _attributes(NLayerDiscriminator)
+  config.discriminator.update(ndf=32, num_layers=2)
+  assert build_discriminator(config.discriminator) == NLayerDiscriminator(ndf=32, num_layers=2)
+  vqvae, unet = build_vqvae(config.vqvae, 3, codebook_size=512), prior_lib.build_denoiser(config, 512)
+  for model, section in ((vqvae, config.vqvae), (unet, config.prior)):
+    for name, value in section.items():
+      built = getattr(model, name)
+      assert (built.dtype if name == "dtype" else built) == (value if name != "codebook_size" else 512), name
+  assert (vqvae.out_channels, unet.num_classes, unet.time_scale) == (3, 512, 1.0)
+
+
+def test_the_code_takes_exactly_the_choices_the_schema_allows():
+  """One tuple each, in `vqddm_jax.choices`: the code that acts on a name imports it, and accepts each."""
+  assert kmeans.INITS is choices.KMEANS_INITS
+  assert diffusion.SCHEDULE_KINDS is choices.SCHEDULE_KINDS
+  assert diffusion.PARAMETRIZATIONS is choices.PARAMETRIZATIONS
+  for kind in choices.SCHEDULE_KINDS:
+    assert diffusion.make_schedule(10, kind, num_classes=4).kind == kind
+  config = load_config("configs/mnist.py:tiny")
+  for dtype in choices.DTYPES:
+    config.vqvae.dtype = dtype
+    assert build_vqvae(config.vqvae, 1).dtype.__name__ == dtype
+  config.refit.kmeans_init = "random"
+  allowed = ", ".join(repr(name) for name in choices.KMEANS_INITS)
+  with pytest.raises(ConfigError, match=r"config\.refit\.kmeans_init = 'random' .*" + re.escape(allowed)):
+    config_schema.validate_config(config)
+
+
+def test_one_dotted_path_walker_reads_and_sets_and_names_a_missing_field():
+  config = load_config("configs/mnist.py")
+  set_field(config, "prior_train.optim.lr", 5e-4)
+  assert field_value(config, "prior_train.optim.lr") == config.prior_train.optim.lr == 5e-4
+  tree = {"sample": {"seed": 1}}  # plain nested dicts too (`vqddm_jax.load` overrides)
+  set_field(tree, "sample.seed", 7)
+  assert tree == {"sample": {"seed": 7}}
+  for field in ("prior.nosuch", "nosuch.lr", "prior_train.optim.nosuch"):
+    with pytest.raises(ConfigError, match=rf"config\.{field.replace('.', r'[.]')} is missing"):
+      set_field(config, field, 1)  # a misspelt name adds no field
+    with pytest.raises(ConfigError, match="is missing"):
+      field_value(config, field)
+  assert "nosuch" not in config.prior

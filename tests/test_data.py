@@ -205,7 +205,7 @@ def test_unprepared_tfds_fails_fast_with_instructions(tmp_path):
     ("resize", "stretch", r"config\.data\.resize = 'stretch'.*'pad', 'center_crop'"),
     ("source", "lsun", r"config\.data\.source = 'lsun'"),
     ("channels", 4, r"config\.data\.channels = 4"),
-    ("channels", True, r"config\.data\.channels = True.*type int"),
+    ("channels", True, r"config\.data\.channels = True.*one of 1, 3"),
     ("image_size", 0, r"config\.data\.image_size = 0"),
     ("holdout_fraction", 1.0, r"config\.data\.holdout_fraction = 1\.0"),
     ("shuffle_buffer", 0, r"config\.data\.shuffle_buffer = 0"),

@@ -1,34 +1,66 @@
-"""Typed checks of single config fields, each failing with a `ConfigError` that names the field, the value
-given and what is allowed (`config.prior.ch = -1 is not allowed: an integer in [1, inf]`).
+"""The one dialect of config checks: a dotted-path walker and typed checks of single fields, each failing
+with a `ConfigError` that names the field, the value given and what is allowed
+(`config.prior.ch = -1 is not allowed: an integer in [1, inf]`).
 
-`config_schema` validates every section with these; like it, this module imports neither JAX nor TensorFlow.
+Every section's validator (`config_schema`, `data.config`) is written with these, and `config_variants` sets
+fields through the same walker. Types that ml_collections already keeps are not checked again (a str field
+takes no int, a command-line value is parsed to the field's type); numbers and booleans are, because a
+ConfigDict lets None into any field and True into an int field, and a config rebuilt from `W/config.json` or
+from `vqddm_jax.load(...)` overrides has no types to keep. Like `config_schema`, this module imports neither JAX
+nor TensorFlow.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
-
-import ml_collections
+from typing import Any, Iterable, NoReturn
 
 from vqddm_jax.errors import ConfigError
 
 
-def fail(field: str, value: Any, allowed: str) -> None:
+def fail(field: str, value: Any, allowed: str) -> NoReturn:
   raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
 
 
-def field_value(config: ml_collections.ConfigDict, field: str) -> Any:
-  """The value at a dotted path such as `prior_train.optim.lr`; a missing field is a `ConfigError`."""
-  node = config
-  for part in field.split("."):
-    if part not in node:
+def _walk(config: Any, field: str) -> tuple[Any, str]:
+  """The section that holds `field` (a dotted path such as `prior_train.optim.lr`) and the field's own name;
+  a name missing on the way, or the field itself, is a `ConfigError`."""
+  names = field.split(".")
+  parent = node = config
+  for name in names:
+    if name not in node:
       raise ConfigError(f"config.{field} is missing (the config file must define it)")
-    node = node[part]
-  return node
+    parent, node = node, node[name]
+  return parent, names[-1]
 
 
-def check_choice(config, field: str, choices: Iterable[str]) -> None:
+def field_value(config: Any, field: str) -> Any:
+  """The value at a dotted path of a ConfigDict (or of nested dicts)."""
+  parent, name = _walk(config, field)
+  return parent[name]
+
+
+def set_field(config: Any, field: str, value: Any) -> None:
+  """Sets the field at a dotted path; it must exist (a misspelt name adds no field)."""
+  parent, name = _walk(config, field)
+  parent[name] = value
+
+
+def check_bool(config, field: str) -> None:
+  value = field_value(config, field)
+  if not isinstance(value, bool):
+    fail(field, value, "True or False")
+
+
+def check_str(config, field: str, allowed: str = "a non-empty string") -> None:
+  """A string with something in it besides spaces; `allowed` says what it names."""
+  value = field_value(config, field)
+  if not isinstance(value, str) or not value.strip():
+    fail(field, value, allowed)
+
+
+def check_choice(config, field: str, choices: Iterable[Any]) -> None:
   value, choices = field_value(config, field), tuple(choices)
-  if value not in choices:
+  # Equal and of the same type: True == 1, yet `data.channels = True` is a typo, not one channel.
+  if not any(value == c and type(value) is type(c) for c in choices):
     fail(field, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
@@ -42,14 +74,15 @@ def check_int(config, field: str, low: int | None = None, high: int | None = Non
 
 
 def check_float(config, field: str, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> None:
+                low_open: bool = False, high_open: bool = False) -> None:
   value = field_value(config, field)
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     fail(field, value, "a number")
   bad_low = value != value or (low is not None and (value <= low if low_open else value < low))  # NaN
-  if bad_low or (high is not None and value > high):
+  bad_high = high is not None and (value >= high if high_open else value > high)
+  if bad_low or bad_high:
     fail(field, value, f"a number in {'(' if low_open else '['}{low}, "
-          f"{high if high is not None else 'inf'}]")
+          f"{high if high is not None else 'inf'}{')' if high_open else ']'}")
 
 
 def check_int_tuple(config, field: str, low: int = 0, nonempty: bool = True) -> None:

@@ -2,9 +2,12 @@
 
 Experiment files under `configs/` start from `base_config()` and override what differs; `validate_config` is
 called by `main` after command-line overrides and before any work, so a bad value stops the run at once with a
-`ConfigError` (a `ValueError`) that names the field, the value and what is allowed. Validation needs no
-device: this module imports neither JAX nor TensorFlow. The checks that depend on the number of devices run
-after `jax.distributed` has started (`validate_for_devices`).
+`ConfigError` (a `ValueError`) that names the field, the value and what is allowed. Each section has one
+validator named for it (`VALIDATORS`), written with the checks of `config_checks`; the names a field may
+choose from come from `vqddm_jax.choices`, which the code acting on them imports too. The keys of `vqvae`
+and `prior` are the attributes of the modules they build (`models.vqvae.VQVAE`, `models.unet.UNet`).
+Validation needs no device: this module imports neither JAX nor TensorFlow. The checks that depend on the
+number of devices run after `jax.distributed` has started (`validate_for_devices`).
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from typing import Callable
 import ml_collections
 from etils import epath
 
-from vqddm_jax import masks
-from vqddm_jax.config_checks import check_choice, check_float, check_int, check_int_tuple, fail, field_value
-from vqddm_jax.data.config import validate_data_config
+from vqddm_jax import choices, masks
+from vqddm_jax.config_checks import (check_bool, check_choice, check_float, check_int, check_int_tuple, fail,
+                                     field_value)
+from vqddm_jax.data.config import validate_data
 from vqddm_jax.errors import ConfigError
 
 
@@ -61,9 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
       shuffle_buffer=5_000, prefetch=2, holdout_fraction=0.02)
   c.vqvae = dict(
       ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=32,
-      codebook_size=256, beta=0.25, norm_groups=8, dropout=0.0, dtype="float32")
+      codebook_size=256, groups=8, dropout=0.0, dtype="float32")
+  # beta: the commitment weight β of the VQ loss (docs/method.md §2); ReFiT's fine-tune uses none.
   c.vqvae_train = dict(
-      batch_size=16, num_steps=1200, optim=optim_defaults(2e-3), ema_decay=0.99, recon_loss="mse",
+      batch_size=16, num_steps=1200, optim=optim_defaults(2e-3), ema_decay=0.99, beta=0.25, recon_loss="mse",
       log_every=50, checkpoint_every=400, image_every=400, eval_every=1200, eval_examples=0,
       keep_checkpoints=2, **loss_defaults())
   # The PatchGAN of stage 1 and ReFiT (one architecture: ReFiT starts from stage 1's when it has one).
@@ -101,129 +106,113 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def paper_stage1_256(config: ml_collections.ConfigDict, *, num_steps: int, eval_examples: int) -> None:
-  """The paper's f16 VQGAN-style stage 1 for 256×256 RGB data (CelebA-HQ, LSUN): 16×16 codes, K = 1024."""
-  config.data.update(image_size=256, channels=3, resize="center_crop", shuffle_buffer=2_000)
-  config.vqvae.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
-                      z_channels=256, embed_dim=256, codebook_size=1024, beta=0.25, norm_groups=32)
-  # The VQGAN losses with taming-transformers' values: L1 + LPIPS + 0.8 · adaptive hinge GAN from step 10k;
-  # both Adams (0.5, 0.9) at its base rate 4.5e-6 times the global batch.
-  lr = 4.5e-6 * 64
-  config.vqvae_train.update(batch_size=64, num_steps=num_steps, optim=gan_optim(lr), ema_decay=0.999,
-                            recon_loss="l1", perceptual_weight=1.0, disc_weight=0.8, disc_start=10_000,
-                            disc_optim=gan_optim(lr), log_every=100, checkpoint_every=5_000,
-                            image_every=2_000, eval_every=10_000, eval_examples=eval_examples)
-
-
-def paper_stage2(config: ml_collections.ConfigDict, *, num_codes: int, batch_size: int,
-                 num_steps: int) -> None:
-  """ReFiT and stage 2 as in the authors' configs (docs/method.md §4, §5): k-means on 20,000 features to K'
-  codes, T = 4000, the 117 M-parameter denoiser, Adam 1e-4 with cosine decay, global batch `batch_size`."""
-  # The fine-tune uses stage 1's losses with the discriminator on from step 0 (it starts from stage 1's).
-  # The authors' Adam rate 2e-6 was for a batch of 8 and up to 400k steps; this is taming's base rate
-  # times the batch, as in stage 1, so that 20k steps move the decoder to the new codebook.
-  refit_lr = 4.5e-6 * 64
-  config.refit.update(num_codes=num_codes, num_features=20_000, kmeans_iters=300, batch_size=64,
-                      num_steps=20_000, optim=gan_optim(refit_lr), ema_decay=0.999, log_every=100,
-                      checkpoint_every=2_000, image_every=2_000, eval_every=5_000, eval_examples=1_000,
-                      recon_loss="l1", perceptual_weight=1.0, disc_weight=0.8, disc_start=0,
-                      disc_optim=gan_optim(refit_lr))
-  config.diffusion.update(num_steps=4000)
-  config.prior.update(ch=128, ch_mult=(1, 2, 4, 8), num_res_blocks=2)
-  config.prior_train.update(batch_size=batch_size, num_steps=num_steps, optim=optim_defaults(1e-4),
-                            ema_decay=0.9999, log_every=100, checkpoint_every=5_000, eval_every=25_000,
-                            eval_examples=1_000, eval_t_samples=32)
-  config.sample.update(num_samples=64, chunk_steps=200)
-  config.eval.update(num_samples=10_000, inpaint_images=1_000)
-
-
 # ----------------------------------------------------------------------------------------------- checks
+# The shapes several sections share: an optimiser, a training loop, VQ-VAE training, a GroupNorm network.
 
 
 def check_optim(config, prefix: str) -> None:
+  """An optimiser sub-section such as `vqvae_train.optim` (Adam, a schedule, optional clipping)."""
   check_float(config, f"{prefix}.lr", 0.0, 10.0, low_open=True)
   check_float(config, f"{prefix}.b1", 0.0, 1.0)
   check_float(config, f"{prefix}.b2", 0.0, 1.0)
-  check_choice(config, f"{prefix}.schedule", ("constant", "cosine"))
+  check_choice(config, f"{prefix}.schedule", choices.LR_SCHEDULES)
   check_int(config, f"{prefix}.warmup_steps", 0)
   check_float(config, f"{prefix}.grad_clip", 0.0)
 
 
 def check_loop(config, prefix: str) -> None:
-  check_int(config, f"{prefix}.batch_size", 1)
-  check_int(config, f"{prefix}.num_steps", 1)
-  for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+  """The loop fields of a training section (`vqvae_train`, `refit`, `prior_train`) and its optimiser."""
+  for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
     check_int(config, f"{prefix}.{name}", 1)
+  check_int(config, f"{prefix}.eval_examples", 0)
   check_float(config, f"{prefix}.ema_decay", 0.0, 1.0)
   check_optim(config, f"{prefix}.optim")
 
 
-def validate_vqvae(config) -> None:
-  check_int(config, "vqvae.ch", 1)
-  check_int_tuple(config, "vqvae.ch_mult", 1)
-  check_int(config, "vqvae.num_res_blocks", 0)
-  check_int_tuple(config, "vqvae.attn_resolutions", 1, nonempty=False)
-  check_int(config, "vqvae.z_channels", 1)
-  check_int(config, "vqvae.embed_dim", 1)
-  check_int(config, "vqvae.codebook_size", 2)
-  check_float(config, "vqvae.beta", 0.0)
-  check_int(config, "vqvae.norm_groups", 1)
-  check_float(config, "vqvae.dropout", 0.0, 1.0)
-  check_choice(config, "vqvae.dtype", ("float32", "bfloat16"))
-  v = config.vqvae
-  widths = sorted({v.ch * m for m in v.ch_mult} | {v.ch})
-  if any(w % v.norm_groups for w in widths):
-    fail("vqvae.norm_groups", v.norm_groups, f"a divisor of every level width {tuple(widths)}")
-  factor = 2 ** (len(v.ch_mult) - 1)
-  if config.data.image_size % factor:
-    fail("data.image_size", config.data.image_size,
-          f"a multiple of the encoder's downsampling factor {factor} (len(vqvae.ch_mult) = "
-          f"{len(v.ch_mult)})")
-
-
-def check_losses(config, prefix: str) -> None:
-  """The loss fields of a VQ-VAE training section (`vqvae_train` or `refit`; docs/method.md §2.1)."""
-  check_choice(config, f"{prefix}.recon_loss", ("mse", "l1"))
+def check_vq_training(config, prefix: str) -> None:
+  """What a VQ-VAE training section (`vqvae_train`, `refit`) has besides its loop: the image interval and
+  the VQGAN losses (docs/method.md §2.1)."""
+  check_choice(config, f"{prefix}.recon_loss", choices.RECON_LOSSES)
   check_float(config, f"{prefix}.perceptual_weight", 0.0)
   check_float(config, f"{prefix}.disc_weight", 0.0)
   check_int(config, f"{prefix}.disc_start", 0)
-  if not isinstance(field_value(config, f"{prefix}.disc_adaptive"), bool):
-    fail(f"{prefix}.disc_adaptive", field_value(config, f"{prefix}.disc_adaptive"), "True or False")
+  check_bool(config, f"{prefix}.disc_adaptive")
   check_optim(config, f"{prefix}.disc_optim")
-  size = config.data.image_size
-  if field_value(config, f"{prefix}.perceptual_weight") > 0 and size < 16:
-    fail(f"{prefix}.perceptual_weight", field_value(config, f"{prefix}.perceptual_weight"),
-          f"0 for {size}x{size} images (LPIPS needs data.image_size >= 16: VGG16 pools by 16)")
-  if field_value(config, f"{prefix}.disc_weight") > 0:
-    check_int(config, "discriminator.ndf", 1)
-    check_int(config, "discriminator.num_layers", 1)
-    layers = config.discriminator.num_layers
-    if size < 3 * 2 ** layers:  # each stride-2 layer halves the side; the two stride-1 layers take 2 more
-      fail("discriminator.num_layers", layers, f"at most log2(data.image_size / 3) = "
-            f"{max(size // 3, 1).bit_length() - 1} for {size}x{size} images (else no patch logits)")
+  check_int(config, f"{prefix}.image_every", 1)
+  size, weight = config.data.image_size, field_value(config, f"{prefix}.perceptual_weight")
+  if weight > 0 and size < 16:
+    fail(f"{prefix}.perceptual_weight", weight,
+         f"0 for {size}x{size} images (LPIPS needs data.image_size >= 16: VGG16 pools by 16)")
+
+
+def check_groups(config, section: str) -> None:
+  """`section.groups` (GroupNorm groups) divides the width of every level, `ch * ch_mult[l]`, and `ch`."""
+  s = config[section]
+  widths = sorted({s.ch * m for m in s.ch_mult} | {s.ch})
+  if any(w % s.groups for w in widths):
+    fail(f"{section}.groups", s.groups, f"a divisor of every level width {tuple(widths)}")
+
+
+def validate_distributed(config) -> None:
+  """`distributed`: the `jax.distributed.initialize` arguments, all given or all left for auto-detection."""
+  d = field_value(config, "distributed")
+  check_bool(config, "distributed.enabled")
+  if d.coordinator_address and not d.coordinator_address.rpartition(":")[2].isdigit():
+    fail("distributed.coordinator_address", d.coordinator_address, "'' (auto) or 'HOST:PORT'")
+  check_int(config, "distributed.num_processes", 0)
+  check_int(config, "distributed.process_id", -1)
+  check_int(config, "distributed.initialization_timeout", 1)
+  check_int(config, "distributed.heartbeat_timeout", 2)
+  check_int(config, "distributed.shutdown_timeout", 1)
+  ids = d.local_device_ids
+  if ids and not all(p.strip().isdigit() for p in ids.split(",")):
+    fail("distributed.local_device_ids", ids, "'' (auto) or comma-separated device ids such as '0,1,2,3'")
+  given = {"coordinator_address": bool(d.coordinator_address), "num_processes": d.num_processes > 0,
+           "process_id": d.process_id >= 0}
+  if any(given.values()) and not all(given.values()):
+    missing = ", ".join(f"config.distributed.{k}" for k, v in given.items() if not v)
+    raise ConfigError(f"config.distributed: coordinator_address, num_processes and process_id go together "
+                      f"(all set, or all empty for auto-detection on Cloud TPU / SLURM); missing {missing}")
+  if given["process_id"] and d.process_id >= d.num_processes:
+    fail("distributed.process_id", d.process_id, f"an integer in [0, {d.num_processes - 1}] "
+         "(config.distributed.num_processes - 1)")
+
+
+def validate_vqvae(config) -> None:
+  """`vqvae`: the stage-1 model, and the image size its downsampling must divide."""
+  for name in ("ch", "z_channels", "embed_dim", "groups"):
+    check_int(config, f"vqvae.{name}", 1)
+  check_int_tuple(config, "vqvae.ch_mult", 1)
+  check_int(config, "vqvae.num_res_blocks", 0)
+  check_int_tuple(config, "vqvae.attn_resolutions", 1, nonempty=False)
+  check_int(config, "vqvae.codebook_size", 2)
+  check_float(config, "vqvae.dropout", 0.0, 1.0)
+  check_choice(config, "vqvae.dtype", choices.DTYPES)
+  check_groups(config, "vqvae")
+  levels = len(config.vqvae.ch_mult)
+  if config.data.image_size % 2 ** (levels - 1):
+    fail("data.image_size", config.data.image_size, f"a multiple of the encoder's downsampling factor "
+         f"{2 ** (levels - 1)} (len(vqvae.ch_mult) = {levels})")
 
 
 def validate_vqvae_train(config) -> None:
+  """`vqvae_train`: stage 1's loop, commitment weight and losses."""
   check_loop(config, "vqvae_train")
-  check_losses(config, "vqvae_train")
-  for name in ("image_every", "eval_every"):
-    check_int(config, f"vqvae_train.{name}", 1)
-  check_int(config, "vqvae_train.eval_examples", 0)
+  check_float(config, "vqvae_train.beta", 0.0)
+  check_vq_training(config, "vqvae_train")
 
 
 def validate_refit(config) -> None:
-  if not isinstance(config.refit.enabled, bool):
-    fail("refit.enabled", config.refit.enabled, "True or False")
+  """`refit`: the k-means codebook rebuild and the decoder's fine-tune (loop and losses as stage 1)."""
+  check_bool(config, "refit.enabled")
   check_int(config, "refit.num_features", 1)
   check_int(config, "refit.num_codes", 1, config.refit.num_features)
   check_int(config, "refit.kmeans_iters", 0)
   check_int(config, "refit.kmeans_batch_size", 1)
-  # kmeans_seeding.INITS, spelled out: this module stays free of jax.
-  check_choice(config, "refit.kmeans_init", ("kmeans++", "kmeans||", "afkmc2"))
+  check_choice(config, "refit.kmeans_init", choices.KMEANS_INITS)
   check_int(config, "refit.kmeans_refine_iters", 0)
-  check_float(config, "refit.kmeans_overrelax", 0.0, 2.0, low_open=True)
-  if config.refit.kmeans_overrelax >= 2.0:  # α >= 2 overshoots the mean by more than the step it corrects
-    fail("refit.kmeans_overrelax", config.refit.kmeans_overrelax, "a number in (0, 2); 1 is plain Lloyd")
+  # Over-relaxation α >= 2 overshoots the mean by more than the step it corrects; 1 is plain Lloyd.
+  check_float(config, "refit.kmeans_overrelax", 0.0, 2.0, low_open=True, high_open=True)
   nested = config.refit.kmeans_nested
   ok = isinstance(nested, (tuple, list)) and len(nested) <= 16 and all(
       isinstance(level, (tuple, list)) and len(level) == 2
@@ -231,61 +220,92 @@ def validate_refit(config) -> None:
       and level[0] >= 1 and level[1] >= 0 for level in nested)
   if not ok:
     fail("refit.kmeans_nested", nested, "a tuple of at most 16 (num_points >= 1, lloyd_steps >= 0) "
-          "pairs, e.g. ((16384, 6), (65536, 2)); () for none")
+         "pairs, e.g. ((16384, 6), (65536, 2)); () for none")
   check_loop(config, "refit")
-  check_losses(config, "refit")
-  for name in ("image_every", "eval_every"):
-    check_int(config, f"refit.{name}", 1)
-  check_int(config, "refit.eval_examples", 0)
+  check_vq_training(config, "refit")
+
+
+def validate_discriminator(config) -> None:
+  """`discriminator`: the PatchGAN; when a section trains with it, its depth must leave patch logits."""
+  check_int(config, "discriminator.ndf", 1)
+  check_int(config, "discriminator.num_layers", 1)
+  size, layers = config.data.image_size, config.discriminator.num_layers
+  used = config.vqvae_train.disc_weight > 0 or config.refit.disc_weight > 0
+  if used and size < 3 * 2 ** layers:  # Each stride-2 layer halves the side; the two stride-1 layers take 2.
+    fail("discriminator.num_layers", layers, f"at most log2(data.image_size / 3) = "
+         f"{max(size // 3, 1).bit_length() - 1} for {size}x{size} images (else no patch logits)")
+
+
+def validate_encode(config) -> None:
+  """`encode`: the batch of stage 1's encoding of the data into code maps."""
+  check_int(config, "encode.batch_size", 1)
+
+
+def validate_diffusion(config) -> None:
+  """`diffusion`: the multinomial diffusion's steps, schedule, parametrisation and sampling of t."""
+  check_int(config, "diffusion.num_steps", 1)
+  check_choice(config, "diffusion.schedule", choices.SCHEDULE_KINDS)
+  check_choice(config, "diffusion.parametrization", choices.PARAMETRIZATIONS)
+  check_bool(config, "diffusion.importance_sampling")
 
 
 def validate_prior(config) -> None:
-  check_int(config, "encode.batch_size", 1)
-  check_int(config, "diffusion.num_steps", 1)
-  check_choice(config, "diffusion.schedule", ("cosine", "cosine_sqrt"))
-  check_choice(config, "diffusion.parametrization", ("residual", "x0"))
-  if not isinstance(config.diffusion.importance_sampling, bool):
-    fail("diffusion.importance_sampling", config.diffusion.importance_sampling, "True or False")
+  """`prior`: the denoiser, and the code maps its levels must divide."""
   check_int(config, "prior.ch", 1)
   check_int_tuple(config, "prior.ch_mult", 1)
   check_int(config, "prior.num_res_blocks", 1)
+  for name in ("attention", "mid_attention", "softmax_q"):
+    check_bool(config, f"prior.{name}")
   check_int(config, "prior.groups", 1)
   check_float(config, "prior.dropout", 0.0, 1.0)
   check_float(config, "prior.time_scale", 0.0, low_open=True)
-  check_choice(config, "prior.dtype", ("float32", "bfloat16"))
+  check_choice(config, "prior.dtype", choices.DTYPES)
   p = config.prior
   if p.dropout > 0 and p.num_res_blocks < 2:
     # The denoiser drops out between the ResnetBlocks of a down-path level (the authors' placement), so with
     # one block per level a rate would be accepted and silently do nothing.
     fail("prior.dropout", p.dropout, "0.0 when prior.num_res_blocks = 1 (dropout sits between the "
-          "down-path ResnetBlocks of a level; set prior.num_res_blocks >= 2 to use it)")
-  widths = sorted({p.ch * m for m in p.ch_mult} | {p.ch})
-  if any(w % p.groups for w in widths):
-    fail("prior.groups", p.groups, f"a divisor of every level width {tuple(widths)}")
+         "down-path ResnetBlocks of a level; set prior.num_res_blocks >= 2 to use it)")
+  check_groups(config, "prior")
   code_size = config.data.image_size // 2 ** (len(config.vqvae.ch_mult) - 1)
   if code_size % 2 ** (len(p.ch_mult) - 1):
     fail("prior.ch_mult", tuple(p.ch_mult), f"at most {code_size.bit_length() - 1} + 1 levels: the "
-          f"{code_size}x{code_size} code maps must divide by 2**(len(prior.ch_mult) - 1)")
+         f"{code_size}x{code_size} code maps must divide by 2**(len(prior.ch_mult) - 1)")
+
+
+def validate_prior_train(config) -> None:
+  """`prior_train`: stage 2's loop, held-out estimate, code-map subset and hybrid loss."""
   check_loop(config, "prior_train")
-  for name in ("eval_every", "eval_t_samples", "t_buckets"):
-    check_int(config, f"prior_train.{name}", 1 if name != "eval_t_samples" else 2)
-  check_int(config, "prior_train.eval_examples", 0)
+  check_int(config, "prior_train.eval_t_samples", 2)
+  check_int(config, "prior_train.t_buckets", 1)
   check_int(config, "prior_train.max_code_maps", 0)
   check_float(config, "prior_train.hybrid_ce_weight", 0.0, 100.0)
-  if 0 < config.prior_train.max_code_maps < config.prior_train.batch_size:
-    fail("prior_train.max_code_maps", config.prior_train.max_code_maps,
-          f"0 (all maps) or at least one global batch (prior_train.batch_size = "
-          f"{config.prior_train.batch_size})")
+  t = config.prior_train
+  if 0 < t.max_code_maps < t.batch_size:
+    fail("prior_train.max_code_maps", t.max_code_maps,
+         f"0 (all maps) or at least one global batch (prior_train.batch_size = {t.batch_size})")
+
+
+def validate_sample(config) -> None:
+  """`sample`: `--mode=sample`'s count, steps, chunks, seed, decoding batch and temperature."""
   check_int(config, "sample.num_samples", 1)
   check_int(config, "sample.steps", 0, config.diffusion.num_steps)
   check_int(config, "sample.chunk_steps", 1)
   check_int(config, "sample.seed", 0)
   check_int(config, "sample.decode_batch_size", 1)
   check_float(config, "sample.temperature", 0.0, 10.0, low_open=True)
+
+
+def validate_inpaint(config) -> None:
+  """`inpaint`: the mask (a PNG mask is read and checked), count, steps and seed."""
   masks.check_mask_spec(config.inpaint.mask)
   check_int(config, "inpaint.num_images", 1)
   check_int(config, "inpaint.steps", 0, config.diffusion.num_steps)
   check_int(config, "inpaint.seed", 0)
+
+
+def validate_eval(config) -> None:
+  """`eval`: the evaluation's sizes and seeds, and the files it is given (which must exist)."""
   check_int(config, "eval.num_samples", 2)
   check_int_tuple(config, "eval.step_fractions", 1)
   check_int(config, "eval.classifier_steps", 1)
@@ -297,57 +317,34 @@ def validate_prior(config) -> None:
   weights = config.eval.inception_weights
   if weights and not epath.Path(weights).is_file():
     fail("eval.inception_weights", weights, "'' (no FID: VGG16 or classifier features) or the path of an "
-          "existing weights file")
+         "existing weights file")
   stats = config.eval.reference_stats
-  if not isinstance(stats, str) or (stats and (not stats.endswith(".npz") or not epath.Path(stats).is_file())):
+  if stats and (not stats.endswith(".npz") or not epath.Path(stats).is_file()):
     fail("eval.reference_stats", stats, "'' (computed once into the work directory) or the path of an "
-          "existing .npz written by --mode=reference_stats")
+         "existing .npz written by --mode=reference_stats")
 
 
-def validate_distributed(config) -> None:
-  d = field_value(config, "distributed")
-  if not isinstance(d.enabled, bool):
-    fail("distributed.enabled", d.enabled, "True or False")
-  if not isinstance(d.coordinator_address, str):
-    fail("distributed.coordinator_address", d.coordinator_address, "'' (auto) or 'HOST:PORT'")
-  if d.coordinator_address and not d.coordinator_address.rpartition(":")[2].isdigit():
-    fail("distributed.coordinator_address", d.coordinator_address, "'' (auto) or 'HOST:PORT'")
-  check_int(config, "distributed.num_processes", 0)
-  check_int(config, "distributed.process_id", -1)
-  check_int(config, "distributed.initialization_timeout", 1)
-  check_int(config, "distributed.heartbeat_timeout", 2)
-  check_int(config, "distributed.shutdown_timeout", 1)
-  ids = d.local_device_ids
-  if not isinstance(ids, str) or (ids and not all(p.strip().isdigit() for p in ids.split(","))):
-    fail("distributed.local_device_ids", ids, "'' (auto) or comma-separated device ids such as '0,1,2,3'")
-  given = {"coordinator_address": bool(d.coordinator_address), "num_processes": d.num_processes > 0,
-           "process_id": d.process_id >= 0}
-  if any(given.values()) and not all(given.values()):
-    missing = ", ".join(f"config.distributed.{k}" for k, v in given.items() if not v)
-    raise ConfigError(f"config.distributed: coordinator_address, num_processes and process_id go together "
-                      f"(all set, or all empty for auto-detection on Cloud TPU / SLURM); missing {missing}")
-  if given["process_id"] and d.process_id >= d.num_processes:
-    fail("distributed.process_id", d.process_id, f"an integer in [0, {d.num_processes - 1}] "
-          "(config.distributed.num_processes - 1)")
-
-
-# Sections are validated in this order.
-VALIDATORS: list[Callable[[ml_collections.ConfigDict], None]] = [
-    validate_distributed, validate_vqvae, validate_vqvae_train, validate_refit, validate_prior]
+# Section -> its validator, run in this order (a section's checks may use the sections before it).
+VALIDATORS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "data": validate_data, "distributed": validate_distributed, "vqvae": validate_vqvae,
+    "vqvae_train": validate_vqvae_train, "refit": validate_refit, "discriminator": validate_discriminator,
+    "encode": validate_encode, "diffusion": validate_diffusion, "prior": validate_prior,
+    "prior_train": validate_prior_train, "sample": validate_sample, "inpaint": validate_inpaint,
+    "eval": validate_eval,
+}
 
 # Global batch sizes, each split evenly over every device of every host.
 BATCH_FIELDS = ("vqvae_train.batch_size", "refit.batch_size", "encode.batch_size", "prior_train.batch_size")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks every section; returns the config unchanged or raises ConfigError naming the field."""
+  """Checks the top-level fields and every section; returns the config unchanged or raises ConfigError
+  naming the field."""
   check_int(config, "seed", 0)
   check_int(config, "cpu_devices", 0, 1024)
-  if not isinstance(config.ordered_reductions, bool):
-    fail("ordered_reductions", config.ordered_reductions, "True or False")
+  check_bool(config, "ordered_reductions")
   check_float(config, "train_watchdog_minutes", 0.0)
-  validate_data_config(config.data)
-  for validator in VALIDATORS:
+  for validator in VALIDATORS.values():
     validator(config)
   return config
 

@@ -1,4 +1,5 @@
-"""Arguments of the experiment files and the authors'-release variant of the 256×256 configs.
+"""What the experiment files share: their arguments, the paper's settings of the 256×256 configs, and the
+authors'-release variant.
 
 `--config=configs/celeba.py:ARG` passes ARG to `get_config`. ARG is a comma-separated list of at most one data
 source (e.g. `celeb_a`, `folder`) and any of the variants below, in any order: `:authors`, `:folder,authors`.
@@ -13,6 +14,9 @@ from __future__ import annotations
 from typing import Iterable
 
 import ml_collections
+
+from vqddm_jax.config_checks import set_field
+from vqddm_jax.config_schema import gan_optim, optim_defaults
 
 VARIANTS = ("authors",)
 
@@ -69,12 +73,41 @@ def parse_arg(arg: str | None, *, file: str, sources: Iterable[str]) -> tuple[st
   return (given[0] if given else ""), frozenset(w for w in words if w in VARIANTS)
 
 
-def _set(config: ml_collections.ConfigDict, field: str, value) -> None:
-  *parents, leaf = field.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
+def paper_stage1_256(config: ml_collections.ConfigDict, *, num_steps: int, eval_examples: int) -> None:
+  """The paper's f16 VQGAN-style stage 1 for 256×256 RGB data (CelebA-HQ, LSUN): 16×16 codes, K = 1024."""
+  config.data.update(image_size=256, channels=3, resize="center_crop", shuffle_buffer=2_000)
+  config.vqvae.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                      z_channels=256, embed_dim=256, codebook_size=1024, groups=32)
+  # The VQGAN losses with taming-transformers' values: L1 + LPIPS + 0.8 · adaptive hinge GAN from step 10k;
+  # both Adams (0.5, 0.9) at its base rate 4.5e-6 times the global batch.
+  lr = 4.5e-6 * 64
+  config.vqvae_train.update(batch_size=64, num_steps=num_steps, optim=gan_optim(lr), ema_decay=0.999,
+                            beta=0.25, recon_loss="l1", perceptual_weight=1.0, disc_weight=0.8,
+                            disc_start=10_000, disc_optim=gan_optim(lr), log_every=100,
+                            checkpoint_every=5_000, image_every=2_000, eval_every=10_000,
+                            eval_examples=eval_examples)
+
+
+def paper_stage2(config: ml_collections.ConfigDict, *, num_codes: int, batch_size: int,
+                 num_steps: int) -> None:
+  """ReFiT and stage 2 as in the authors' configs (docs/method.md §4, §5): k-means on 20,000 features to K'
+  codes, T = 4000, the 117 M-parameter denoiser, Adam 1e-4 with cosine decay, global batch `batch_size`."""
+  # The fine-tune uses stage 1's losses with the discriminator on from step 0 (it starts from stage 1's).
+  # The authors' Adam rate 2e-6 was for a batch of 8 and up to 400k steps; this is taming's base rate
+  # times the batch, as in stage 1, so that 20k steps move the decoder to the new codebook.
+  refit_lr = 4.5e-6 * 64
+  config.refit.update(num_codes=num_codes, num_features=20_000, kmeans_iters=300, batch_size=64,
+                      num_steps=20_000, optim=gan_optim(refit_lr), ema_decay=0.999, log_every=100,
+                      checkpoint_every=2_000, image_every=2_000, eval_every=5_000, eval_examples=1_000,
+                      recon_loss="l1", perceptual_weight=1.0, disc_weight=0.8, disc_start=0,
+                      disc_optim=gan_optim(refit_lr))
+  config.diffusion.update(num_steps=4000)
+  config.prior.update(ch=128, ch_mult=(1, 2, 4, 8), num_res_blocks=2)
+  config.prior_train.update(batch_size=batch_size, num_steps=num_steps, optim=optim_defaults(1e-4),
+                            ema_decay=0.9999, log_every=100, checkpoint_every=5_000, eval_every=25_000,
+                            eval_examples=1_000, eval_t_samples=32)
+  config.sample.update(num_samples=64, chunk_steps=200)
+  config.eval.update(num_samples=10_000, inpaint_images=1_000)
 
 
 def apply_authors(config: ml_collections.ConfigDict, *, max_code_maps: int = 0) -> None:
@@ -90,6 +123,6 @@ def apply_authors(config: ml_collections.ConfigDict, *, max_code_maps: int = 0) 
     max_code_maps: `prior_train.max_code_maps`, 0 to keep every training code map.
   """
   for field, value in AUTHORS_FIELDS.items():
-    _set(config, field, value)
+    set_field(config, field, value)
   config.prior.time_scale = 4000.0 / config.diffusion.get_ref("num_steps").to_float()
   config.prior_train.max_code_maps = max_code_maps

@@ -1,96 +1,61 @@
-"""Validation of the `config.data` section.
+"""Validation of the `config.data` section, in the dialect every section uses (`config_checks`).
 
 Cheap and I/O-free apart from checking that a user-given image folder exists, so `main` can call it on load
-and stop a bad run before any TensorFlow pipeline or model is built.
+and stop a bad run before any TensorFlow pipeline or model is built. The choices are `vqddm_jax.choices`'.
 """
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from vqddm_jax.errors import ConfigError
-
-SOURCES = ("mnist5k", "tfds", "image_folder")
-RESIZE_MODES = ("pad", "center_crop")
-CHANNELS = (1, 3)
-
-# Field -> type every config must define (`config_schema.base_config` defines all of them).
-_FIELD_TYPES: dict[str, type] = {
-    "source": str, "tfds_name": str, "data_dir": str, "manual_dir": str, "image_folder": str,
-    "image_key": str, "train_split": str, "eval_split": str, "image_size": int, "channels": int,
-    "resize": str, "shuffle_buffer": int, "prefetch": int, "holdout_fraction": float,
-}
+from vqddm_jax import choices
+from vqddm_jax.config_checks import check_choice, check_float, check_int, check_str, fail, field_value
 
 
-def _fail(field: str, value: Any, allowed: str) -> None:
-  raise ConfigError(f"config.data.{field} = {value!r} is not allowed: {allowed}")
-
-
-def _get(cfg: Any, field: str) -> Any:
-  if field not in cfg:
-    raise ConfigError(f"config.data.{field} is missing (the config file must define it)")
-  return cfg[field]
-
-
-def _check_types(cfg: Any) -> None:
-  for field, kind in _FIELD_TYPES.items():
-    value = _get(cfg, field)
-    if kind is float:
-      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif kind is int:
-      # bool is an int subclass; `channels=True` is a typo, not a channel count.
-      ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-      ok = isinstance(value, kind)
-    if not ok:
-      _fail(field, value, f"must be of type {kind.__name__}")
-
-
-def validate_data_config(cfg: Any) -> None:
-  """Checks the `config.data` section; raises on the first bad field.
+def validate_data(config: Any) -> None:
+  """Checks the `data` section of a whole config; raises on the first bad field.
 
   Args:
-    cfg: the `config.data` ConfigDict (or any mapping with the same fields).
+    config: the config (a ConfigDict, or nested mappings with the same fields).
 
   Raises:
-    ValueError: naming the field (`config.data.resize`), its value and what is allowed.
+    ConfigError: a `ValueError` naming the field (`config.data.resize`), its value and what is allowed.
   """
-  _check_types(cfg)
-  if cfg["source"] not in SOURCES:
-    _fail("source", cfg["source"], "one of " + ", ".join(map(repr, SOURCES)))
-  if cfg["resize"] not in RESIZE_MODES:
-    _fail("resize", cfg["resize"], "one of " + ", ".join(map(repr, RESIZE_MODES)))
-  if cfg["channels"] not in CHANNELS:
-    _fail("channels", cfg["channels"], "1 (greyscale) or 3 (RGB)")
-  if cfg["image_size"] < 1:
-    _fail("image_size", cfg["image_size"], "a positive number of pixels")
-  if cfg["shuffle_buffer"] < 1:
-    _fail("shuffle_buffer", cfg["shuffle_buffer"], "an int >= 1 (1 disables the buffer shuffle)")
-  if cfg["prefetch"] < 0:
-    _fail("prefetch", cfg["prefetch"], "an int >= 0 (host batches prefetched; 0 = none)")
-  if not 0.0 < cfg["holdout_fraction"] < 1.0:
-    _fail("holdout_fraction", cfg["holdout_fraction"], "a fraction strictly between 0 and 1")
-  for field in ("image_key", "train_split", "eval_split"):
-    if not cfg[field].strip():
-      _fail(field, cfg[field], "a non-empty string")
-  if cfg["train_split"] == cfg["eval_split"]:
+  check_choice(config, "data.source", choices.DATA_SOURCES)
+  check_choice(config, "data.resize", choices.RESIZE_MODES)
+  check_choice(config, "data.channels", choices.IMAGE_CHANNELS)
+  check_int(config, "data.image_size", 1)
+  check_int(config, "data.shuffle_buffer", 1)  # 1 disables the buffer shuffle.
+  check_int(config, "data.prefetch", 0)  # Host batches prefetched; 0 = none.
+  check_float(config, "data.holdout_fraction", 0.0, 1.0, low_open=True, high_open=True)
+  for name in ("image_key", "train_split", "eval_split"):
+    check_str(config, f"data.{name}")
+  eval_split = field_value(config, "data.eval_split")
+  if eval_split == field_value(config, "data.train_split"):
     # Scoring held-out metrics on the training data is a pitfall of the original code (docs/method.md §6).
-    _fail("eval_split", cfg["eval_split"], "a split different from data.train_split")
-  _validate_source(cfg)
+    fail("data.eval_split", eval_split, "a split different from data.train_split")
+  _validate_source(config)
 
 
-def _validate_source(cfg: Any) -> None:
-  source = cfg["source"]
-  if source == "tfds" and not cfg["tfds_name"].strip():
-    _fail("tfds_name", cfg["tfds_name"], "a TFDS name such as 'celeb_a' when data.source == 'tfds'")
+def validate_data_config(section: Any) -> None:
+  """`validate_data` of the `config.data` section alone (what the pipelines check on entry)."""
+  validate_data({"data": section})
+
+
+def _validate_source(config: Any) -> None:
+  """The fields a data source needs."""
+  source = field_value(config, "data.source")
+  if source == "tfds":
+    check_str(config, "data.tfds_name", "a TFDS name such as 'celeb_a' when data.source == 'tfds'")
   if source == "mnist5k":
-    if cfg["channels"] != 1:
-      _fail("channels", cfg["channels"], "1 for data.source == 'mnist5k' (greyscale digits)")
-    if cfg["image_key"] != "image":
-      _fail("image_key", cfg["image_key"], "'image' for data.source == 'mnist5k'")
+    channels, image_key = field_value(config, "data.channels"), field_value(config, "data.image_key")
+    if channels != 1:
+      fail("data.channels", channels, "1 for data.source == 'mnist5k' (greyscale digits)")
+    if image_key != "image":
+      fail("data.image_key", image_key, "'image' for data.source == 'mnist5k'")
   if source == "image_folder":
-    folder = cfg["image_folder"]
-    if not folder.strip():
-      _fail("image_folder", folder, "the root folder of the images when data.source == 'image_folder'")
+    check_str(config, "data.image_folder",
+              "the root folder of the images when data.source == 'image_folder'")
+    folder = field_value(config, "data.image_folder")
     if not os.path.isdir(os.path.expanduser(folder)):
-      _fail("image_folder", folder, "an existing folder (it does not exist or is not a folder)")
+      fail("data.image_folder", folder, "an existing folder (it does not exist or is not a folder)")

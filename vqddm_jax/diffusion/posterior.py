@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqddm_jax import choices
 from vqddm_jax.diffusion.schedule import LOG_ZERO, Schedule, log_keep_ratio, resolve_num_classes
 
-PARAMETRIZATIONS = ("residual", "x0")
+PARAMETRIZATIONS = choices.PARAMETRIZATIONS
 
 
 def _expand_like(x: jnp.ndarray, ref_ndim: int) -> jnp.ndarray:

@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from vqddm_jax import choices
+
 # Finite stand-in for log 0 (the authors' log(1e-30)): exp() of it is negligible next to any probability the
 # model can represent, and sums of a few such floors stay finite in float32, so no 0·(−inf) = NaN can occur.
 LOG_ZERO = float(np.float32(np.log(1e-30)))  # float32-exact, so tables compare equal
 
-SCHEDULE_KINDS = ("cosine", "cosine_sqrt")
+SCHEDULE_KINDS = choices.SCHEDULE_KINDS
 
 
 @struct.dataclass

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from vqddm_jax import choices
 from vqddm_jax.kmeans import distances
 
-INITS = ("kmeans++", "kmeans||", "afkmc2")  # the seedings `kmeans.kmeans` offers by name
+INITS = choices.KMEANS_INITS  # the seedings `kmeans.kmeans` offers by name
 
 
 def sample_proportional(u: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:

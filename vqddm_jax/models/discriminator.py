@@ -63,7 +63,8 @@ class NLayerDiscriminator(nn.Module):
     return Conv(1, (4, 4), padding=_PAD, kernel_init=conv_init, name="conv_out")(x).astype(jnp.float32)
 
 
-def build_discriminator(cfg: Any) -> NLayerDiscriminator:
-  """The discriminator of the `config.discriminator` section (input channels come from the images)."""
-  return NLayerDiscriminator(ndf=int(cfg.ndf), num_layers=int(cfg.num_layers))
+def build_discriminator(section: Any) -> NLayerDiscriminator:
+  """The discriminator of the `config.discriminator` section, whose keys are its attributes (input channels
+  come from the images)."""
+  return NLayerDiscriminator(**section)
 

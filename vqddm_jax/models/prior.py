@@ -15,12 +15,9 @@ from vqddm_jax.models.unet import UNet
 
 
 def build_denoiser(config: Any, num_classes: int) -> UNet:
-  """The U-Net of the `config.prior` section over `num_classes` codes (K, or K' after ReFiT)."""
-  p = config.prior
-  return UNet(num_classes=num_classes, ch=p.ch, ch_mult=tuple(p.ch_mult),
-              num_res_blocks=p.num_res_blocks, attention=p.attention, mid_attention=p.mid_attention,
-              groups=p.groups, dropout=p.dropout, softmax_q=p.softmax_q,
-              time_scale=p.time_scale, dtype=jnp.bfloat16 if p.dtype == "bfloat16" else jnp.float32)
+  """The U-Net of the `config.prior` section, whose keys are its attributes, over `num_classes` codes (K, or
+  K' after ReFiT). The dtype is named ("bfloat16")."""
+  return UNet(**{**config.prior, "dtype": getattr(jnp, config.prior.dtype)}, num_classes=num_classes)
 
 
 def build_schedule(config: Any, num_classes: int) -> diffusion.Schedule:
