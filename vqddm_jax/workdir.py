@@ -91,6 +91,11 @@ class OutputFiles:
   record: epath.Path
 
 
+def _path(*parts: str, doc: str) -> property:
+  """A `Workdir` property: the path `root/parts...` of one file or folder of the layout."""
+  return property(lambda self: self.root.joinpath(*parts), doc=doc)
+
+
 class Workdir:
   """Paths of one pipeline run; see the module docstring for the layout."""
 
@@ -106,63 +111,41 @@ class Workdir:
       raise ValueError(f"unknown training stage {stage!r}: one of {TRAIN_STAGES}")
     return TrainPaths(self.root / stage)
 
-  @property
-  def vqvae(self) -> TrainPaths:
-    """Stage 1 (`train_vqvae`)."""
-    return self.train("vqvae")
+  vqvae = property(lambda self: self.train("vqvae"), doc="Stage 1 (`train_vqvae`).")
+  refit = property(lambda self: self.train("refit"), doc="The ReFiT fine-tune (`refit`).")
+  prior = property(lambda self: self.train("prior"), doc="Stage 2, the prior (`train_prior`).")
 
-  @property
-  def refit(self) -> TrainPaths:
-    """The ReFiT fine-tune (`refit`)."""
-    return self.train("refit")
-
-  @property
-  def prior(self) -> TrainPaths:
-    """Stage 2, the prior (`train_prior`)."""
-    return self.train("prior")
-
-  @property
-  def config_json(self) -> epath.Path:
-    """The config the run was made with and the changes later runs made to it (`run_config`)."""
-    return self.root / "config.json"
-
-  @property
-  def lock_file(self) -> epath.Path:
-    """Held by the one job that runs in this work directory (`run_lock`)."""
-    return self.root / "lock.json"
-
-  # ReFiT's extra files.
-  @property
-  def refit_rebuild(self) -> epath.Path:
-    """Held-out metrics before and right after the codebook rebuild (written once)."""
-    return self.root / "refit" / "rebuild.json"
-
-  @property
-  def refit_features(self) -> epath.Path:
-    """The k-means input `f32[P, d]`."""
-    return self.root / "refit" / "features.npy"
+  config_json = _path("config.json", doc="The config the run was made with and the changes later runs made "
+                      "to it (`run_config`).")
+  lock_file = _path("lock.json", doc="Held by the one job that runs in this work directory (`run_lock`).")
+  refit_rebuild = _path("refit", "rebuild.json", doc="Held-out metrics before and right after the codebook "
+                        "rebuild (written once).")
+  refit_features = _path("refit", "features.npy", doc="The k-means input `f32[P, d]`.")
+  code_store = _path("codes", doc="The code maps of both splits (encoded by all hosts together, written "
+                     "once, read by every host).")
+  samples_dir = _path("samples", doc="Every `--mode=sample` output, by prior checkpoint.")
+  inpaint_dir = _path("inpaint", doc="Every `--mode=inpaint` output, by mask.")
+  eval_dir = _path("eval", doc="What `--mode=evaluate` writes and caches.")
+  eval_samples_grid = _path("eval", "samples.png", doc="The report's grid of samples.")
+  classifier_cache = _path("eval", "classifier.msgpack", doc="The evaluation classifier trained on the "
+                           "embedded data, reused across evaluations.")
 
   def refit_report(self, suffix: str) -> epath.Path:
     """`report.json` or `report.md` (suffix 'json' / 'md')."""
-    return self.root / "refit" / f"report.{suffix}"
-
-  @property
-  def code_store(self) -> epath.Path:
-    """The code maps of both splits (encoded by all hosts together, written once, read by every host)."""
-    return self.root / "codes"
+    return self.refit.root / f"report.{suffix}"
 
   def samples(self, prior_step: int, steps: int, *, num_samples: int, seed: int,
               temperature: float = 1.0) -> OutputFiles:
     """`num_samples` samples of the prior checkpoint `prior_step` drawn with `steps` reverse steps from `seed`
     (and a sampling temperature other than 1): all in the name, so that another set never replaces one."""
-    folder = self.root / "samples" / str(prior_step)
+    folder = self.samples_dir / str(prior_step)
     name = (f"samples_S{steps}_n{num_samples}_seed{seed}" +
             ("" if temperature == 1.0 else f"_tau{temperature:g}"))
     return OutputFiles(folder / f"{name}.png", folder / f"{name}.npz", folder / f"{name}.json")
 
   def latest_samples_grid(self) -> epath.Path | None:
     """The sample grid of the newest prior checkpoint, or None when nothing was sampled."""
-    folder = self.root / "samples"
+    folder = self.samples_dir
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
     for step in reversed(steps):
       grids = sorted((folder / str(step)).glob("samples_S*.png"))
@@ -172,25 +155,12 @@ class Workdir:
 
   def inpaint(self, mask_name: str) -> OutputFiles:
     """A `--mode=inpaint` run with the mask `mask_name` (a file-name-safe form of the mask spec)."""
-    folder = self.root / "inpaint" / mask_name
+    folder = self.inpaint_dir / mask_name
     return OutputFiles(folder / "grid.png", folder / "inpaint.npz", folder / "inpaint.json")
-
-  @property
-  def eval_dir(self) -> epath.Path:
-    return self.root / "eval"
 
   def eval_report(self, suffix: str) -> epath.Path:
     """`report.json` or `report.md` of `--mode=evaluate`."""
     return self.eval_dir / f"report.{suffix}"
-
-  @property
-  def eval_samples_grid(self) -> epath.Path:
-    return self.eval_dir / "samples.png"
-
-  @property
-  def classifier_cache(self) -> epath.Path:
-    """The evaluation classifier trained on the embedded data, reused across evaluations."""
-    return self.eval_dir / "classifier.msgpack"
 
   def reference_stats(self, network: str) -> epath.Path:
     """The cached feature statistics of the whole training split in the space of `network` ('inception',

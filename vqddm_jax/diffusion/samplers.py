@@ -163,11 +163,8 @@ def inpaint_chunk(key: jax.Array, z: jnp.ndarray, ts_chunk: jnp.ndarray, logits_
   known positions equal z0_known exactly.
 
   Args:
-    key: the sampling key (the same for every chunk); step t uses fold_in(key, t).
-    z: i32[B, h, w], the codes at step ts_chunk[0].
-    ts_chunk: i32[C+1], a contiguous, strictly decreasing piece of the step sequence (values in 0..T).
-    logits_fn: `(z_t, t) -> f32[B, h, w, K]` logits of x̂_0; t is 1..T.
-    sched: the schedule.
+    key, z, ts_chunk, logits_fn, sched: as for `reverse_chunk` (z: i32[B, h, w] at step ts_chunk[0]; step t
+      draws from fold_in(key, t); t is 1..T).
     mask: bool[B, h, w], True where the code is known.
     z0_known: i32[B, h, w], the known codes.
 

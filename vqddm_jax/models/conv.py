@@ -256,11 +256,8 @@ def _canonical_padding(padding: Padding, nsp: int) -> str | list[tuple[int, int]
   return pads
 
 
-class Conv(nn.Module):
-  """`nn.Conv` (2-D, no dilation, groups or masks) with an im2col path where XLA:CPU is slow.
-
-  `x: f[B, H, W, C_in] -> dtype[B, H', W', features]`; same attributes, parameters and results as `nn.Conv`
-  (equal to float rounding on the im2col path, bit for bit on the XLA path), plus `impl`.
+class _ConvLayer(nn.Module):
+  """The attributes, parameters and input handling `Conv` and `ConvTranspose` share (those of `nn.Conv`).
 
   Attributes:
     features: C_out.
@@ -281,18 +278,37 @@ class Conv(nn.Module):
   bias_init: Any = nn.initializers.zeros_init()
   impl: str | None = None
 
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def _inputs(self, inputs: jax.Array) -> tuple:
+    """(x [B, *spatial, C_in], kernel, bias or None, ksize, strides, padding, batch_shape), promoted to
+    `dtype`; creates the parameters 'kernel' then 'bias', as flax does."""
     # An int kernel_size is one spatial dim, as in flax.
     ksize = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     nsp = len(ksize)
     strides = _tuple(self.strides, nsp)
     x, batch_shape = _flatten_batch(inputs, nsp)
-    cin = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, ksize + (cin, self.features), self.param_dtype)
+    kernel = self.param("kernel", self.kernel_init, ksize + (x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    pad = _canonical_padding(self.padding, nsp)
+    return x, kernel, bias, ksize, strides, _canonical_padding(self.padding, nsp), batch_shape
+
+  @staticmethod
+  def _output(y: jax.Array, bias: jax.Array | None, batch_shape: tuple | None) -> jax.Array:
+    if bias is not None:
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y if batch_shape is None else y.reshape(batch_shape + y.shape[1:])
+
+
+class Conv(_ConvLayer):
+  """`nn.Conv` (2-D, no dilation, groups or masks) with an im2col path where XLA:CPU is slow.
+
+  `x: f[B, H, W, C_in] -> dtype[B, H', W', features]`; same attributes, parameters and results as `nn.Conv`
+  (equal to float rounding on the im2col path, bit for bit on the XLA path), plus `impl` (`_ConvLayer`).
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    x, kernel, bias, ksize, strides, pad, batch_shape = self._inputs(inputs)
+    nsp = len(ksize)
     if _resolve_impl(self.impl, x.shape, self.features, ksize, strides):
       if isinstance(pad, str):
         pad = lax.padtype_to_pads(x.shape[1:-1], ksize, strides, pad)
@@ -304,47 +320,24 @@ class Conv(nn.Module):
       y = lax.conv_general_dilated(x, kernel, strides, pad, lhs_dilation=(1,) * nsp,
                                    rhs_dilation=(1,) * nsp, dimension_numbers=dn, feature_group_count=1,
                                    precision=self.precision)
-    if bias is not None:
-      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
-    return y if batch_shape is None else y.reshape(batch_shape + y.shape[1:])
+    return self._output(y, bias, batch_shape)
 
 
-class ConvTranspose(nn.Module):
+class ConvTranspose(_ConvLayer):
   """`nn.ConvTranspose` (2-D, `transpose_kernel=False`, no dilation or masks) with an im2col path.
 
   `x: f[B, H, W, C_in] -> dtype[B, H', W', features]` with `lax.conv_transpose`'s output size (explicit
   padding is that of the stride-dilated input: kernel 4, stride 2, padding ((2, 2), (2, 2)) doubles H and W).
-  Same attributes, parameters and results as `nn.ConvTranspose`, plus `impl` (see `Conv`).
+  Same attributes, parameters and results as `nn.ConvTranspose`, plus `impl` (see `_ConvLayer`).
   """
-  features: int
-  kernel_size: int | Sequence[int]
-  strides: int | Sequence[int] | None = 1
-  padding: Padding = "SAME"
-  use_bias: bool = True
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  precision: Any = None
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
-  impl: str | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    # An int kernel_size is one spatial dim, as in flax.
-    ksize = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+    x, kernel, bias, ksize, strides, pad, batch_shape = self._inputs(inputs)
     nsp = len(ksize)
-    strides = _tuple(self.strides, nsp)
-    x, batch_shape = _flatten_batch(inputs, nsp)
-    cin = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, ksize + (cin, self.features), self.param_dtype)
-    pad = _canonical_padding(self.padding, nsp)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if nsp == 2 and _resolve_impl(self.impl, x.shape, self.features, ksize, strides, transpose=True):
       y = im2col_conv_transpose(x, kernel, strides, transpose_padding(ksize, strides, pad), self.precision)
     else:
       y = lax.conv_transpose(x, kernel, strides, pad, rhs_dilation=(1,) * nsp, transpose_kernel=False,
                              precision=self.precision)
-    if bias is not None:
-      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y if batch_shape is None else y.reshape(batch_shape + y.shape[1:])
+    return self._output(y, bias, batch_shape)

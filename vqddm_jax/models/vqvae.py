@@ -58,66 +58,66 @@ class AttnBlock(nn.Module):
     return x + nn.Dense(c, dtype=self.dtype, name="proj_out")(h)
 
 
-class Encoder(nn.Module):
-  """Images `f32[B, H, W, C]` → features `f32[B, H/f, W/f, z_channels]`, f = 2**(len(ch_mult) - 1)."""
+class _Tower(nn.Module):
+  """What the encoder and the decoder share: their sizes, the ResnetBlock/AttnBlock/ResnetBlock middle and
+  the GroupNorm-swish-conv head (`channels` out)."""
   ch: int
   ch_mult: Sequence[int]
   num_res_blocks: int
   attn_resolutions: Sequence[int]
-  z_channels: int
+  channels: int
   groups: int = 32
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
+  def _block(self, features: int) -> nn.Module:
+    return ResnetBlock(features, self.groups, self.dropout, self.dtype)
+
+  def _middle(self, h: jnp.ndarray, train: bool) -> jnp.ndarray:
+    h = self._block(h.shape[-1])(h, train=train)
+    h = AttnBlock(self.groups, self.dtype)(h)
+    return self._block(h.shape[-1])(h, train=train)
+
+  def _head(self, h: jnp.ndarray) -> jnp.ndarray:
+    h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
+    return Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+
+
+class Encoder(_Tower):
+  """Images `f32[B, H, W, C]` → features `f32[B, H/f, W/f, channels]`, f = 2**(len(ch_mult) - 1)."""
+
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    block = lambda c: ResnetBlock(c, self.groups, self.dropout, self.dtype)  # noqa: E731
     h = Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x)
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
-        h = block(self.ch * mult)(h, train=train)
+        h = self._block(self.ch * mult)(h, train=train)
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(self.groups, self.dtype)(h)
       if level != len(self.ch_mult) - 1:
         # Asymmetric (0, 1) padding then a VALID stride-2 conv, as in the authors' VQGAN.
         h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
         h = Conv(h.shape[-1], (3, 3), strides=(2, 2), padding="VALID", dtype=self.dtype)(h)
-    h = block(h.shape[-1])(h, train=train)
-    h = AttnBlock(self.groups, self.dtype)(h)
-    h = block(h.shape[-1])(h, train=train)
-    h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
-    return Conv(self.z_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    return self._head(self._middle(h, train))
 
 
-class Decoder(nn.Module):
-  """Features `f32[B, h, w, z_channels]` → images `f32[B, h*f, w*f, out_channels]` (not clipped)."""
-  ch: int
-  ch_mult: Sequence[int]
-  num_res_blocks: int
-  attn_resolutions: Sequence[int]
-  out_channels: int
-  groups: int = 32
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
+class Decoder(_Tower):
+  """Features `f32[B, h, w, z_channels]` → images `f32[B, h*f, w*f, channels]` (not clipped)."""
 
   @nn.compact
   def __call__(self, z: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    block = lambda c: ResnetBlock(c, self.groups, self.dropout, self.dtype)  # noqa: E731
     h = Conv(self.ch * self.ch_mult[-1], (3, 3), dtype=self.dtype, name="conv_in")(z)
-    h = block(h.shape[-1])(h, train=train)
-    h = AttnBlock(self.groups, self.dtype)(h)
-    h = block(h.shape[-1])(h, train=train)
+    h = self._middle(h, train)
     for level in reversed(range(len(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
-        h = block(self.ch * self.ch_mult[level])(h, train=train)
+        h = self._block(self.ch * self.ch_mult[level])(h, train=train)
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(self.groups, self.dtype)(h)
       if level != 0:
         b, hh, ww, c = h.shape
         h = jax.image.resize(h, (b, hh * 2, ww * 2, c), method="nearest")
         h = Conv(c, (3, 3), dtype=self.dtype)(h)
-    h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
-    return Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    return self._head(h)
 
 
 def _codebook_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jnp.ndarray:
@@ -143,11 +143,11 @@ class VQVAE(nn.Module):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), groups=self.groups,
                   dropout=self.dropout, dtype=self.dtype)
-    self.encoder = Encoder(z_channels=self.z_channels, **common)
+    self.encoder = Encoder(channels=self.z_channels, **common)
     self.quant_conv = Conv(self.embed_dim, (1, 1), dtype=self.dtype)
     self.codebook = self.param("codebook", _codebook_init, (self.codebook_size, self.embed_dim))
     self.post_quant_conv = Conv(self.z_channels, (1, 1), dtype=self.dtype)
-    self.decoder = Decoder(out_channels=self.out_channels, **common)
+    self.decoder = Decoder(channels=self.out_channels, **common)
 
   def encode(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """Pre-quantisation features (after quant_conv): `f32[B, h, w, d]` for `x: f32[B, H, W, C]` in [-1, 1]."""
@@ -172,12 +172,10 @@ class VQVAE(nn.Module):
     return self.decode(q.z_q, train), q
 
 
-def build_vqvae(cfg: Any, channels: int, codebook_size: int | None = None) -> VQVAE:
-  """The VQVAE of the `config.vqvae` section for images with `channels` channels (K overridable: ReFiT)."""
-  return VQVAE(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-               attn_resolutions=tuple(cfg.attn_resolutions), z_channels=cfg.z_channels,
-               embed_dim=cfg.embed_dim, codebook_size=codebook_size or cfg.codebook_size,
-               out_channels=channels,
-               groups=cfg.norm_groups, dropout=cfg.dropout,
-               dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
+def build_vqvae(section: Any, channels: int, codebook_size: int | None = None) -> VQVAE:
+  """The VQVAE of the `config.vqvae` section, whose keys are its attributes, for images with `channels`
+  channels; `codebook_size` overrides the section's K (ReFiT). The dtype is named ("bfloat16")."""
+  fields = {**section, "dtype": getattr(jnp, section["dtype"])}
+  fields["codebook_size"] = codebook_size or fields["codebook_size"]
+  return VQVAE(**fields, out_channels=channels)
 
