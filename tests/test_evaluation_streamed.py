@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vqddm_jax.evaluation import feature_metrics, feature_net, inception, inception_weights
+from vqddm_jax.evaluation import (feature_metrics, feature_net, inception, inception_layout,
+                                  inception_weights)
 from vqddm_jax.evaluation import inception_score as is_lib
 from vqddm_jax.evaluation import moments, streamed
 
@@ -97,11 +98,11 @@ def test_inception_weights_may_carry_the_classifier_layer(tmp_path):
   rng = np.random.default_rng(0)
   trunk = {"params/Conv2d_1a_3x3/conv/kernel": (3, 3, 3, 2), "batch_stats/Conv2d_1a_3x3/bn/mean": (2,)}
   flat = {k: rng.standard_normal(s, dtype=np.float32) for k, s in trunk.items()}
-  fc = {k: rng.standard_normal(s, dtype=np.float32) for k, s in inception_weights.FC_SHAPES.items()}
+  fc = {k: rng.standard_normal(s, dtype=np.float32) for k, s in inception_layout.FC_SHAPES.items()}
 
   def load(name, arrays):
-    path = inception_weights.save_npz(inception_weights.unflatten(arrays), str(tmp_path / name))
-    return inception_weights.load_npz(path, trunk, inception_weights.FC_SHAPES)
+    path = inception_layout.save_npz(inception_layout.unflatten(arrays), str(tmp_path / name))
+    return inception_layout.load_npz(path, trunk, inception_layout.FC_SHAPES)
 
   assert not inception.has_classifier(load("plain.npz", flat))
   variables = load("fc.npz", {**flat, **fc})

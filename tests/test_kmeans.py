@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vqddm_jax import kmeans
-from vqddm_jax.kmeans import distances, seeding
+from vqddm_jax.kmeans import distances, seeding, sharding
 
 N, DIM, K = 1003, 3, 7
 FIT = dict(batch_size=64, chunk_size=16)
@@ -78,6 +78,19 @@ def test_a_nested_level_over_all_points_is_full_batch_lloyd(overlapping):
 def test_argmin_columns_is_argmin_with_first_index_on_ties():
   s = np.random.default_rng(0).integers(0, 4, size=(9, 64)).astype(np.float32)  # many ties
   np.testing.assert_array_equal(distances.argmin_columns(s), np.argmin(s, axis=0))
+
+
+def test_rows_are_dealt_round_robin_so_a_mini_batch_is_contiguous_on_every_shard(num_devices):
+  assert sharding.num_shards() == num_devices and sharding.num_shards(jax.devices()[:3]) == 3
+  rows = np.arange(32).reshape(16, 2)
+  dealt = sharding.shard_strided(rows, 4)  # row i -> shard i % 4, local row i // 4
+  assert dealt.shape == (4, 4, 2)
+  np.testing.assert_array_equal(dealt[:, :, 0] // 2, [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14],
+                                                      [3, 7, 11, 15]])
+  # Mini-batch 1 of 8 rows (rows 8..15) is local rows 2..3 of every shard.
+  np.testing.assert_array_equal(np.sort(dealt[:, 2:4].reshape(-1, 2), axis=0), rows[8:16])
+  with pytest.raises(ValueError, match="not divisible by 5 shards"):
+    sharding.shard_strided(rows, 5)
 
 
 @pytest.mark.parametrize("schedule", ["minibatch_lloyd", "nested_overrelaxed"])

@@ -1,7 +1,8 @@
-"""The evaluation's cross-process merges in a real two-process job (gloo over 127.0.0.1, one CPU device each):
-a streamed image set split between the processes, and FID reference statistics of a folder's training split
-read by both, give every process the same numbers as one process over everything. Children get an explicit
-environment and are ended by process id, with a timeout, whatever happens."""
+"""The cross-process merges in a real two-process job (gloo over 127.0.0.1, one CPU device each): a streamed
+image set split between the processes, and FID reference statistics of a folder's training split read by
+both, give every process the same numbers as one process over everything; float64 sums (the held-out figures)
+and int64 values come back exact. One job serves every test here. Children get an explicit environment and
+are ended by process id, with a timeout, whatever happens."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import multihost_metrics_child as child
 from conftest import ROOT
@@ -37,11 +39,18 @@ def _run_pair(folder, out_dir, tmp_path) -> list[dict[str, np.ndarray]]:
   return [dict(np.load(out_dir / f"{i}.npz")) for i in range(2)]
 
 
-def test_two_processes_merge_streamed_sets_and_reference_stats_as_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+  """(what each of the two processes wrote, the image folder)."""
+  tmp_path = tmp_path_factory.mktemp("multihost_metrics")
   folder, out_dir = tmp_path / "images", tmp_path / "out"
   _rgb_folder(folder, train=11, test=2, size=16)  # 11 images: the hosts' shares differ in size.
   out_dir.mkdir()
-  results = _run_pair(folder, out_dir, tmp_path)
+  return _run_pair(folder, out_dir, tmp_path), folder
+
+
+def test_two_processes_merge_streamed_sets_and_reference_stats_as_one_process(pair):
+  results, folder = pair
   # The shares tile the set in order.
   assert [(int(r["lo"]), int(r["hi"])) for r in results] == [(0, 18), (18, child.SET_SIZE)]
   # Every process holds the same merged numbers, bit for bit.
@@ -66,3 +75,14 @@ def test_two_processes_merge_streamed_sets_and_reference_stats_as_one_process(tm
   assert int(got["ref_count"]) == ref.count == 11
   np.testing.assert_allclose(got["ref_mu"], ref.mu, rtol=1e-13)
   np.testing.assert_allclose(got["ref_sigma"], ref.sigma, rtol=1e-11, atol=1e-13)
+
+
+def test_float64_sums_and_int64_values_cross_processes_exactly(pair):
+  results, _ = pair
+  for got in results:  # on both processes: the float64 sum in process order, not float32's rounding of it
+    want = {k: np.add(child.wide_values(0)[k], child.wide_values(1)[k]) for k in ("loss", "sums")}
+    assert got["wide_loss"].dtype == np.float64 and got["wide_loss"] == 1 + 1e-12 == want["loss"]
+    np.testing.assert_array_equal(got["wide_sums"], want["sums"])
+    assert np.isfinite(got["wide_sums"]).all()  # 2e300: float32 would make it inf
+    assert got["wide_ints"].dtype == np.int64
+    np.testing.assert_array_equal(got["wide_ints"], [child.wide_ints(0), child.wide_ints(1)])

@@ -2,9 +2,10 @@
 
 Per-device step functions elsewhere are pure and refer to the mapped axis by the name `AXIS` ("data"); this
 module maps them over the local devices with `jax.pmap` (on multi-host jobs the mapped axis spans every
-device of every host), moves trees on and off the devices, and reshapes host batches to
-`[local_devices, per_device, ...]`. It also starts `jax.distributed`, gathers host values across processes,
-and makes the one stop decision of a job (SIGTERM on any host stops every host at the same step).
+device of every host; `pmap` is the one `jax.pmap` of the code), moves trees on and off the devices, and
+reshapes host batches to `[local_devices, per_device, ...]`. It also starts `jax.distributed`, cuts each
+process's share of a set (`host_slice`), gathers host values across processes bit for bit (float64 sums
+included), and makes the one stop decision of a job (SIGTERM on any host stops every host at the same step).
 """
 from __future__ import annotations
 
@@ -40,6 +41,50 @@ def is_main_process() -> bool:
 def device_count() -> int:
   """Devices of all hosts."""
   return jax.device_count()
+
+
+def this_host(index: int | None = None, count: int | None = None) -> tuple[int, int]:
+  """(process index, process count): JAX's unless given (tests simulate hosts); ValueError unless
+  0 <= index < count."""
+  count = jax.process_count() if count is None else count
+  index = jax.process_index() if index is None else index
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in [0, {count})")
+  return index, count
+
+
+# Who gets the `total % count` items an even split leaves over (see `host_slice`).
+HOST_REMAINDERS = ("spread", "first", "blocks")
+
+
+def host_slice(total: int, *, process_index: int | None = None, process_count: int | None = None,
+               remainder: str = "spread") -> slice:
+  """This process's contiguous share of `total` items; the shares of processes 0, 1, ... tile [0, total).
+
+  Args:
+    total: how many items are shared out.
+    process_index, process_count: default from JAX (tests simulate hosts).
+    remainder: how the shares are cut when `total` does not divide (all agree when it does):
+      "spread": share p is [p·total // P, (p+1)·total // P), larger shares later (evaluated image sets,
+        ReFiT's feature vectors);
+      "first": the first `total % P` shares take one more (TFDS's `split_for_jax_process`: what an eval
+        split's records are, and so what image folders and `max_examples` follow);
+      "blocks": blocks of ceil(total / P), the last shares shorter or empty (held-out code maps).
+
+  Returns:
+    slice(start, stop) with 0 <= start <= stop <= total.
+  """
+  p, n = this_host(process_index, process_count)
+  if remainder == "spread":
+    return slice(p * total // n, (p + 1) * total // n)
+  if remainder == "first":
+    base, extra = divmod(total, n)
+    start = p * base + min(p, extra)
+    return slice(start, start + base + (p < extra))
+  if remainder == "blocks":
+    share = -(-total // n)
+    return slice(min(p * share, total), min((p + 1) * share, total))
+  raise ValueError(f"remainder={remainder!r} is not one of {HOST_REMAINDERS}")
 
 
 # Auto mode makes at most this many CPU devices: past it, the per-device copies of the optimiser update and
@@ -179,22 +224,26 @@ def unshard(tree: Any) -> Any:
       lambda x: np.asarray(x).reshape((-1,) + tuple(x.shape[2:])), jax.device_get(tree))
 
 
-def pmap_step(step_fn: Callable[..., Any], *, donate_state: bool = True,
-              devices: Sequence[jax.Device] | None = None, replicated_args: int = 0) -> Callable[..., Any]:
-  """Maps a per-device step `(state, batch, key) -> (state, metrics)` over local devices.
+# The train steps' arguments (state, batch, key): the key is broadcast, not sharded (steps fold in the step
+# and the global example index themselves, so that results do not depend on how many devices run them).
+STEP_AXES = (0, 0, None)
 
-  The key is broadcast (not sharded): step functions fold in the step and the global example or device index
-  themselves, so that results do not depend on how many devices run them. `devices` restricts the mapping
-  (tests compare 8 devices with 1). `replicated_args` more arguments follow the key, each a tree already
-  `replicate`d (frozen weights such as LPIPS's: passed, not embedded in the program as constants).
+
+def pmap(fn: Callable[..., Any], *, in_axes: int | Sequence[int | None] = 0, donate_state: bool = False,
+         devices: Sequence[jax.Device] | None = None) -> Callable[..., Any]:
+  """Maps `fn` over the local devices on axis `AXIS` (on multi-host jobs the axis spans every host's devices).
+
+  Args:
+    fn: a per-device function; collectives inside it name `AXIS`.
+    in_axes: 0 (every argument split on its leading axis, `[local_devices, ...]`) or one entry per argument,
+      None to broadcast it (`STEP_AXES` for train steps; arguments after the key such as frozen LPIPS weights
+      are `replicate`d trees, passed rather than embedded in the program as constants).
+    donate_state: donate argument 0 (a train state the call replaces) so that it is updated in place.
+    devices: restricts the mapping (one process; tests compare 8 devices with 1).
   """
-  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None) + (0,) * replicated_args,
-                  donate_argnums=(0,) if donate_state else (), devices=devices)
-
-
-def pmap_eval(eval_fn: Callable[..., Any]) -> Callable[..., Any]:
-  """Maps `(replicated_params, sharded_batch) -> sharded outputs` over local devices."""
-  return jax.pmap(eval_fn, axis_name=AXIS, in_axes=(0, 0))
+  return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes if isinstance(in_axes, int) else tuple(in_axes),
+                  donate_argnums=(0,) if donate_state else (),
+                  devices=None if devices is None else list(devices))
 
 
 def global_example_index(per_device: int) -> jnp.ndarray:
@@ -206,45 +255,6 @@ def global_example_index(per_device: int) -> jnp.ndarray:
   # Under multi-host pmap, axis_index already counts devices across all hosts.
   base = jax.lax.axis_index(AXIS) * per_device
   return base + jnp.arange(per_device, dtype=jnp.int32)
-
-
-# Used by kmeans.fit: features dealt round-robin to shards, mapped with some arguments broadcast.
-
-
-def num_shards(devices: Sequence[jax.Device] | None = None) -> int:
-  """How many shards a mapped computation over `devices` has (default: all devices of all hosts)."""
-  return len(devices) if devices is not None else jax.device_count()
-
-
-def shard_strided(host_array: np.ndarray, shards: int,
-                  devices: Sequence[jax.Device] | None = None) -> np.ndarray:
-  """Deals host rows round-robin to shards: row `i` goes to shard `i % shards`, local row `i // shards`.
-
-  Args:
-    host_array: `[shards * n, ...]`, the same full array on every host.
-    shards: the global number of shards (`num_shards(devices)`).
-    devices: explicit devices (single process); None maps over every host's local devices.
-
-  Returns:
-    `[local shards, n, ...]`: this process's shards (all of them when `devices` is given or on one host).
-    Any contiguous block of `shards * b` rows lands as `b` contiguous local rows on every shard, so
-    block-sampled mini-batches are the same whatever the device count.
-  """
-  x = np.asarray(host_array)
-  if x.shape[0] % shards:
-    raise ValueError(f"leading axis {x.shape[0]} is not divisible by {shards} shards")
-  x = np.swapaxes(x.reshape((x.shape[0] // shards, shards) + x.shape[1:]), 0, 1)
-  if devices is None and jax.process_count() > 1:
-    local = jax.local_device_count()
-    x = x[jax.process_index() * local:(jax.process_index() + 1) * local]
-  return x
-
-
-def pmap_with_axes(fn: Callable[..., Any], *, in_axes: Sequence[int | None],
-                   devices: Sequence[jax.Device] | None = None) -> Callable[..., Any]:
-  """Maps `fn` over `devices` (default: local devices) on axis `AXIS`; `None` in `in_axes` broadcasts."""
-  return jax.pmap(fn, axis_name=AXIS, in_axes=tuple(in_axes),
-                  devices=None if devices is None else list(devices))
 
 
 # ----------------------------------------------------------------------------------- inside mapped steps
@@ -276,7 +286,7 @@ def _ordered_sum(x: jax.Array) -> jax.Array:
 
 
 def psum(tree: Any) -> Any:
-  """Sum of every leaf over the mapped devices (inside a step mapped by `pmap_step`)."""
+  """Sum of every leaf over the mapped devices (inside a function mapped by `pmap`)."""
   if jax.lax.axis_size(AXIS) == 1:  # XLA keeps a one-device all-reduce as a copy (7.7 M floats: ~4.5 ms)
     return tree
   if not _ordered_reductions:
@@ -285,7 +295,7 @@ def psum(tree: Any) -> Any:
 
 
 def pmean(tree: Any) -> Any:
-  """Mean of every leaf over the mapped devices (inside a step mapped by `pmap_step`)."""
+  """Mean of every leaf over the mapped devices (inside a function mapped by `pmap`)."""
   if jax.lax.axis_size(AXIS) == 1:
     return tree
   if not _ordered_reductions:
@@ -298,11 +308,17 @@ def pmean(tree: Any) -> Any:
 
 
 def gather_processes(x: np.ndarray) -> np.ndarray:
-  """`[process_count, *x.shape]`: every process's `x` (same shape and dtype everywhere), in process order."""
+  """`[process_count, *x.shape]`: every process's `x` (same shape and dtype everywhere), in process order,
+  bit for bit (float64 and int64 included)."""
+  x = np.asarray(x)
   if jax.process_count() == 1:
-    return np.asarray(x)[None]
+    return x[None]
   from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+  if x.dtype.itemsize <= 4:
+    return np.asarray(multihost_utils.process_allgather(x))
+  # JAX's default 32-bit mode would round float64 to float32 (int64 to int32): gather the bits as uint32 words.
+  words = np.asarray(multihost_utils.process_allgather(np.ascontiguousarray(x).reshape(-1).view(np.uint32)))
+  return words.view(x.dtype).reshape((len(words),) + x.shape)
 
 
 def gather_rows(x: np.ndarray) -> np.ndarray:
@@ -317,7 +333,8 @@ def gather_rows(x: np.ndarray) -> np.ndarray:
 
 
 def sum_over_processes(tree: Any) -> Any:
-  """Leafwise float64 sums of a host tree over all processes (the same result on every process)."""
+  """Leafwise float64 sums of a host tree over all processes, added in process order (the same result, bit for
+  bit, on every process: held-out figures, Inception Score sums)."""
   return jax.tree_util.tree_map(lambda x: gather_processes(np.asarray(x, np.float64)).sum(0), tree)
 
 

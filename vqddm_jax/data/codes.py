@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from vqddm_jax import files as files_lib
+from vqddm_jax import parallel
 from vqddm_jax.data.tf_host import tf
 from vqddm_jax.errors import ConfigError, MissingInputError
 
@@ -136,9 +137,10 @@ def eval_code_batches(codes: np.ndarray, *, per_shard: int, num_shards: int,
   if max_examples:
     codes = codes[:max_examples]
   per_host = per_shard * num_shards
-  share = -(-len(codes) // process_count)
+  share = -(-len(codes) // process_count)  # the largest share: every host yields as many batches
   num_batches = -(-share // per_host)
-  codes = codes[process_index * share:(process_index + 1) * share]
+  codes = codes[parallel.host_slice(len(codes), process_index=process_index, process_count=process_count,
+                                    remainder="blocks")]
   for start in range(0, num_batches * per_host, per_host):
     chunk = codes[start:start + per_host]
     mask = np.zeros((per_host,), bool)

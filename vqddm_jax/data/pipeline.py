@@ -58,14 +58,6 @@ def per_shard_batch_size(global_batch_size: int, num_shards: int, process_count:
   return global_batch_size // (process_count * num_shards)
 
 
-def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  pc = parallel.process_count() if process_count is None else process_count
-  pi = parallel.process_index() if process_index is None else process_index
-  if not 0 <= pi < pc:
-    raise ValueError(f"process_index {pi} is not in [0, {pc})")
-  return pi, pc
-
-
 def _epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
   # Two independent 31-bit seeds per (seed, epoch): file order and shuffle buffer (or folder permutation).
   a, b = np.random.SeedSequence([seed, epoch]).generate_state(2) >> 1
@@ -243,7 +235,7 @@ def train_batches(cfg: Any, *, global_batch_size: int, num_shards: int, seed: in
   Returns:
     A `TrainIterator` yielding `{'image': f32[num_shards, per_shard, S, S, C]}` in [-1, 1].
   """
-  pi, pc = _hosts(process_index, process_count)
+  pi, pc = parallel.this_host(process_index, process_count)
   per_shard = per_shard_batch_size(global_batch_size, num_shards, pc)
   source = make_source(cfg, with_labels=with_labels)
   return TrainIterator(source, cfg, per_shard=per_shard, num_shards=num_shards, seed=seed,
@@ -269,7 +261,7 @@ def eval_batches(cfg: Any, *, split: str, global_batch_size: int, num_shards: in
     the last batches are padded (zeros, mask False). With several hosts, every host yields the same number
     of batches, so a cross-host collective per batch cannot hang.
   """
-  pi, pc = _hosts(process_index, process_count)
+  pi, pc = parallel.this_host(process_index, process_count)
   per_shard = per_shard_batch_size(global_batch_size, num_shards, pc)
   per_host = per_shard * num_shards
   source = make_source(cfg, with_labels=with_labels)
@@ -277,8 +269,8 @@ def eval_batches(cfg: Any, *, split: str, global_batch_size: int, num_shards: in
   if max_examples is not None:
     if max_examples < 1:
       raise ValueError(f"max_examples = {max_examples} must be positive (or None for the whole split)")
-    base, extra = divmod(max_examples, pc)
-    ds = ds.take(base + (pi < extra))
+    mine = parallel.host_slice(max_examples, process_index=pi, process_count=pc, remainder="first")
+    ds = ds.take(mine.stop - mine.start)
   ds = ds.map(_decode_fn(source, cfg), num_parallel_calls=AUTOTUNE)
   ds = _drop_failed(ds).map(lambda ex: dict(ex, mask=tf.constant(True)))
   pad = {k: tf.zeros(v.shape, v.dtype) for k, v in ds.element_spec.items()}

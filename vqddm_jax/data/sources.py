@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vqddm_jax import parallel
 from vqddm_jax.data import folder, mnist5k
 from vqddm_jax.data.tf_host import tf
 from vqddm_jax.errors import ConfigError, MissingInputError
@@ -26,13 +27,6 @@ from vqddm_jax.errors import ConfigError, MissingInputError
 
 class DataNotPreparedError(MissingInputError):
   """A TFDS data set is not prepared under the configured data_dir (this code never downloads)."""
-
-
-def _even_range(n: int, index: int, count: int) -> tuple[int, int]:
-  """[start, stop) of share `index` of `count` over n items, remainder to the first shares (as TFDS does)."""
-  base, extra = divmod(n, count)
-  start = index * base + min(index, extra)
-  return start, start + base + (index < extra)
 
 
 class TfdsSource:
@@ -150,8 +144,9 @@ class FolderSource:
 
   def eval_records(self, split: str, *, process_index: int, process_count: int) -> tf.data.Dataset:
     files = self._files(split)
-    start, stop = _even_range(len(files), process_index, process_count)
-    return tf.data.Dataset.from_tensor_slices(tf.constant(files[start:stop], tf.string))
+    mine = parallel.host_slice(len(files), process_index=process_index, process_count=process_count,
+                               remainder="first")  # as TFDS splits an eval split
+    return tf.data.Dataset.from_tensor_slices(tf.constant(files[mine], tf.string))
 
   def decode(self, record: tf.Tensor) -> dict[str, tf.Tensor]:
     image, ok = tf.numpy_function(lambda p: folder.decode_file(p, self._channels), [record],

@@ -1,8 +1,8 @@
 """Quality metrics of an image set that arrives in chunks: memory does not grow with the set's size.
 
 A set of N images (10k-50k samples, say) is passed as chunks of consecutive images; each process of a
-multi-host job gets the chunks of its own share (`host_range`). Per chunk the feature network runs once, and
-what each metric needs is kept:
+multi-host job gets the chunks of its own share (`parallel.host_slice`). Per chunk the feature network runs
+once, and what each metric needs is kept:
 - FD: the float64 mean and scatter of the features (`moments.py`), against reference statistics;
 - KID and precision/recall: they need the feature vectors themselves, so only the first `keep` of them
   (10,000 by default: 40 MB for Inception's 2048-d features) are kept, and compared with a real feature set;
@@ -42,26 +42,15 @@ class StreamedSet:
   first_images: np.ndarray
 
 
-def host_range(total: int) -> tuple[int, int]:
-  """[lo, hi): this process's contiguous share of `total` items (the shares tile [0, total) in order)."""
-  pc, pi = parallel.process_count(), parallel.process_index()
-  return pi * total // pc, (pi + 1) * total // pc
-
-
-def _gather_f64(x: np.ndarray) -> np.ndarray:
-  """[process_count, *x.shape] float64 bit for bit (gathered as uint32 halves: JAX's default 32-bit mode
-  would round float64 to float32)."""
-  halves = np.ascontiguousarray(np.asarray(x, np.float64)).view(np.uint32)
-  return parallel.gather_processes(halves).view(np.float64)
-
-
 def merge_moments(m: moments_lib.Moments) -> moments_lib.Moments:
   """The moments of every process's rows, merged in process order (the same on every process)."""
   if parallel.process_count() == 1:
     return m
   counts = parallel.gather_processes(np.array(m.count, np.int64))
   total = moments_lib.empty(m.dim)
-  for n, mean, scatter in zip(counts, _gather_f64(m.mean), _gather_f64(m.scatter)):
+  means = parallel.gather_processes(np.asarray(m.mean, np.float64))
+  scatters = parallel.gather_processes(np.asarray(m.scatter, np.float64))
+  for n, mean, scatter in zip(counts, means, scatters):
     total = moments_lib.merge(total, moments_lib.Moments(int(n), mean, scatter))
   return total
 
@@ -70,7 +59,7 @@ def _merge_scores(s: is_lib.ScoreSums) -> is_lib.ScoreSums:
   if parallel.process_count() == 1:
     return s
   return is_lib.ScoreSums(s.total, parallel.gather_processes(s.counts).sum(0),
-                          _gather_f64(s.prob_sums).sum(0), _gather_f64(s.neg_entropy_sums).sum(0))
+                          *parallel.sum_over_processes((s.prob_sums, s.neg_entropy_sums)))
 
 
 def stream(net: FeatureNet, chunks: Iterable[tuple[int, np.ndarray]], total: int, *,
@@ -80,7 +69,7 @@ def stream(net: FeatureNet, chunks: Iterable[tuple[int, np.ndarray]], total: int
   Args:
     net: the feature network.
     chunks: (start, images f32[n, H, W, C] in [-1, 1]) for this process's images start .. start + n − 1 of
-      the set (every image of the set on exactly one process; see `host_range`).
+      the set (every image of the set on exactly one process; see `parallel.host_slice`).
     total: N, the size of the whole set.
     keep: feature rows kept for KID and precision/recall (the set's first ones).
   """

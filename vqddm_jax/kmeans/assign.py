@@ -10,7 +10,7 @@ import numpy as np
 from jax import lax
 
 from vqddm_jax import parallel
-from vqddm_jax.kmeans import distances
+from vqddm_jax.kmeans import distances, sharding
 from vqddm_jax.kmeans.fit import Plan, as_features, block_rows, default_chunk_size
 
 
@@ -28,7 +28,7 @@ def _assign_fn(plan: Plan, devices: tuple[jax.Device, ...] | None):
                                     (jnp.zeros(x.shape[:1], jnp.int32), jnp.zeros(())))
     return lax.all_gather(labels, parallel.AXIS), parallel.psum(inertia)
 
-  return parallel.pmap_with_axes(run, in_axes=(0, None, None), devices=devices)
+  return parallel.pmap(run, in_axes=(0, None, None), devices=devices)
 
 
 def assign(features, centroids, *, chunk_size: int | None = None,
@@ -50,14 +50,14 @@ def assign(features, centroids, *, chunk_size: int | None = None,
     raise ValueError(f"centroids must be f32[K, {x.shape[1]}] with K >= 1, got shape {c.shape}")
   n = x.shape[0]
   devices = None if devices is None else tuple(devices)
-  shards = parallel.num_shards(devices)
+  shards = sharding.num_shards(devices)
   mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
   block = min(default_chunk_size(devices) if chunk_size is None else chunk_size, -(-n // shards))
   num_blocks = -(-n // (block * shards))
   xp = np.zeros((num_blocks * block * shards, x.shape[1]), np.float32)
   np.subtract(x, mean, out=xp[:n])
   plan = Plan(num_clusters=c.shape[0], shards=shards, block=block, num_blocks=num_blocks, chunk=block)
-  labels, inertia = _assign_fn(plan, devices)(parallel.shard_strided(xp, shards, devices),
+  labels, inertia = _assign_fn(plan, devices)(sharding.shard_strided(xp, shards, devices),
                                               jnp.asarray(c - mean), np.int32(n))
   labels, inertia = parallel.unreplicate((labels, inertia))
   return np.asarray(labels).swapaxes(0, 1).reshape(-1)[:n].astype(np.int32), float(inertia)

@@ -2,7 +2,7 @@
 
 Layout. The features are centred (float32 distances through ||x||² + ||c||² − 2x·cᵀ lose digits far from the
 origin), shuffled by a permutation drawn from the key, padded with zero-weight rows to a multiple of the global
-mini-batch B and dealt round-robin to the S shards (`parallel.shard_strided`): global position m lives on shard
+mini-batch B and dealt round-robin to the S shards (`sharding.shard_strided`): global position m lives on shard
 m % S at local row m // S. Mini-batch b is positions [bB, (b+1)B), i.e. local rows [bB/S, (b+1)B/S) of every
 shard, and the seeding set is the first `init_size` positions (a uniform random subset). Both depend on the key
 alone, so the centroids do not depend on the device count (up to float rounding in the cross-device sums)
@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 
 from vqddm_jax import parallel
-from vqddm_jax.kmeans import distances, seeding
+from vqddm_jax.kmeans import distances, seeding, sharding
 
 
 def check_num_clusters(num_clusters: int, num_points: int) -> None:
@@ -219,7 +219,7 @@ def _fit_fn(plan: Plan, devices: tuple[jax.Device, ...] | None):
     c = lax.fori_loop(0, nested.shape[0], level, c)
     return _lloyd(plan, x, w, c, refine_iters, tol, plan.num_blocks, overrelax)
 
-  return parallel.pmap_with_axes(fit, in_axes=(0, 0) + (None,) * 7, devices=devices)
+  return parallel.pmap(fit, in_axes=(0, 0) + (None,) * 7, devices=devices)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -287,29 +287,50 @@ def kmeans(key: jax.Array, features, num_clusters: int, *, num_iters: int = 100,
   _check_options(num_iters=num_iters, batch_size=batch_size, refine_iters=refine_iters,
                  reseed_every=reseed_every, chunk_size=chunk_size, chain_length=chain_length,
                  overrelax=overrelax)
-  shards = parallel.num_shards(devices)
-
+  shards = sharding.num_shards(devices)
   k_perm, k_init, k_fit = jax.random.split(key, 3)
   batch = shards * min(-(-batch_size // shards), -(-n // shards))
   num_blocks = -(-n // batch)
   xp, wp, mean = _shuffled_centred(x, k_perm, num_blocks * batch)
-
   levels = _nested_levels(nested, batch, num_blocks)
   c0 = seeding.initial_centroids(k_init, xp[:n], num_clusters, init=init, init_size=init_size,
                                  init_trials=init_trials, init_rounds=init_rounds,
                                  init_oversample=init_oversample, chain_length=chain_length,
                                  chunk=chunk_size, batch=batch, mean=mean)
-  if num_iters == 0 and refine_iters == 0 and not levels[:, 1].any():
-    return (np.asarray(c0, np.float64) + mean).astype(np.float32)
   plan = Plan(num_clusters=num_clusters, shards=shards, block=batch // shards, num_blocks=num_blocks,
-               chunk=chunk_size)
-  loops = np.array([num_iters, reseed_every, refine_iters], np.int32)
-  flat = xp[:n].reshape(-1)
+              chunk=chunk_size)
+  centred = _run_phases(plan, devices, xp, wp, c0, k_fit, (num_iters, reseed_every, refine_iters), levels,
+                        num_points=n, reseed_ratio=reseed_ratio, tol=tol, overrelax=overrelax)
+  return (centred + mean).astype(np.float32)
+
+
+def _run_phases(plan: Plan, devices: tuple[jax.Device, ...] | None, xp: np.ndarray, wp: np.ndarray, c0,
+                key: jax.Array, loops: tuple[int, int, int], levels: np.ndarray, *, num_points: int,
+                reseed_ratio: float, tol: float, overrelax: float) -> np.ndarray:
+  """The mini-batch, nested and Lloyd phases of `kmeans` on the devices, from the seeded centroids.
+
+  Args:
+    plan, devices: the fit's shapes and devices.
+    xp, wp: the shuffled, centred points f32[rows, d] and their weights f32[rows] (the first `num_points`
+      rows are real, the rest zero-weight padding), the same on every host.
+    c0: seeded centroids f32[K, d] (centred).
+    key: the phases' key (mini-batch order).
+    loops: (num_iters, reseed_every, refine_iters); levels: `_nested_levels`.
+    reseed_ratio, tol, overrelax: as for `kmeans` (tol relative to the mean per-feature variance).
+
+  Returns:
+    Centred centroids f64[K, d] on the host (`c0` itself when every phase has zero steps).
+  """
+  num_iters, _, refine_iters = loops
+  if num_iters == 0 and refine_iters == 0 and not levels[:, 1].any():
+    return np.asarray(c0, np.float64)
+  flat = xp[:num_points].reshape(-1)
   tol_abs = float(tol * np.dot(flat, flat) / flat.size)  # xp is centred: mean per-feature variance
-  out = _fit_fn(plan, devices)(parallel.shard_strided(xp, shards, devices),
-                               parallel.shard_strided(wp, shards, devices), c0, k_fit, loops, levels,
-                               np.float32(reseed_ratio), np.float32(tol_abs), np.float32(overrelax))
-  return (np.asarray(parallel.unreplicate(out), np.float64) + mean).astype(np.float32)
+  out = _fit_fn(plan, devices)(sharding.shard_strided(xp, plan.shards, devices),
+                               sharding.shard_strided(wp, plan.shards, devices), c0, key,
+                               np.array(loops, np.int32), levels, np.float32(reseed_ratio),
+                               np.float32(tol_abs), np.float32(overrelax))
+  return np.asarray(parallel.unreplicate(out), np.float64)
 
 
 def _shuffled_centred(x: np.ndarray, key: jax.Array, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
