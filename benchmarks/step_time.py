@@ -37,9 +37,9 @@ WARMUP_CALLS = 3
 
 STAGE1 = {  # (config sizes, image size, channels, batch)
     "mnist": (dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32,
-                   embed_dim=32, codebook_size=256, norm_groups=8), 32, 1, 16),
+                   embed_dim=32, codebook_size=256, groups=8), 32, 1, 16),
     "f16": (dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=256,
-                 embed_dim=256, codebook_size=1024, norm_groups=32), 256, 3, 2),
+                 embed_dim=256, codebook_size=1024, groups=32), 256, 3, 2),
 }
 
 
@@ -157,7 +157,7 @@ def prior_steps(args, devices) -> dict:
   step = functools.partial(prior_step.train_step, model=model, optimizer=opt, sched=sched,
                            parametrization="residual", use_importance=True, ema_decay=0.999, t_buckets=4)
   # The main command's own mapping: state donated, so the optimiser updates in place.
-  p_step = parallel.pmap_step(step, devices=devices)
+  p_step = parallel.pmap(step, in_axes=parallel.STEP_AXES, donate_state=True, devices=devices)
   codes = np.random.default_rng(0).integers(0, args.k, (n, args.batch // n, args.hw, args.hw)).astype(np.int32)
   rstate = _on_devices(state, devices, replicate=True)
   batch = {"codes": _on_devices(codes, devices, replicate=False)}
@@ -237,7 +237,7 @@ def bench_stage1(name: str, args, devices) -> None:
   from vqddm_jax.models.vqvae import build_vqvae
   from vqddm_jax.training import optim, vqvae_step
   sizes, image, channels, batch = STAGE1[name]
-  cfg = ml_collections.ConfigDict(dict(sizes, dropout=0.0, dtype=args.dtype, beta=0.25))
+  cfg = ml_collections.ConfigDict(dict(sizes, dropout=0.0, dtype=args.dtype))
   model = build_vqvae(cfg, channels)
   opt = optim.make_optimizer(ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.999, schedule="constant", warmup_steps=0, grad_clip=0.0)), 1000)
@@ -247,7 +247,7 @@ def bench_stage1(name: str, args, devices) -> None:
   step = functools.partial(vqvae_step.train_step, model=model, optimizer=opt, beta=0.25, recon_loss="mse",
                            ema_decay=0.999)
   # The main command's own mapping: state donated, so the optimiser updates in place.
-  p_step = parallel.pmap_step(step, devices=devices)
+  p_step = parallel.pmap(step, in_axes=parallel.STEP_AXES, donate_state=True, devices=devices)
   images = np.random.default_rng(0).uniform(-1, 1, (n, batch // n, image, image, channels)).astype(np.float32)
   rstate = _on_devices(state, devices, replicate=True)
   data = {"image": _on_devices(images, devices, replicate=False)}

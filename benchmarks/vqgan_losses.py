@@ -71,7 +71,7 @@ def make_config(args: argparse.Namespace, folder: pathlib.Path, gan: bool):
   c.data.update(source="image_folder", image_folder=str(folder), image_size=args.size, channels=3,
                 resize="center_crop", train_split="train", eval_split="test", shuffle_buffer=2_000)
   c.vqvae.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, embed_dim=32, codebook_size=256,
-                 norm_groups=8)
+                 groups=8)
   lr = args.lr or 4.5e-6 * args.batch * 4  # taming's rate scaled by the batch, ×4 for a few hundred steps
   c.vqvae_train.update(batch_size=args.batch, num_steps=args.steps, optim=config_schema.gan_optim(lr),
                        ema_decay=0.98, log_every=50, checkpoint_every=args.steps, image_every=args.steps,
@@ -121,14 +121,14 @@ def _report(name: str, figures: dict, extra: dict) -> None:
 def stage1(args, folder, gan: bool) -> tuple:
   import json
 
-  from vqddm_jax.models import loaders
+  from vqddm_jax import restore
   from vqddm_jax.stages import train_vqvae
   from vqddm_jax.workdir import Workdir
   name = "gan" if gan else "mse"
   config, workdir = make_config(args, folder, gan), Workdir(pathlib.Path(args.out) / name)
   start = time.time()
   train_vqvae.run(config, workdir)
-  tokenizer = loaders.restore_vqvae(config, workdir, "vqvae")
+  tokenizer = restore.restore_vqvae(config, workdir, "vqvae")
   usage = json.loads(workdir.vqvae.eval_json.read_text())["usage"]
   _report(f"stage1_{name}", heldout_figures(config, tokenizer),
           {"usage": usage, "wall_s": round(time.time() - start, 1),
@@ -141,8 +141,7 @@ def refit_at(args, config, source, lr: float, label: str) -> None:
   import dataclasses
   import shutil
 
-  from vqddm_jax import checkpointing, config_schema
-  from vqddm_jax.models import loaders
+  from vqddm_jax import checkpointing, config_schema, restore
   from vqddm_jax.stages import refit
   from vqddm_jax.workdir import Workdir
   workdir = Workdir(pathlib.Path(args.out) / f"refit_{label}")
@@ -152,7 +151,7 @@ def refit_at(args, config, source, lr: float, label: str) -> None:
   config.refit.update(optim=config_schema.gan_optim(lr), disc_optim=config_schema.gan_optim(lr))
   start = time.time()
   refit.run(config, workdir)
-  after = loaders.restore_vqvae(config, workdir, "refit", codebook_size=config.refit.num_codes)
+  after = restore.restore_vqvae(config, workdir, "refit", codebook_size=config.refit.num_codes)
   # Checkpoint 0 of ReFiT holds the rebuilt codebook with stage 1's decoder: the starting point.
   ckpt = checkpointing.Checkpointer(workdir.refit.checkpoints, read_only=True)
   try:

@@ -89,7 +89,7 @@ def sigterm_training_at(monkeypatch, step: int):
 
   def run_with_sigterm(spec, **kwargs):
     kill = lambda s, _: s == step and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
-    kwargs["periodic"] = list(kwargs["periodic"]) + [(1, kill)]
+    kwargs["periodic"] = list(kwargs.get("periodic", ())) + [(1, kill)]
     return real_run(spec, **kwargs)
   monkeypatch.setattr(loop, "run", run_with_sigterm)
   return real_run

@@ -8,8 +8,9 @@ import optax
 import pytest
 
 from conftest import load_config
-from vqddm_jax import metrics, parallel
+from vqddm_jax import parallel
 from vqddm_jax.models.vqvae import build_vqvae
+from vqddm_jax.training import guard
 from vqddm_jax.training import vqvae_step as stage1
 
 
@@ -34,9 +35,9 @@ def _on_one_device(tree):
 def test_pmapped_step_on_8_devices_equals_1_device(setup, num_devices):
   _, state, step, images = setup
   key = jax.random.key(1)
-  p8 = parallel.pmap_step(step, donate_state=False)
+  p8 = parallel.pmap(step, in_axes=parallel.STEP_AXES)
   s8, m8 = p8(parallel.replicate(state), {"image": parallel.shard(images)}, key)
-  p1 = parallel.pmap_step(step, donate_state=False, devices=jax.devices()[:1])
+  p1 = parallel.pmap(step, in_axes=parallel.STEP_AXES, devices=jax.devices()[:1])
   s1, m1 = p1(_on_one_device(state), {"image": images[None]}, key)
   for a, b in zip(jax.tree_util.tree_leaves(parallel.unreplicate(s8)),
                   jax.tree_util.tree_leaves(parallel.unreplicate(s1))):
@@ -53,7 +54,7 @@ def test_non_finite_loss_skips_update(setup):
   _, state, step, images = setup
   bad = images.copy()
   bad[3, 0, 0, 0] = np.nan
-  p8 = parallel.pmap_step(step, donate_state=False)
+  p8 = parallel.pmap(step, in_axes=parallel.STEP_AXES)
   new, m = p8(parallel.replicate(state), {"image": parallel.shard(bad)}, jax.random.key(1))
   new = parallel.unreplicate(new)
   assert float(m["finite"][0]) == 0.0
@@ -81,7 +82,7 @@ def test_norm_and_finite_flags_any_non_finite_gradient(bad):
   tree = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": [rng.normal(size=(5,)).astype(np.float32)]}
   if bad is not None:
     tree["b"][0][2] = bad
-  norm, ok = jax.jit(metrics.norm_and_finite)(tree)
+  norm, ok = jax.jit(guard.norm_and_finite)(tree)
   assert bool(ok) == (bad is None)
   if bad is None:
     expected = np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree_util.tree_leaves(tree)))
@@ -90,9 +91,9 @@ def test_norm_and_finite_flags_any_non_finite_gradient(bad):
 
 @pytest.mark.parametrize("bad", [None, np.nan, np.inf])
 def test_all_finite_checks_every_leaf_of_device_arrays(bad):
-  """The checkpoint guard (`loop.save` refuses a state for which this is False) sees one bad value in any
+  """The checkpoint guard (the loop's save refuses a state for which this is False) sees one bad value in any
   leaf of device-resident params, whatever the leaf's dtype."""
   tree = {"a": jnp.ones((3, 4)), "b": [jnp.zeros((5,), jnp.bfloat16), np.arange(3, dtype=np.int32)]}
   if bad is not None:
     tree["b"][0] = tree["b"][0].at[2].set(bad)
-  assert metrics.all_finite(tree) is (bad is None)
+  assert guard.all_finite(tree) is (bad is None)

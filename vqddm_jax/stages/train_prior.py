@@ -9,16 +9,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax
 import numpy as np
 from absl import logging
 
-from vqddm_jax import checkpointing, lineage, metrics, parallel
-from vqddm_jax import files as files_lib
+from vqddm_jax import lineage, parallel
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.stages import StageResult
-from vqddm_jax.training import loop, optim, prior_step
+from vqddm_jax.training import keys, loop, optim, prior_step, writers
 from vqddm_jax.workdir import Workdir
 
 STAGE = "prior"
@@ -26,8 +24,7 @@ STAGE = "prior"
 
 def is_done(config: Any, workdir: Workdir) -> bool:
   """Trained to `num_steps` (that it was trained on the code maps the store holds is `lineage`'s check)."""
-  latest = checkpointing.latest_step(workdir.prior.checkpoints)
-  return latest is not None and latest >= config.prior_train.num_steps
+  return loop.trained_to(workdir.prior.checkpoints, config.prior_train.num_steps)
 
 
 def run(config: Any, workdir: Workdir) -> StageResult:
@@ -47,56 +44,55 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   model = prior_lib.build_denoiser(config, num_classes)
   sched = prior_lib.build_schedule(config, num_classes)
   optimizer = optim.make_optimizer(tcfg.optim, tcfg.num_steps)
-  key = jax.random.key(config.seed)
-  state = prior_step.init_state(model, optimizer, jax.random.fold_in(key, 10), code_shape,
-                                config.diffusion.num_steps)
-  metrics.log_param_count("denoiser", state.params)
-  p_step = parallel.pmap_step(functools.partial(
+  state = prior_step.init_state(model, optimizer, keys.derive(config.seed, keys.Stream.PRIOR_INIT),
+                                code_shape, config.diffusion.num_steps)
+  writers.log_parameters("denoiser", state.params)
+  p_step = parallel.pmap(functools.partial(
       prior_step.train_step, model=model, optimizer=optimizer, sched=sched,
       parametrization=config.diffusion.parametrization,
       use_importance=config.diffusion.importance_sampling, ema_decay=tcfg.ema_decay,
-      t_buckets=tcfg.t_buckets, hybrid_ce_weight=tcfg.hybrid_ce_weight))
-  writer = metrics.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
+      t_buckets=tcfg.t_buckets, hybrid_ce_weight=tcfg.hybrid_ce_weight),
+      in_axes=parallel.STEP_AXES, donate_state=True)
+  writer = writers.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
   per_device = parallel.per_device_batch_size(tcfg.batch_size)
-  run_eval = _heldout_evaluation(config, workdir, model, sched, eval_codes, writer, key)
   open_batches = lambda pos: codes_lib.CodeBatches(  # noqa: E731
       train_codes, per_shard=per_device, num_shards=parallel.local_device_count(), seed=config.seed,
       position=pos, process_index=parallel.process_index(), process_count=parallel.process_count(),
       max_maps=tcfg.max_code_maps)
-  spec = loop.LoopConfig(STAGE, paths.checkpoints, tcfg.num_steps, tcfg.log_every,
-                         tcfg.checkpoint_every, tcfg.keep_checkpoints)
-  _, completed = loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,
-                          key=jax.random.fold_in(key, 12), writer=writer,
-                          periodic=[(tcfg.eval_every, run_eval)], meta={"codes": lineage.holds(config, workdir, "codes")})
+  _, completed = loop.run(loop.LoopConfig.from_section(STAGE, paths.checkpoints, tcfg), init_state=state,
+                          p_step=p_step, open_batches=open_batches,
+                          key=keys.derive(config.seed, keys.Stream.PRIOR_TRAIN), writer=writer,
+                          heldout=_heldout(config, model, sched, eval_codes, paths.eval_json),
+                          meta={"codes": lineage.holds(config, workdir, "codes")})
   return StageResult(STAGE, completed, (str(paths.root),))
 
 
-def _heldout_evaluation(config: Any, workdir: Workdir, model: Any, sched: Any, eval_codes: np.ndarray,
-                        writer: Any, key: jax.Array):
-  """The periodic held-out −ELBO: `fn(step, replicated_state)` writing scalars and `prior/eval.json`."""
+def _heldout(config: Any, model: Any, sched: Any, eval_codes: np.ndarray, path: Any) -> loop.HeldOut:
+  """The periodic held-out −ELBO (bits per code, with its Monte-Carlo standard error and log2 K, the score
+  of a uniform prior), written to `path` (`prior/eval.json`)."""
   tcfg = config.prior_train
-  p_eval = parallel.pmap_with_axes(functools.partial(
+  p_eval = parallel.pmap(functools.partial(
       prior_step.eval_step, model=model, sched=sched, parametrization=config.diffusion.parametrization,
       t_samples=tcfg.eval_t_samples), in_axes=(0, 0, None))
   per_device = parallel.per_device_batch_size(tcfg.batch_size)
+  key = keys.derive(config.seed, keys.Stream.PRIOR_EVAL)
 
-  def run_eval(step: int, rstate: Any) -> None:
+  def evaluate(step: int, rstate: Any) -> dict:
     batches = codes_lib.eval_code_batches(eval_codes, per_shard=per_device,
                                           num_shards=parallel.local_device_count(),
                                           max_examples=tcfg.eval_examples or None,
                                           process_index=parallel.process_index(),
                                           process_count=parallel.process_count())
     results = prior_step.heldout_nelbo(p_eval, rstate.ema_params, (parallel.to_devices(b) for b in batches),
-                                       jax.random.fold_in(key, 11))
+                                       key)
+    # `step` in the middle: where eval.json has always held it.
     results.update(uniform_bits_per_code=float(np.log2(sched.num_classes)), step=step,
                    t_samples_per_map=tcfg.eval_t_samples)
-    writer.write_scalars(step, {f"{STAGE}/eval_{k}": v for k, v in results.items()
-                                if k not in ("step", "num_maps")})
-    logging.info("stage 2 held-out -ELBO at step %d: %.4f ± %.4f bits/code (uniform prior: %.4f; "
-                 "Monte Carlo over %d t per map, %d maps)", step, results["nelbo_bits_per_code"],
-                 results["stderr"], results["uniform_bits_per_code"], tcfg.eval_t_samples,
-                 results["num_maps"])
-    if parallel.is_main_process():
-      files_lib.write_json(workdir.prior.eval_json, results)
+    return results
 
-  return run_eval
+  def describe(r: dict) -> str:
+    return (f"-ELBO {r['nelbo_bits_per_code']:.4f} ± {r['stderr']:.4f} bits/code (uniform prior: "
+            f"{r['uniform_bits_per_code']:.4f}; Monte Carlo over {r['t_samples_per_map']} t per map, "
+            f"{r['num_maps']} maps)")
+
+  return loop.HeldOut(tcfg.eval_every, evaluate, path, describe=describe, unplotted=("num_maps",))

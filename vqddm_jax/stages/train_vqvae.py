@@ -10,20 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
-from vqddm_jax import checkpointing, data, metrics
+from vqddm_jax import data
 from vqddm_jax.models.vqvae import build_vqvae
 from vqddm_jax.stages import StageResult
-from vqddm_jax.training import optim, vq_trainer, vqvae_step
+from vqddm_jax.training import keys, loop, optim, vq_trainer, vqvae_step, writers
 from vqddm_jax.workdir import Workdir
 
 STAGE = "vqvae"
 
 
 def is_done(config: Any, workdir: Workdir) -> bool:
-  latest = checkpointing.latest_step(workdir.vqvae.checkpoints)
-  return latest is not None and latest >= config.vqvae_train.num_steps
+  return loop.trained_to(workdir.vqvae.checkpoints, config.vqvae_train.num_steps)
 
 
 def run(config: Any, workdir: Workdir) -> StageResult:
@@ -33,10 +30,10 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   model = build_vqvae(config.vqvae, config.data.channels)
   optimizer = optim.make_optimizer(tcfg.optim, tcfg.num_steps)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  state = vqvae_step.init_state(model, optimizer, jax.random.fold_in(jax.random.key(config.seed), 0),
+  state = vqvae_step.init_state(model, optimizer, keys.derive(config.seed, keys.Stream.VQVAE_INIT),
                                 image_shape)
-  metrics.log_param_count("VQ-VAE", state.params)
+  writers.log_parameters("VQ-VAE", state.params)
   state = vq_trainer.attach_discriminator(config, tcfg, state)
   _, completed = vq_trainer.train_vq(config, workdir, stage=STAGE, tcfg=tcfg, model=model,
-                                     optimizer=optimizer, state=state, beta=config.vqvae.beta)
+                                     optimizer=optimizer, state=state, beta=config.vqvae_train.beta)
   return StageResult(STAGE, completed, (str(workdir.vqvae.root),))

@@ -1,11 +1,13 @@
 """The training loop every stage shares: resume, step, log, checkpoint, stop on SIGTERM (on any host).
 
-A stage supplies its initial host state, its pmapped step `(state, batch, key) -> (state, metrics)`, and a
-function that opens its input iterator at a saved position. Everything the next step depends on — the state,
-the iterator position, the step count (keys are `fold_in(base_key, step)` inside the step) — is in the
-checkpoint, so a resumed run reaches exactly the parameters of an uninterrupted one. Progress (steps/s, ETA)
-and the stage's periodic work (image grids, held-out evaluation) run as clu periodic actions. A watchdog ends
-the job when one phase (a step, the periodic work after it, a checkpoint save) hangs (`training/watchdog.py`).
+A stage supplies its loop settings (`LoopConfig.from_section`), its initial host state, its pmapped step
+`(state, batch, key) -> (state, metrics)`, a function that opens its input iterator at a saved position, its
+key stream (`training/keys.py`) and its held-out evaluation (`HeldOut`). Everything the next step depends on —
+the state, the iterator position, the step count (keys are `fold_in(base_key, step)` inside the step) — is in
+the checkpoint, so a resumed run reaches exactly the parameters of an uninterrupted one. Progress (steps/s,
+ETA), the held-out evaluation (whose scalars, log line and `eval.json` the loop writes) and the stage's other
+periodic work (image grids) run as clu periodic actions. A watchdog ends the job when one phase (a step, the
+periodic work after it, a checkpoint save) hangs (`training/watchdog.py`).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from absl import logging
 from clu import periodic_actions
 from etils import epath
 
-from vqddm_jax import checkpointing, metrics, parallel
-from vqddm_jax.training import watchdog
+from vqddm_jax import checkpointing, parallel
+from vqddm_jax import files as files_lib
+from vqddm_jax.training import guard, watchdog
 
 # (every, fn): `fn(step, replicated_state)` after every `every` completed steps and after the last one.
 Periodic = tuple[int, Callable[[int, Any], None]]
@@ -37,6 +40,41 @@ class LoopConfig:
   keep_checkpoints: int = 2
   prefetch: int = 2
 
+  @classmethod
+  def from_section(cls, stage: str, directory: epath.Path, section: Any) -> "LoopConfig":
+    """The loop of a training section (`config.vqvae_train`, `config.refit`, `config.prior_train`): its
+    num_steps, log_every, checkpoint_every and keep_checkpoints, with checkpoints under `directory`."""
+    return cls(stage, directory, section.num_steps, section.log_every, section.checkpoint_every,
+               section.keep_checkpoints)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """A stage's periodic held-out evaluation; the loop writes what `evaluate` returns.
+
+  After every `every` steps and after the last one, the loop calls `evaluate(step, replicated_state)` on every
+  host (the figures are summed over hosts inside it) and writes the results: `<stage>/eval_<key>` scalars
+  (all but `step` and the `unplotted` keys), one log line (`describe(results)`) and, on process 0,
+  `dict(results, step=step)` to `path` (the stage's `eval.json`; a `step` that `evaluate` placed keeps its
+  place in the file).
+  """
+  every: int
+  evaluate: Callable[[int, Any], dict]
+  path: epath.Path
+  describe: Callable[[dict], str] = str
+  unplotted: tuple[str, ...] = ()
+
+  def action(self, stage: str, writer: Any) -> Periodic:
+    """The loop's (every, fn) pair: evaluate, then write the scalars, the log line and `path`."""
+    def run_eval(step: int, rstate: Any) -> None:
+      results = self.evaluate(step, rstate)
+      writer.write_scalars(step, {f"{stage}/eval_{k}": v for k, v in results.items()
+                                  if k != "step" and k not in self.unplotted})
+      logging.info("%s held-out at step %d: %s", stage, step, self.describe(results))
+      if parallel.is_main_process():
+        files_lib.write_json(self.path, dict(results, step=step))
+    return self.every, run_eval
+
 
 def _device_batches(batches: Any, size: int) -> Iterator[tuple[Any, Any]]:
   """Yields (device batch, iterator position after it), keeping `size` batches in flight."""
@@ -47,6 +85,13 @@ def _device_batches(batches: Any, size: int) -> Iterator[tuple[Any, Any]]:
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+def trained_to(directory: epath.Path, num_steps: int) -> bool:
+  """Whether the latest checkpoint under `directory` has reached step `num_steps` (a training stage's
+  `is_done`)."""
+  latest = checkpointing.latest_step(directory)
+  return latest is not None and latest >= num_steps
 
 
 def restore_or_init(ckpt: checkpointing.Checkpointer, init_state: Any) -> tuple[Any, dict]:
@@ -62,7 +107,8 @@ def restore_or_init(ckpt: checkpointing.Checkpointer, init_state: Any) -> tuple[
 
 def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
         open_batches: Callable[[dict | None], Any], key: jax.Array, writer: Any,
-        periodic: Sequence[Periodic] = (), meta: dict | None = None) -> tuple[Any, bool]:
+        periodic: Sequence[Periodic] = (), heldout: HeldOut | None = None,
+        meta: dict | None = None) -> tuple[Any, bool]:
   """Trains until `loop.num_steps`, resuming from the latest checkpoint under `loop.directory`.
 
   Args:
@@ -71,9 +117,10 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
     p_step: pmapped step `(replicated_state, device_batch, key) -> (replicated_state, metrics)`; metrics are
       already averaged over devices and include `finite` (1.0 when the update was applied).
     open_batches: `position -> iterator` of host batches `[local_devices, b, ...]` exposing `.position`.
-    key: the run's base key (the step folds in the step number).
+    key: the stage's key stream (the step folds in the step number).
     writer: a clu metric writer.
-    periodic: (every, fn) pairs, e.g. image grids and held-out evaluation.
+    periodic: (every, fn) pairs, e.g. image grids.
+    heldout: the held-out evaluation, run after the `periodic` work of its steps.
     meta: extra JSON-able facts stored in every checkpoint.
 
   Returns:
@@ -81,41 +128,31 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
   """
   ckpt = checkpointing.Checkpointer(loop.directory, max_to_keep=loop.keep_checkpoints)
   state, saved_meta = restore_or_init(ckpt, init_state)
-  step = int(state.step)
-  nonfinite = int(saved_meta.get("nonfinite_steps", 0))
+  step = first = int(state.step)
   if step >= loop.num_steps:
     ckpt.close()
     return state, True
-  batches = open_batches(saved_meta.get("position"))
+  log = _Log(loop, writer, saved_meta)
+  batches = open_batches(log.position)
   rstate = parallel.replicate(state)
   progress = periodic_actions.ReportProgress(num_train_steps=loop.num_steps, writer=writer,
                                              every_steps=loop.log_every, every_secs=None)
+  periodic = list(periodic) + ([heldout.action(loop.stage, writer)] if heldout else [])
   actions = [periodic_actions.PeriodicCallback(
       every_steps=every, on_steps=[loop.num_steps],
       callback_fn=lambda step, t, rstate, fn=fn: fn(step, rstate)) for every, fn in periodic]
-  history, position = [], saved_meta.get("position")
-
-  def save(at_step: int) -> None:
-    host = parallel.unreplicate(rstate)
-    if not metrics.all_finite(host.params):  # Never write a poisoned state.
-      raise FloatingPointError(f"{loop.stage}: non-finite parameters at step {at_step}; not saved")
-    ckpt.save(at_step, host, dict(meta or {}, position=position, nonfinite_steps=nonfinite))
-
-  completed, first = True, step
+  completed = True
   # Each phase of the loop must end within config.train_watchdog_minutes (training/watchdog.py).
   with parallel.StopAgreement() as stop, watchdog.Watchdog(loop.stage) as dog:
     device_batches = _device_batches(batches, loop.prefetch)
     while step < loop.num_steps:
       if step > first:  # The first step of a run compiles it: not timed.
         dog.mark(f"step {step + 1} (its batch, its computation, the logging after it)")
-      batch, position = next(device_batches)
+      batch, log.position = next(device_batches)
       rstate, step_metrics = p_step(rstate, batch, key)
       step += 1
-      history.append(parallel.first_local(step_metrics))
       last = step == loop.num_steps
-      if step % loop.log_every == 0 or last:
-        nonfinite = _log(loop, writer, step, history, nonfinite)
-        history = []
+      log.add(step, parallel.first_local(step_metrics), write=step % loop.log_every == 0 or last)
       progress(step)
       if last or any(step % every == 0 for every, _ in periodic):
         dog.mark(f"the periodic work after step {step} (held-out evaluation, image grids)")
@@ -124,10 +161,9 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
       stopping = stop.reached(step)  # The same answer on every host.
       if step % loop.checkpoint_every == 0 or last or stopping:
         dog.mark(f"the checkpoint save at step {step}")
-        if history:  # Count skipped steps up to here before they are saved.
-          nonfinite = _log(loop, writer, step, history, nonfinite)
-          history = []
-        save(step)
+        log.write(step)  # Count skipped steps up to here before they are saved.
+        _save(ckpt, loop.stage, step, parallel.unreplicate(rstate),
+              dict(meta or {}, position=log.position, nonfinite_steps=log.nonfinite))
       if stopping:
         completed = last
         break
@@ -137,19 +173,42 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
   return parallel.unreplicate(rstate), completed
 
 
-def _log(loop: LoopConfig, writer: Any, step: int, history: list, nonfinite: int) -> int:
-  """Writes the scalars averaged since the last log; returns the updated count of skipped steps."""
-  fetched = [parallel.unreplicate(h) for h in history]
-  skipped = int(sum(1 for h in fetched if float(h["finite"]) < 1.0))
-  if skipped:
-    logging.warning("%s: %d non-finite step(s) skipped before step %d (%d in total)",
-                    loop.stage, skipped, step, nonfinite + skipped)
-  nonfinite += skipped
-  finite = [h for h in fetched if float(h["finite"]) >= 1.0] or fetched
-  scalars = {k: _nanmean([h[k] for h in finite]) for k in finite[0] if k != "finite"}
-  scalars["nonfinite_steps"] = nonfinite
-  writer.write_scalars(step, {f"{loop.stage}/{k}": v for k, v in scalars.items()})
-  return nonfinite
+def _save(ckpt: checkpointing.Checkpointer, stage: str, step: int, host_state: Any, meta: dict) -> None:
+  if not guard.all_finite(host_state.params):  # Never write a poisoned state.
+    raise FloatingPointError(f"{stage}: non-finite parameters at step {step}; not saved")
+  ckpt.save(step, host_state, meta)
+
+
+class _Log:
+  """What the loop logs and saves besides the state: the step metrics not yet written, the count of skipped
+  (non-finite) steps and the input position after the newest step."""
+
+  def __init__(self, loop: LoopConfig, writer: Any, saved_meta: dict):
+    self.loop, self.writer = loop, writer
+    self.history: list = []
+    self.nonfinite = int(saved_meta.get("nonfinite_steps", 0))
+    self.position = saved_meta.get("position")
+
+  def add(self, step: int, step_metrics: Any, *, write: bool) -> None:
+    self.history.append(step_metrics)
+    if write:
+      self.write(step)
+
+  def write(self, step: int) -> None:
+    """Writes the scalars averaged since the last write and counts the skipped steps among them."""
+    if not self.history:
+      return
+    fetched = [parallel.unreplicate(h) for h in self.history]
+    self.history = []
+    skipped = int(sum(1 for h in fetched if float(h["finite"]) < 1.0))
+    if skipped:
+      logging.warning("%s: %d non-finite step(s) skipped before step %d (%d in total)",
+                      self.loop.stage, skipped, step, self.nonfinite + skipped)
+    self.nonfinite += skipped
+    finite = [h for h in fetched if float(h["finite"]) >= 1.0] or fetched
+    scalars = {k: _nanmean([h[k] for h in finite]) for k in finite[0] if k != "finite"}
+    scalars["nonfinite_steps"] = self.nonfinite
+    self.writer.write_scalars(step, {f"{self.loop.stage}/{k}": v for k, v in scalars.items()})
 
 
 def _nanmean(values: list) -> float:

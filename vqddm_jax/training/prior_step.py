@@ -1,7 +1,7 @@
 """The prior's training state, per-device step and held-out −ELBO (stage 2, docs/method.md §3).
 
-Randomness (t, z_t) is drawn from per-example keys `fold_in(fold_in(key, step), global example index)`, so a
-step gives the same result on 8 devices as on 1.
+Randomness (t, z_t) is drawn from per-example keys `fold_in(fold_in(key, step), global example index)` (then
+`keys.Draw`), so a step gives the same result on 8 devices as on 1.
 """
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqddm_jax import diffusion, metrics, parallel
+from vqddm_jax import diffusion, parallel
 from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.models.unet import UNet
-from vqddm_jax.training import optim
+from vqddm_jax.training import guard, optim
+from vqddm_jax.training.keys import Draw
 
 
 @flax.struct.dataclass
@@ -48,7 +49,7 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
                optimizer: optax.GradientTransformation, sched: diffusion.Schedule,
                parametrization: str, use_importance: bool, ema_decay: float,
                t_buckets: int, hybrid_ce_weight: float = 0.0) -> tuple[PriorState, dict]:
-  """One per-device update on `batch['codes']: i32[b, h, w]` (z_0); call through `parallel.pmap_step`.
+  """One per-device update on `batch['codes']: i32[b, h, w]` (z_0); call through `parallel.pmap`.
 
   Draws t ~ p(t) (importance or uniform) and z_t ~ q(z_t | z_0) per example, minimises the importance-
   weighted −ELBO estimate L_t / p(t) + L_prior in bits per code (plus `hybrid_ce_weight` times the cross-
@@ -61,9 +62,9 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
   b, h, w = z0.shape
   big_t = sched.num_steps
   keys = example_keys(key, state.step, b)
-  key_t, key_q = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(2))
+  key_t, key_q = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in (Draw.T, Draw.Z_T))
   # Dropout masks are per device (one rng per network call); only used when dropout > 0.
-  rng = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), state.step),
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, Draw.DROPOUT), state.step),
                            jax.lax.axis_index(parallel.AXIS)) if model.dropout > 0 else None
   importance = state.importance if use_importance else None
   t, p_t = jax.vmap(lambda k: diffusion.sample_t(k, importance, num_steps=big_t))(key_t)
@@ -93,10 +94,10 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
     ema = optim.ema_update(state.ema_params, params, ema_decay)
     return params, ema, opt_state, diffusion.importance.update(state.importance, all_t, all_lt)
 
-  grad_norm, ok = metrics.norm_and_finite(grads)
+  grad_norm, ok = guard.norm_and_finite(grads)
   ok = ok & jnp.isfinite(loss) & jnp.all(jnp.isfinite(all_lt))
-  new = metrics.update_if_finite(ok, update, (state.params, state.ema_params, state.opt_state,
-                                              state.importance))
+  new = guard.update_if_finite(ok, update, (state.params, state.ema_params, state.opt_state,
+                                            state.importance))
   out = {"loss_bits_per_code": loss, "grad_norm": grad_norm,
          "finite": ok.astype(jnp.float32),
          "importance_on": diffusion.is_ready(state.importance).astype(jnp.float32)}

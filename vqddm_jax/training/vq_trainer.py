@@ -10,16 +10,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax
 import optax
-from absl import logging
 
-from vqddm_jax import data, metrics, parallel
+from vqddm_jax import data, parallel
 from vqddm_jax import files as files_lib
 from vqddm_jax.models import lpips
 from vqddm_jax.models.discriminator import NLayerDiscriminator, build_discriminator
 from vqddm_jax.models.vqvae import VQVAE
-from vqddm_jax.training import loop, optim, vqgan_step, vqvae_step
+from vqddm_jax.training import keys, loop, optim, vqgan_step, vqvae_step, writers
 from vqddm_jax.training.gan_losses import LossSettings
 from vqddm_jax.workdir import Workdir
 
@@ -34,7 +32,7 @@ def heldout_batches(config: Any, tcfg: Any) -> Any:
 
 def heldout_metrics(config: Any, tcfg: Any, model: VQVAE, params: Any) -> dict[str, float]:
   """Held-out MSE, codebook usage and perplexity of host parameters `params` (see `vqvae_step`)."""
-  p_eval = parallel.pmap_eval(functools.partial(vqvae_step.eval_step, model=model))
+  p_eval = parallel.pmap(functools.partial(vqvae_step.eval_step, model=model))
   return vqvae_step.heldout_metrics(p_eval, parallel.replicate(params), heldout_batches(config, tcfg))
 
 
@@ -54,8 +52,8 @@ def attach_discriminator(config: Any, tcfg: Any, state: vqvae_step.VQState,
   if disc_variables is None:
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     disc_variables = vqgan_step.init_discriminator(
-        disc, jax.random.fold_in(jax.random.key(config.seed), 2), image_shape)
-  metrics.log_param_count("discriminator", disc_variables["params"])
+        disc, keys.derive(config.seed, keys.Stream.DISCRIMINATOR_INIT), image_shape)
+  writers.log_parameters("discriminator", disc_variables["params"])
   return vqgan_step.with_discriminator(state, disc_variables, disc_optimizer)
 
 
@@ -71,15 +69,15 @@ def make_p_step(config: Any, tcfg: Any, *, model: VQVAE, optimizer: optax.Gradie
   if settings.plain:
     step_fn = functools.partial(vqvae_step.train_step, model=model, optimizer=optimizer, beta=beta,
                                 recon_loss=tcfg.recon_loss, ema_decay=tcfg.ema_decay)
-    return parallel.pmap_step(step_fn, donate_state=donate_state)
+    return parallel.pmap(step_fn, in_axes=parallel.STEP_AXES, donate_state=donate_state)
   disc, disc_optimizer = (discriminator_and_optimizer(config, tcfg) if settings.uses_discriminator
                           else (None, None))
   step_fn = vqgan_step.make_train_step(model=model, optimizer=optimizer, disc=disc,
                                        disc_optimizer=disc_optimizer, beta=beta, settings=settings,
                                        ema_decay=tcfg.ema_decay)
   if settings.perceptual_weight == 0:
-    return parallel.pmap_step(step_fn, donate_state=donate_state)
-  p_step = parallel.pmap_step(step_fn, donate_state=donate_state, replicated_args=1)
+    return parallel.pmap(step_fn, in_axes=parallel.STEP_AXES, donate_state=donate_state)
+  p_step = parallel.pmap(step_fn, in_axes=parallel.STEP_AXES + (0,), donate_state=donate_state)
   lpips_params = parallel.replicate(lpips.load_lpips_weights())
   return lambda state, batch, key: p_step(state, batch, key, lpips_params)
 
@@ -105,8 +103,8 @@ def train_vq(config: Any, workdir: Workdir, *, stage: str, tcfg: Any, model: VQV
   """
   paths = workdir.train(stage)
   p_step = make_p_step(config, tcfg, model=model, optimizer=optimizer, beta=beta)
-  p_eval = parallel.pmap_eval(functools.partial(vqvae_step.eval_step, model=model))
-  writer = metrics.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
+  p_eval = parallel.pmap(functools.partial(vqvae_step.eval_step, model=model))
+  writer = writers.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
   grid_images = parallel.unshard(next(iter(heldout_batches(config, tcfg)))["image"])[:16]
 
   def write_grid(step: int, rstate: Any) -> None:
@@ -115,18 +113,15 @@ def train_vq(config: Any, workdir: Workdir, *, stage: str, tcfg: Any, model: VQV
       files_lib.write_png(paths.image(step), grid)
       writer.write_images(step, {f"{stage}/reconstructions": grid[None]})
 
-  def run_eval(step: int, rstate: Any) -> None:
-    results = vqvae_step.heldout_metrics(p_eval, rstate.ema_params, heldout_batches(config, tcfg))
-    writer.write_scalars(step, {f"{stage}/eval_{k}": v for k, v in results.items()})
-    logging.info("%s held-out at step %d: %s", stage, step, results)
-    if parallel.is_main_process():
-      files_lib.write_json(paths.eval_json, dict(results, step=step))
+  def evaluate(step: int, rstate: Any) -> dict:
+    del step
+    return vqvae_step.heldout_metrics(p_eval, rstate.ema_params, heldout_batches(config, tcfg))
 
   open_batches = lambda pos: data.train_batches(  # noqa: E731
       config.data, global_batch_size=tcfg.batch_size, num_shards=parallel.local_device_count(),
       seed=config.seed, position=pos)
-  spec = loop.LoopConfig(stage, paths.checkpoints, tcfg.num_steps, tcfg.log_every, tcfg.checkpoint_every,
-                         tcfg.keep_checkpoints)
-  return loop.run(spec, init_state=state, p_step=p_step, open_batches=open_batches,
-                  key=jax.random.fold_in(jax.random.key(config.seed), 1), writer=writer,
-                  periodic=[(tcfg.image_every, write_grid), (tcfg.eval_every, run_eval)])
+  return loop.run(loop.LoopConfig.from_section(stage, paths.checkpoints, tcfg), init_state=state,
+                  p_step=p_step, open_batches=open_batches,
+                  key=keys.derive(config.seed, keys.Stream.VQ_TRAIN), writer=writer,
+                  periodic=[(tcfg.image_every, write_grid)],
+                  heldout=loop.HeldOut(tcfg.eval_every, evaluate, paths.eval_json))

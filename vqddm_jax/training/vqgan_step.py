@@ -2,7 +2,7 @@
 
 Used by stage 1 and the ReFiT fine-tune when `perceptual_weight` or `disc_weight` is positive; with both at 0
 the stages run `vqvae_step.train_step` and its `VQState` unchanged. One per-device function, mapped by
-`parallel.pmap_step`:
+`parallel.pmap`:
 
 1. Generator. One forward of the VQ-VAE under `jax.vjp`. The cotangents of nll = recon + w_p · LPIPS and of
    g = −mean D(x̂) w.r.t. x̂ come from small gradients through LPIPS and D. The vjp maps each to the decoder's
@@ -11,7 +11,7 @@ the stages run `vqvae_step.train_step` and its `VQState` unchanged. One per-devi
    codebook terms) gives the parameter gradient, which is averaged over devices as usual.
 2. Discriminator. Hinge loss on D(x) and D(sg[x̂]) (the reconstructions of step 1, before the generator's
    update), two separate BatchNorm batches as in the reference; gradients averaged over devices, own Adam.
-3. Both updates run inside one `metrics.update_if_finite`: any non-finite loss or gradient skips both.
+3. Both updates run inside one `guard.update_if_finite`: any non-finite loss or gradient skips both.
 
 BatchNorm normalises with each device's own batch statistics (not synchronised, as in the reference); the
 running averages it keeps (used only by an eval-mode D, never in training) are averaged over devices after
@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vqddm_jax import metrics, parallel
+from vqddm_jax import parallel
 from vqddm_jax.models import lpips as lpips_lib
 from vqddm_jax.models import quantizer
 from vqddm_jax.models.discriminator import NLayerDiscriminator
 from vqddm_jax.models.vqvae import VQVAE
-from vqddm_jax.training import optim
+from vqddm_jax.training import guard, optim
 from vqddm_jax.training.gan_losses import (LossSettings, adaptive_weight, disc_factor, generator_adv_loss,
                                            hinge_d_loss)
 from vqddm_jax.training.vqvae_step import VQState, reconstruction_error
@@ -178,12 +178,12 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
   grads, x_rec, aux = generator_grads(state, images, rng, lpips_params, model=model, disc=disc, beta=beta,
                                       settings=settings)
   grads = parallel.pmean(grads)
-  grad_norm, ok = metrics.norm_and_finite(grads)
+  grad_norm, ok = guard.norm_and_finite(grads)
   ok = ok & jnp.isfinite(parallel.pmean(aux["loss"]))
   names, extra = ["params", "ema_params", "opt_state"], {}
   if disc is not None:
     d_grads, d_stats, d_out = discriminator_grads(state, images, x_rec, disc=disc, settings=settings)
-    d_grad_norm, d_ok = metrics.norm_and_finite(d_grads)
+    d_grad_norm, d_ok = guard.norm_and_finite(d_grads)
     ok = ok & d_ok & jnp.isfinite(parallel.pmean(d_out["d_loss"]))
     names += ["disc_params", "disc_stats", "disc_opt_state"]
     aux.update(d_out)
@@ -200,7 +200,7 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
                  disc_opt_state=d_opt_state)
     return new
 
-  kept = metrics.update_if_finite(ok, update, {k: getattr(state, k) for k in names})
+  kept = guard.update_if_finite(ok, update, {k: getattr(state, k) for k in names})
   hist = parallel.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size))
   out = parallel.pmean(aux)
   out.update(extra, grad_norm=grad_norm, finite=ok.astype(jnp.float32),
@@ -211,6 +211,6 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
 def make_train_step(*, model: VQVAE, optimizer: optax.GradientTransformation,
                     disc: NLayerDiscriminator | None, disc_optimizer: optax.GradientTransformation | None,
                     beta: float, settings: LossSettings, ema_decay: float) -> Any:
-  """`train_step` with its static settings bound (for `parallel.pmap_step`)."""
+  """`train_step` with its static settings bound (for `parallel.pmap`)."""
   return functools.partial(train_step, model=model, optimizer=optimizer, disc=disc,
                            disc_optimizer=disc_optimizer, beta=beta, settings=settings, ema_decay=ema_decay)

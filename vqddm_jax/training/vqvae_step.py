@@ -1,7 +1,7 @@
 """The VQ-VAE's training state, per-device step and held-out evaluation (stage 1 and the ReFiT fine-tune).
 
 The model and loss follow docs/method.md §2: reconstruction + codebook term + β · commitment term, with the
-straight-through estimator. The step is pure and per-device; `parallel.pmap_step` maps it over devices.
+straight-through estimator. The step is pure and per-device; `parallel.pmap` maps it over devices.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqddm_jax import metrics, parallel
+from vqddm_jax import images as images_lib
+from vqddm_jax import parallel
 from vqddm_jax.models import quantizer
 from vqddm_jax.models.vqvae import VQVAE
-from vqddm_jax.training import optim
+from vqddm_jax.training import guard, optim
 
 
 @flax.struct.dataclass
@@ -57,7 +58,7 @@ def vq_loss(params: Any, images: jnp.ndarray, rng: jax.Array, *, model: VQVAE, b
 def train_step(state: VQState, batch: dict, key: jax.Array, *, model: VQVAE,
                optimizer: optax.GradientTransformation, beta: float, recon_loss: str,
                ema_decay: float) -> tuple[VQState, dict]:
-  """One per-device update; call through `parallel.pmap_step` (gradients averaged over axis `data`).
+  """One per-device update; call through `parallel.pmap` (gradients averaged over axis `data`).
 
   Args:
     state: this device's replica.
@@ -79,9 +80,9 @@ def train_step(state: VQState, batch: dict, key: jax.Array, *, model: VQVAE,
     params = optax.apply_updates(state.params, updates)
     return params, optim.ema_update(state.ema_params, params, ema_decay), opt_state
 
-  grad_norm, ok = metrics.norm_and_finite(grads)
+  grad_norm, ok = guard.norm_and_finite(grads)
   ok = ok & jnp.isfinite(parallel.pmean(aux["loss"]))
-  new = metrics.update_if_finite(ok, update, (state.params, state.ema_params, state.opt_state))
+  new = guard.update_if_finite(ok, update, (state.params, state.ema_params, state.opt_state))
   hist = parallel.psum(quantizer.code_histogram(aux.pop("indices"), model.codebook_size))
   out = parallel.pmean(aux)
   out.update(grad_norm=grad_norm, finite=ok.astype(jnp.float32),
@@ -122,4 +123,4 @@ def reconstruction_grid(model: VQVAE, params: Any, images: np.ndarray) -> np.nda
   """`u8` picture: held-out images (top rows) above their reconstructions (bottom rows)."""
   x_rec = model.apply({"params": params}, jnp.asarray(images))[0]
   ncol = min(8, images.shape[0])
-  return metrics.image_grid(np.concatenate([images, np.clip(np.asarray(x_rec), -1, 1)]), ncol)
+  return images_lib.image_grid(np.concatenate([images, np.clip(np.asarray(x_rec), -1, 1)]), ncol)
