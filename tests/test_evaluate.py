@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 
 from vqddm_jax import generation, stages
-from vqddm_jax.evaluation import feature_net, inception, inception_weights, reference_stats
+from vqddm_jax.evaluation import feature_net, inception, inception_layout, protocol, reference_stats
 from vqddm_jax.evaluation import report as report_lib
 from vqddm_jax.stages import evaluate
 from vqddm_jax.workdir import Workdir
@@ -51,7 +51,7 @@ def test_report_holds_every_field_and_references_order(pipeline_run):
   assert workdir.eval_samples_grid.exists()
   # Evaluate keeps its completions in eval/, never in inpaint/ where --mode=inpaint writes.
   assert workdir.eval_inpaint(config.inpaint.mask).npz.exists()
-  assert evaluate.is_done(config, workdir)
+  assert stages.is_done(stages.BY_NAME["evaluate"], config, workdir)
 
 
 def test_training_seed_does_not_change_the_feature_space(pipeline_run):
@@ -60,15 +60,15 @@ def test_training_seed_does_not_change_the_feature_space(pipeline_run):
   config = config.copy_and_resolve_references()
   config.seed = config.seed + 1
   cached = workdir.classifier_cache.read_bytes()
-  net, _ = evaluate.feature_network(config, workdir)
+  net, _ = protocol.feature_network(config, workdir)
   assert workdir.classifier_cache.read_bytes() == cached
-  evaluate.reference_statistics(config, workdir, net)  # MismatchError if the network had changed.
+  protocol.reference_statistics(config, workdir, net)  # MismatchError if the network had changed.
 
 
 def test_without_inception_weights_rgb_data_is_measured_in_vgg16_space(tmp_path):
   from conftest import load_config
   config = load_config("configs/celeba.py")
-  net, facts = evaluate.feature_network(config, Workdir(tmp_path))
+  net, facts = protocol.feature_network(config, Workdir(tmp_path))
   assert net.key == "vgg16" and net.metric_names()["fd"] == "FD_VGG16"
   assert "inception_weights" in facts["note"] and "not FID" in facts["note"]
 
@@ -143,10 +143,10 @@ def test_sample_draws_report_each_draw_and_their_spread(pipeline_run, tmp_path):
   other = config.copy_and_resolve_references()
   other.eval.seed = config.eval.seed + 1
   gen = generation.load_generator(other, workdir)
-  net, _ = evaluate.feature_network(other, workdir)
-  scorer = evaluate.Scorer(net, evaluate.reference_statistics(other, workdir, net),
-                           evaluate._real_features(other, net, len(gen.heldout_codes)), other.eval.seed)
-  again = evaluate.steps_table(other, gen, scorer)[0][0]
+  net, _ = protocol.feature_network(other, workdir)
+  scorer = protocol.Scorer(net, protocol.reference_statistics(other, workdir, net),
+                           protocol.real_features(other, net, len(gen.heldout_codes)), other.eval.seed)
+  again = protocol.steps_table(other, gen, scorer)[0][0]
   for m in ("fd", "precision", "recall"):
     np.testing.assert_allclose(draws["draws"][1][m], again[m], rtol=1e-6)
   md = workdir.eval_report("md").read_text()
@@ -159,13 +159,13 @@ def _inception_file(path) -> str:
   """A weights file in the converted layout, with the classifier layer: random He-scaled kernels and neutral
   batch norms (finite features; made in NumPy, ~15 s faster than initialising the network)."""
   rng, flat = np.random.default_rng(0), {}
-  for key, shape in {**inception.variable_shapes(), **inception_weights.FC_SHAPES}.items():
+  for key, shape in {**inception.variable_shapes(), **inception_layout.FC_SHAPES}.items():
     leaf = key.rsplit("/", 1)[1]
     if leaf == "kernel":
       flat[key] = rng.normal(0, np.sqrt(2 / np.prod(shape[:-1])), shape)
     else:
       flat[key] = np.ones(shape) if leaf in ("scale", "var") else np.zeros(shape)
-  return inception_weights.save_npz(inception_weights.unflatten(flat), str(path))
+  return inception_layout.save_npz(inception_layout.unflatten(flat), str(path))
 
 
 def test_inception_weights_give_fid_kid_and_inception_score(pipeline_run, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqddm_jax.evaluation import inception, inception_weights, torch_pickle
+from vqddm_jax.evaluation import inception, inception_layout, inception_weights, torch_pickle
 
 # torchvision's Inception3 has 27,161,264 parameters; FID drops AuxLogits (3,326,696) and fc 2048→1000
 # (2,049,000); the FID variants of the blocks change no shapes.
@@ -34,7 +34,7 @@ def random_flat(shapes):
 
 @pytest.mark.parametrize("shape", [(2, 32, 32, 1), (3, 299, 299, 3), (1, 64, 48, 3)])
 def test_feature_shape_from_any_image_size(shape, shapes):
-  variables = inception_weights.unflatten(
+  variables = inception_layout.unflatten(
       {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()})
   out = jax.eval_shape(lambda v, x: inception.InceptionV3().apply(v, inception.preprocess(x)),
                        variables, jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -82,7 +82,7 @@ def test_missing_weights_path_raises(tmp_path):
 def test_wrong_layout_raises(tmp_path, random_flat):
   path = str(tmp_path / "partial.npz")
   partial = dict(list(random_flat.items())[:10])
-  np.savez(path, __format__=np.array(inception_weights.FORMAT), **partial)
+  np.savez(path, __format__=np.array(inception_layout.FORMAT), **partial)
   with pytest.raises(ValueError, match="460 missing"):
     inception.load_inception(path)
   raw = str(tmp_path / "raw.npz")
@@ -92,8 +92,8 @@ def test_wrong_layout_raises(tmp_path, random_flat):
 
 
 def test_npz_round_trip(tmp_path, random_flat):
-  path = inception_weights.save_npz(inception_weights.unflatten(random_flat), str(tmp_path / "w.npz"))
-  loaded = inception_weights.flatten(inception.load_inception(path))
+  path = inception_layout.save_npz(inception_layout.unflatten(random_flat), str(tmp_path / "w.npz"))
+  loaded = inception_layout.flatten(inception.load_inception(path))
   assert loaded.keys() == random_flat.keys()
   for k, v in random_flat.items():
     np.testing.assert_array_equal(loaded[k], v)
@@ -122,7 +122,7 @@ def test_convert_state_dict_npz(tmp_path, random_flat):
   np.savez(src, **_to_torch_names(random_flat))
   out = inception_weights.main(["--pth", src, "--out", str(tmp_path / "conv" / "fid.npz")])
   assert out == 0
-  loaded = inception_weights.flatten(inception.load_inception(str(tmp_path / "conv" / "fid.npz")))
+  loaded = inception_layout.flatten(inception.load_inception(str(tmp_path / "conv" / "fid.npz")))
   for k, v in random_flat.items():
     np.testing.assert_array_equal(loaded[k], v)
 

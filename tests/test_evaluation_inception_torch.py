@@ -19,7 +19,7 @@ if not os.environ.get("VQDDM_SLOW_TESTS"):
 torch = pytest.importorskip("torch")
 pfi = pytest.importorskip("pytorch_fid.inception")
 
-from vqddm_jax.evaluation import inception, inception_weights  # noqa: E402
+from vqddm_jax.evaluation import inception, inception_layout, inception_weights  # noqa: E402
 
 
 def _random_fid_inception(monkeypatch):
@@ -52,7 +52,7 @@ def test_flax_port_matches_pytorch_fid(tmp_path, monkeypatch):
   converted = {}
   for fmt, path in paths.items():
     out = inception_weights.convert_pytorch_fid_weights(path, str(tmp_path / f"{fmt}.npz"))
-    converted[fmt] = inception_weights.flatten(inception.load_inception(out))
+    converted[fmt] = inception_layout.flatten(inception.load_inception(out))
   for key, value in converted["zip"].items():
     np.testing.assert_array_equal(converted["legacy"][key], value)
   variables = inception.load_inception(str(tmp_path / "zip.npz"))

@@ -11,9 +11,8 @@ from PIL import Image
 from conftest import load_config
 from vqddm_jax import config_schema, main, stages
 from vqddm_jax.errors import ConfigError, MismatchError
-from vqddm_jax.evaluation import feature_net, reference_stats
+from vqddm_jax.evaluation import feature_net, protocol, reference_stats
 from vqddm_jax.evaluation import report as report_lib
-from vqddm_jax.stages import evaluate
 from vqddm_jax.workdir import Workdir
 
 
@@ -74,23 +73,23 @@ def test_reference_stats_are_computed_once_cached_and_reused(tmp_path):
 def test_rgb_folder_without_inception_weights_gets_finite_vgg16_metrics(tmp_path):
   _rgb_folder(tmp_path / "images")
   config, workdir = _folder_config(tmp_path / "images"), Workdir(tmp_path / "w")
-  net, facts = evaluate.feature_network(config, workdir)
+  net, facts = protocol.feature_network(config, workdir)
   assert net.key == "vgg16" and "FD_VGG16" in facts["note"]
   assert net.metric_names() == {"fd": "FD_VGG16", "kid": "KID_VGG16", "precision": "precision_VGG16",
                                 "recall": "recall_VGG16"}
-  ref = evaluate.reference_statistics(config, workdir, net)
+  ref = protocol.reference_statistics(config, workdir, net)
   assert ref.count == 10 and ref.mu.shape == (512,) and np.isfinite(ref.sigma).all()
   assert workdir.reference_stats("vgg16").exists()
-  scorer = evaluate.Scorer(net, ref, evaluate._real_features(config, net, 4), seed=0)
+  scorer = protocol.Scorer(net, ref, protocol.real_features(config, net, 4), seed=0)
   fake = np.random.default_rng(1).uniform(-1, 1, (9, 32, 32, 3)).astype(np.float32)
-  row, first = scorer.row(evaluate._array_chunks(fake, 4), 9)
+  row, first = scorer.row(protocol.array_chunks(fake, 4), 9)
   assert row["n"] == 9 and first.shape == (9, 32, 32, 3)
   assert all(np.isfinite(row[k]) for k in ("fd", "kid", "kid_std", "precision", "recall"))
   assert row["fd"] > 0
   # The stage of --mode=reference_stats finds the statistics evaluate cached and does nothing.
   assert stages.run_stage(stages.BY_NAME["reference_stats"], config, workdir).skipped
-  protocol = evaluate._protocol(config, net, ref, 4, workdir)
-  report = {"protocol": protocol, "note": facts["note"], "quality": {"samples (20 steps)": row},
+  how = protocol.protocol_facts(config, net, ref, 4, workdir)
+  report = {"protocol": how, "note": facts["note"], "quality": {"samples (20 steps)": row},
             "steps_vs_quality": [dict(row, steps=20, fraction="T", seconds=1.0)], "samples_grid": "s.png"}
   md = report_lib.markdown(report)
   assert "| images | FD_VGG16 | KID_VGG16 | precision_VGG16 | recall_VGG16 | n |" in md

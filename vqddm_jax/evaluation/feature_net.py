@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from vqddm_jax.evaluation import classifier, inception, inception_weights
+from vqddm_jax.evaluation import classifier, inception, inception_layout
 
 # images f32[N, H, W, C] -> (features f32[N, F], class logits f32[N, K] or None).
 ApplyFn = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
@@ -68,7 +68,7 @@ class FeatureNet:
 def _tree_sha256(tree: Any) -> str:
   """sha256 of every array of a nested dict, in sorted key order (shape, dtype and bytes)."""
   h = hashlib.sha256()
-  for key, value in sorted(inception_weights.flatten(tree).items()):
+  for key, value in sorted(inception_layout.flatten(tree).items()):
     value = np.ascontiguousarray(np.asarray(value))
     h.update(f"{key}:{value.shape}:{value.dtype}".encode())
     h.update(value.tobytes())
@@ -76,7 +76,7 @@ def _tree_sha256(tree: Any) -> str:
 
 
 def inception_net(weights_path: str, *, batch_size: int = 50) -> FeatureNet:
-  """The FID Inception network from a converted weights file (see `inception_weights.py`).
+  """The FID Inception network from a converted weights file (layout: `inception_layout.py`).
 
   Args:
     weights_path: the converted .npz.

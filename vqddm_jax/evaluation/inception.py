@@ -9,8 +9,8 @@ plus BN running statistics. When the weights file holds the graph's 1008-way cla
 
 Weights. This project cannot download anything where it is built and tested, so the weights come from a file
 the user gives (`load_inception(path)`). Module names mirror the PyTorch state-dict names, which makes the
-conversion mechanical; `inception_weights.py` documents the .npz layout and converts pytorch-fid's
-`pt_inception-2015-12-05-6726825d.pth` into it without PyTorch:
+conversion mechanical; `inception_layout.py` documents the .npz layout and `inception_weights.py` converts
+pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` into it without PyTorch:
 
   python -m vqddm_jax.evaluation.inception_weights \
       --pth=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqddm_jax.evaluation import inception_weights
+from vqddm_jax.evaluation import inception_layout
 
 INPUT_SIZE = 299
 FEATURES = 2048
@@ -207,7 +207,7 @@ def preprocess(images: jax.Array) -> jax.Array:
 def _variable_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
   abstract = jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
-  return tuple((k, tuple(v.shape)) for k, v in inception_weights.flatten(abstract).items())
+  return tuple((k, tuple(v.shape)) for k, v in inception_layout.flatten(abstract).items())
 
 
 def variable_shapes() -> dict[str, tuple[int, ...]]:
@@ -224,7 +224,7 @@ def init_variables(seed: int = 0) -> dict[str, Any]:
 
 
 def load_inception(path: str) -> dict[str, Any]:
-  """Loads the FID Inception variables from a .npz in the layout of `inception_weights.py`.
+  """Loads the FID Inception variables from a .npz in the layout of `inception_layout.py`.
 
   Nothing is downloaded. To produce the file, download pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`
   (the release asset "fid_weights" of the pytorch-fid GitHub project) on a machine with network access and
@@ -240,7 +240,7 @@ def load_inception(path: str) -> dict[str, Any]:
     FileNotFoundError: `path` does not exist (the message says how to produce it).
     ValueError: the file is not in the expected layout (missing / unexpected keys, wrong shapes).
   """
-  return inception_weights.load_npz(path, variable_shapes(), inception_weights.FC_SHAPES)
+  return inception_layout.load_npz(path, variable_shapes(), inception_layout.FC_SHAPES)
 
 
 def has_classifier(variables) -> bool:

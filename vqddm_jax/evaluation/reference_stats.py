@@ -59,11 +59,23 @@ def dataset_name(data_cfg: Any) -> str:
   return str(data_cfg.source)
 
 
+def data_record(data_cfg: Any, network_key: str) -> dict:
+  """The entries of `wanted_record` known without building the network or reading the data."""
+  return {"format": FORMAT, "feature_network": network_key, "dataset": dataset_name(data_cfg),
+          "split": data_cfg.train_split, "image_size": data_cfg.image_size, "channels": data_cfg.channels,
+          "resize": data_cfg.resize}
+
+
 def wanted_record(data_cfg: Any, net: FeatureNet, split_size: int) -> dict:
   """The record a statistics file must have to serve this data config and feature network."""
+  # Keys keep the order of the files written before `data_record` existed (the first two come first).
   return {"format": FORMAT, "feature_network": net.key, "feature_weights": net.fingerprint,
-          "dataset": dataset_name(data_cfg), "split": data_cfg.train_split, "image_size": data_cfg.image_size,
-          "channels": data_cfg.channels, "resize": data_cfg.resize, "split_size": int(split_size)}
+          **data_record(data_cfg, net.key), "split_size": int(split_size)}
+
+
+def stats_path(given: str, cache: epath.Path) -> epath.Path:
+  """The statistics file of a run: the user's `config.eval.reference_stats` when given, else the cache."""
+  return files_lib.as_path(given) if given else cache
 
 
 def check_record(stored: dict, wanted: dict, *, path: Any, given: bool) -> None:
@@ -148,7 +160,7 @@ def load_or_compute(data_cfg: Any, net: FeatureNet, *, cache: epath.Path, given:
     MismatchError: `cache` does not match this run.
   """
   from vqddm_jax import data  # Lazily: the data package imports TensorFlow.
-  path = files_lib.as_path(given) if given else cache
+  path = stats_path(given, cache)
   if path.exists():
     stats = load(path)
     check_record(stats.record, wanted_record(data_cfg, net, data.num_examples(data_cfg, data_cfg.train_split)),

@@ -13,14 +13,14 @@ from typing import Any
 
 from absl import logging
 
-from vqddm_jax import files as files_lib
-from vqddm_jax.evaluation import reference_stats
-from vqddm_jax.stages import StageResult, evaluate
+from vqddm_jax.evaluation import protocol, reference_stats
+from vqddm_jax.stages import StageResult
 from vqddm_jax.workdir import Workdir
 
-def _path(config: Any, workdir: Workdir):
-  given = config.eval.reference_stats
-  return files_lib.as_path(given) if given else workdir.reference_stats(evaluate.feature_network_key(config))
+
+def _path(config: Any, workdir: Workdir) -> Any:
+  return reference_stats.stats_path(config.eval.reference_stats,
+                                    workdir.reference_stats(protocol.feature_network_key(config)))
 
 
 def is_done(config: Any, workdir: Workdir) -> bool:
@@ -34,10 +34,7 @@ def is_done(config: Any, workdir: Workdir) -> bool:
   if not path.exists():
     return False
   stored = reference_stats.load(path).record
-  wanted = {"format": reference_stats.FORMAT, "feature_network": evaluate.feature_network_key(config),
-            "dataset": reference_stats.dataset_name(config.data), "split": config.data.train_split,
-            "image_size": config.data.image_size, "channels": config.data.channels,
-            "resize": config.data.resize}
+  wanted = reference_stats.data_record(config.data, protocol.feature_network_key(config))
   # Entries that need the network or the data (weights, split size) are taken as stored here.
   reference_stats.check_record(stored, {**stored, **wanted}, path=path, given=bool(config.eval.reference_stats))
   return True
@@ -45,8 +42,8 @@ def is_done(config: Any, workdir: Workdir) -> bool:
 
 def run(config: Any, workdir: Workdir) -> StageResult:
   """Computes the statistics (or checks the given or cached file) and reports where they are."""
-  net, _ = evaluate.feature_network(config, workdir)
-  stats = evaluate.reference_statistics(config, workdir, net)
+  net, _ = protocol.feature_network(config, workdir)
+  stats = protocol.reference_statistics(config, workdir, net)
   path = _path(config, workdir)
   logging.info("reference statistics: %d images of %s (%s), %s features; reuse them in other runs with "
                "--config.eval.reference_stats=%s", stats.count, stats.record["dataset"], stats.record["split"],

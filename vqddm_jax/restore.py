@@ -1,6 +1,7 @@
 """Restoring trained models from a work directory, read-only: the tokenizer (stage 1 or ReFiT) and the prior.
 
-Every later stage (encode, sample, inpaint, evaluate) starts here; nothing here imports training code.
+Every later stage (encode, sample, inpaint, evaluate) starts here; nothing here imports training code. It sits
+above `models/` (which knows nothing of work directories, checkpoints or modes) and beside `generation`.
 """
 from __future__ import annotations
 
