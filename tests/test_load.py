@@ -12,7 +12,8 @@ import pytest
 
 import vqddm_jax
 from conftest import ROOT
-from vqddm_jax import checkpointing, data, metrics
+from vqddm_jax import checkpointing, data
+from vqddm_jax import images as images_lib
 from vqddm_jax import files as files_lib
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.errors import ConfigError, MismatchError, MissingInputError
@@ -30,7 +31,7 @@ def pipe(pipeline_run):
 def heldout_images(pipeline_run):
   """The first 17 held-out images, u8[17, 32, 32, 1] (17: not a multiple of the 8 devices)."""
   config, _ = pipeline_run
-  return metrics.to_uint8(data.first_images(config.data, config.data.eval_split, 17))
+  return images_lib.to_uint8(data.first_images(config.data, config.data.eval_split, 17))
 
 
 def _mode_sample_outputs(config, workdir):
@@ -51,7 +52,7 @@ def test_load_samples_what_mode_sample_samples(pipeline_run, pipe):
   np.testing.assert_array_equal(got_codes, codes)
   got = pipe.sample(n, seed=np.int64(config.sample.seed))  # A NumPy integer is a seed too.
   assert got.dtype == np.uint8 and got.shape == (n, 32, 32, 1)
-  np.testing.assert_array_equal(got, metrics.to_uint8(images))
+  np.testing.assert_array_equal(got, images_lib.to_uint8(images))
   other = pipe.sample_codes(n, seed=config.sample.seed + 1, steps=5)
   assert other.shape == codes.shape and (other != codes).any()
   assert "prior step 4" in repr(pipe) and pipe.image_shape == (32, 32, 1) and pipe.codebook_size == 12
@@ -96,7 +97,8 @@ def test_a_stale_or_foreign_workdir_is_refused(pipeline_run, tmp_path):
   rebuild = files_lib.read_json(copy.refit_rebuild)
   files_lib.write_json(copy.refit_rebuild, dict(rebuild, stage1_step=rebuild["stage1_step"] - 2))
   with pytest.raises(MismatchError, match=r"ReFiT under .*/refit was made from vqvae step 2, but .*/vqvae "
-                     r"now holds vqvae step 4.*remove .*/refit, .*/codes, .*/prior"):
+                     r"now holds vqvae step 4\. Rerun `python -m vqddm_jax.main --workdir=.*` \(--mode=all\) to be told "
+                     r"what to remove"):
     vqddm_jax.load(copy.root)
   files_lib.write_json(copy.refit_rebuild, rebuild)
   other = config.copy_and_resolve_references()
@@ -109,8 +111,8 @@ def test_a_stale_or_foreign_workdir_is_refused(pipeline_run, tmp_path):
 
 def test_wrong_shapes_and_values_are_refused(pipe, heldout_images):
   with pytest.raises(MismatchError, match=r"encode: images must be uint8 \[N, 32, 32, 1\].*got float32 "
-                     r"\[2, 32, 32, 1\] \(vqddm_jax\.metrics\.to_uint8 converts"):
-    pipe.encode(metrics.from_uint8(heldout_images[:2]))
+                     r"\[2, 32, 32, 1\] \(vqddm_jax\.images\.to_uint8 converts"):
+    pipe.encode(images_lib.from_uint8(heldout_images[:2]))
   with pytest.raises(MismatchError, match=r"got uint8 \[2, 28, 28, 1\]"):
     pipe.encode(np.zeros((2, 28, 28, 1), np.uint8))
   with pytest.raises(MismatchError,
@@ -147,11 +149,12 @@ _THREE_DEVICES = """
 import sys
 import numpy as np
 import vqddm_jax
-from vqddm_jax import checkpointing, data, metrics
+from vqddm_jax import checkpointing, data
+from vqddm_jax import images as images_lib
 from vqddm_jax.data import codes as codes_lib
 pipe = vqddm_jax.load(sys.argv[1])
 images = pipe.sample(5, steps=2)
-held = metrics.to_uint8(data.first_images(pipe.config.data, pipe.config.data.eval_split, 5))
+held = images_lib.to_uint8(data.first_images(pipe.config.data, pipe.config.data.eval_split, 5))
 stored = codes_lib.load_codes(pipe.workdir.code_store, pipe.config.data.eval_split)[:5]
 print(repr(pipe), images.dtype, images.shape, bool((pipe.encode(held) == stored).all()))
 """

@@ -51,7 +51,7 @@ def _update_cosine(new_a, new_b, old) -> float:
 def _one_device_step(step, state, batch, key):
   """The real pmapped step on one device (a one-device program compiles once, like the 8-device one)."""
   one = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x)[None], tree)  # noqa: E731
-  new, m = parallel.pmap_step(step, donate_state=False, devices=jax.devices()[:1])(
+  new, m = parallel.pmap(step, in_axes=parallel.STEP_AXES, devices=jax.devices()[:1])(
       one(state), one(batch), key)
   return parallel.unreplicate(new), jax.device_get(m)
 

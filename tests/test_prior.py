@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from conftest import sigterm_training_at
-from vqddm_jax import checkpointing, diffusion, generation, parallel
+from vqddm_jax import checkpointing, diffusion, generation, parallel, stages
 from vqddm_jax import files as files_lib
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.models import prior as prior_lib
@@ -38,9 +38,9 @@ def test_prior_step_on_8_devices_equals_1_device(num_devices):
                            parametrization="residual", use_importance=True, ema_decay=0.9, t_buckets=3)
   codes = np.random.default_rng(0).integers(0, k, (16, 4, 4)).astype(np.int32)
   key = jax.random.key(3)
-  s8, m8 = parallel.pmap_step(step, donate_state=False)(
+  s8, m8 = parallel.pmap(step, in_axes=parallel.STEP_AXES)(
       parallel.replicate(state), {"codes": parallel.shard(codes)}, key)
-  s1, m1 = parallel.pmap_step(step, donate_state=False, devices=jax.devices()[:1])(
+  s1, m1 = parallel.pmap(step, in_axes=parallel.STEP_AXES, devices=jax.devices()[:1])(
       _one_device(state), {"codes": codes[None]}, key)
   s8, s1 = parallel.unreplicate(s8), parallel.unreplicate(s1)
   np.testing.assert_array_equal(s8.importance.count, s1.importance.count)
@@ -65,10 +65,10 @@ def test_hybrid_loss_adds_lambda_times_the_x0_cross_entropy_gradient(num_devices
                              parametrization="x0", use_importance=False, ema_decay=0.0, t_buckets=2,
                              hybrid_ce_weight=weight)
     if all_devices:
-      new, m = parallel.pmap_step(step, donate_state=False)(
+      new, m = parallel.pmap(step, in_axes=parallel.STEP_AXES)(
           parallel.replicate(state), {"codes": parallel.shard(codes)}, jax.random.key(3))
     else:
-      new, m = parallel.pmap_step(step, donate_state=False, devices=jax.devices()[:1])(
+      new, m = parallel.pmap(step, in_axes=parallel.STEP_AXES, devices=jax.devices()[:1])(
           _one_device(state), {"codes": codes[None]}, jax.random.key(3))
     delta = [np.asarray(a)[0] - np.asarray(b) for a, b in zip(
         jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(state.params))]
@@ -139,7 +139,7 @@ def _npz(result):
 
 def test_sampling_is_deterministic_per_key_and_strided_sampling_runs(pipeline_run):
   config, workdir = pipeline_run
-  assert sample.is_done(config, workdir)  # The pipeline sampled with these settings already.
+  assert stages.is_done(stages.BY_NAME["sample"], config, workdir)  # The pipeline sampled with these settings already.
   first = sample.run(config, workdir)
   a = _npz(first)  # Read eagerly: later runs overwrite the same file.
   assert a["codes"].shape == (config.sample.num_samples, 8, 8)
@@ -147,12 +147,12 @@ def test_sampling_is_deterministic_per_key_and_strided_sampling_runs(pipeline_ru
   assert os.path.exists(first.outputs[0]) and first.outputs[0].endswith("samples_S20_n16_seed1.png")
   strided_config = config.copy_and_resolve_references()
   strided_config.sample.steps = 5
-  assert not sample.is_done(strided_config, workdir)
+  assert not stages.is_done(stages.BY_NAME["sample"], strided_config, workdir)
   strided = sample.run(strided_config, workdir)
-  assert strided.outputs[1].endswith("_S5_n16_seed1.npz") and sample.is_done(strided_config, workdir)
+  assert strided.outputs[1].endswith("_S5_n16_seed1.npz") and stages.is_done(stages.BY_NAME["sample"], strided_config, workdir)
   config2 = config.copy_and_resolve_references()
   config2.sample.seed = 99
-  assert not sample.is_done(config2, workdir)
+  assert not stages.is_done(stages.BY_NAME["sample"], config2, workdir)
   other_seed = sample.run(config2, workdir)
   assert other_seed.outputs[1].endswith("_S20_n16_seed99.npz") and os.path.exists(first.outputs[1])
   c = _npz(other_seed)
@@ -160,7 +160,7 @@ def test_sampling_is_deterministic_per_key_and_strided_sampling_runs(pipeline_ru
   # Last, the pipeline's own settings again (other tests read the shared run's samples).
   b = _npz(sample.run(config, workdir))
   np.testing.assert_array_equal(a["codes"], b["codes"])
-  assert sample.is_done(config, workdir)
+  assert stages.is_done(stages.BY_NAME["sample"], config, workdir)
 
 
 def test_chunked_sampler_compiles_once_per_chunk_length_and_matches_one_chunk(pipeline_run, monkeypatch):
@@ -187,9 +187,9 @@ def test_inpainting_keeps_every_known_code_and_fills_the_rest(pipeline_run, mask
   config, workdir = pipeline_run
   config = config.copy_and_resolve_references()
   config.inpaint.update(mask=mask, steps=5)
-  assert not inpaint.is_done(config, workdir)
+  assert not stages.is_done(stages.BY_NAME["inpaint"], config, workdir)
   out = inpaint.run(config, workdir)
-  assert inpaint.is_done(config, workdir)
+  assert stages.is_done(stages.BY_NAME["inpaint"], config, workdir)
   res = _npz(out)
   m = res["mask"]
   assert 0 < m.mean() < 1

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from vqddm_jax import config_schema
+from vqddm_jax import config_schema, restore
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.errors import MissingInputError
-from vqddm_jax.models import loaders
 from vqddm_jax.stages import encode
 from vqddm_jax.stages import refit as refit_stage
 from vqddm_jax.workdir import Workdir
@@ -17,8 +16,8 @@ from vqddm_jax.workdir import Workdir
 
 def test_finetune_keeps_encoder_bit_identical_and_changes_decoder(pipeline_run):
   config, workdir = pipeline_run
-  before = loaders.restore_vqvae(config, workdir, "vqvae").params
-  restored = loaders.restore_tokenizer(config, workdir)
+  before = restore.restore_vqvae(config, workdir, "vqvae").params
+  restored = restore.restore_tokenizer(config, workdir)
   after, step = restored.params, restored.step
   assert restored.stage == "refit" and step == config.refit.num_steps
   assert after["codebook"].shape[0] == config.refit.num_codes

@@ -14,7 +14,7 @@ from conftest import ROOT, load_config
 from vqddm_jax import checkpointing, main, stages
 from vqddm_jax import files as files_lib
 from vqddm_jax.errors import MismatchError
-from vqddm_jax.stages import encode, evaluate, sample, train_prior
+from vqddm_jax.stages import encode, train_prior
 from vqddm_jax.workdir import Workdir
 
 
@@ -29,7 +29,10 @@ def copied_run(pipeline_run, tmp_path):
 def test_every_stage_has_the_stage_shape():
   for stage in stages.REGISTRY:
     module = stage.module()
-    assert callable(module.run) and callable(module.is_done), stage.name
+    assert callable(module.run), stage.name
+    # Either the stage says when it is done, or it declares its inputs and the registry compares records.
+    assert callable(getattr(module, "is_done", None)) != (
+        callable(getattr(module, "inputs", None)) and callable(getattr(module, "record_file", None))), stage.name
   assert set(main.MODES) == {"all"} | set(stages.BY_NAME)
   assert [s.name for s in main.selected_stages("train_prior,sample")] == ["train_prior", "sample"]
   assert main.selected_stages("all") == stages.PIPELINE
@@ -49,14 +52,14 @@ def test_a_newer_prior_checkpoint_reruns_sample_and_evaluate(copied_run):
   config, workdir = copied_run
   config.prior_train.num_steps += 2
   assert not train_prior.is_done(config, workdir)
-  assert sample.is_done(config, workdir) and evaluate.is_done(config, workdir)
+  assert stages.is_done(stages.BY_NAME["sample"], config, workdir) and stages.is_done(stages.BY_NAME["evaluate"], config, workdir)
   assert train_prior.run(config, workdir).completed  # Resumes from the finished checkpoint.
   new_step = checkpointing.latest_step(workdir.prior.checkpoints)
   assert new_step == config.prior_train.num_steps and train_prior.is_done(config, workdir)
-  assert not sample.is_done(config, workdir) and not evaluate.is_done(config, workdir)
+  assert not stages.is_done(stages.BY_NAME["sample"], config, workdir) and not stages.is_done(stages.BY_NAME["evaluate"], config, workdir)
   result = stages.run_stage(stages.BY_NAME["sample"], config, workdir)
   assert not result.skipped and f"samples/{new_step}/" in result.outputs[0]
-  assert sample.is_done(config, workdir)
+  assert stages.is_done(stages.BY_NAME["sample"], config, workdir)
 
 
 def test_a_sampling_temperature_samples_a_set_of_its_own(copied_run):
@@ -67,12 +70,12 @@ def test_a_sampling_temperature_samples_a_set_of_its_own(copied_run):
   plain = workdir.samples(step, config.diffusion.num_steps, num_samples=config.sample.num_samples,
                           seed=config.sample.seed)
   config.sample.temperature = 0.5
-  assert not sample.is_done(config, workdir) and not evaluate.is_done(config, workdir)
+  assert not stages.is_done(stages.BY_NAME["sample"], config, workdir) and not stages.is_done(stages.BY_NAME["evaluate"], config, workdir)
   result = stages.run_stage(stages.BY_NAME["sample"], config, workdir)
   tempered = workdir.samples(step, config.diffusion.num_steps, num_samples=config.sample.num_samples,
                              seed=config.sample.seed, temperature=0.5)
   assert result.outputs[0] == str(tempered.png) and tempered.png.name.endswith("_tau0.5.png")
-  assert sample.is_done(config, workdir) and plain.png.exists()
+  assert stages.is_done(stages.BY_NAME["sample"], config, workdir) and plain.png.exists()
   assert json.loads(tempered.record.read_text())["temperature"] == 0.5
   assert json.loads(plain.record.read_text())["temperature"] == 1.0
   plain_codes, tempered_codes = (files_lib.read_npz(f.npz)["codes"] for f in (plain, tempered))
@@ -84,7 +87,7 @@ def test_training_on_stale_inputs_is_refused(copied_run):
   rebuild = files_lib.read_json(workdir.refit_rebuild)
   files_lib.write_json(workdir.refit_rebuild, dict(rebuild, stage1_step=rebuild["stage1_step"] - 2))
   with pytest.raises(MismatchError, match=r"ReFiT under .*/refit was made from vqvae step 2, but .*/vqvae now "
-                     r"holds vqvae step 4\. To redo ReFiT from it, remove .*/refit, .*/codes, .*/prior"):
+                     r"holds vqvae step 4\. To redo it, remove .*/refit, .*/codes, .*/prior"):
     stages.run_stage(stages.BY_NAME["refit"], config, workdir)
   files_lib.write_json(workdir.refit_rebuild, rebuild)
   meta_path = workdir.code_store / "meta.json"
@@ -100,8 +103,8 @@ def test_training_on_stale_inputs_is_refused(copied_run):
   no_refit.refit.enabled = False
   assert not stages.run_stage(stages.BY_NAME["encode"], no_refit, workdir).skipped
   with pytest.raises(MismatchError, match=r"the prior under .*/prior was made from code maps of refit step 2 "
-                     r"\(K = 12\), but .*/codes now holds code maps of vqvae step 4 \(K = 16\)\. To redo the "
-                     r"prior from it, remove .*/prior, .*/samples, .*/eval"):
+                     r"\(K = 12\), but .*/codes now holds code maps of vqvae step 4 \(K = 16\)\. To redo it, "
+                     r"remove .*/prior, .*/samples, .*/eval"):
     stages.run_stage(stages.BY_NAME["sample"], no_refit, workdir)
 
 

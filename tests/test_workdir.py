@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from etils.epath import backend, gpath, register
 
-from vqddm_jax import generation, metrics
+from vqddm_jax import generation
+from vqddm_jax import images as images_lib
 from vqddm_jax import files as files_lib
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.evaluation import classifier
 from vqddm_jax.stages import refit
+from vqddm_jax.training import writers
 from vqddm_jax.workdir import Workdir
 
 
@@ -62,7 +64,7 @@ def test_file_writers_round_trip_on_ram(ram_workdir):
   files_lib.write_npz(files.npz, **arrays)
   back = files_lib.read_npz(files.npz)
   assert set(back) == set(arrays) and np.array_equal(back["codes"], arrays["codes"])
-  files_lib.write_png(files.png, metrics.image_grid(arrays["images"]))
+  files_lib.write_png(files.png, images_lib.image_grid(arrays["images"]))
   assert files.png.read_bytes()[:4] == b"\x89PNG"
   assert w.latest_samples_grid() == files.png
   files_lib.write_npy(w.refit_features, np.ones((5, 3), np.float32))
@@ -72,7 +74,7 @@ def test_file_writers_round_trip_on_ram(ram_workdir):
 
 def test_reports_tensorboard_and_caches_on_ram(ram_workdir):
   w = ram_workdir
-  writer = metrics.make_writer(w.prior.tensorboard, is_main=True)
+  writer = writers.make_writer(w.prior.tensorboard, is_main=True)
   writer.write_scalars(1, {"loss": 1.0})
   writer.write_images(1, {"grid": np.zeros((1, 4, 4, 1), np.uint8)})
   writer.flush()

@@ -75,8 +75,11 @@ def read_npy(path: epath.Path) -> np.ndarray:
   return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
 
 
-def same_record(path: epath.Path, record: Mapping[str, Any]) -> bool:
-  """True when `path` holds a JSON object whose entries named in `record` equal it (JSON round trip)."""
+def same_record(path: epath.Path, record: Mapping[str, Any], key: str | None = None) -> bool:
+  """True when `path` holds a JSON object (or one under `key` of it) whose entries named in `record` equal
+  it (JSON round trip)."""
   stored = read_json(path)
+  if key is not None:
+    stored = stored.get(key) if isinstance(stored, dict) else None
   wanted = json.loads(json.dumps(record, default=float))
   return isinstance(stored, dict) and all(stored.get(k) == v for k, v in wanted.items())

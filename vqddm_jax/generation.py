@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vqddm_jax import checkpointing, data, diffusion, masks, metrics, parallel
+from vqddm_jax import checkpointing, data, diffusion, masks, parallel, restore
+from vqddm_jax import images as images_lib
 from vqddm_jax import files as files_lib
 from vqddm_jax import workdir as workdir_lib
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.errors import ConfigError
-from vqddm_jax.models import loaders
 from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.workdir import Workdir
 
@@ -29,12 +29,13 @@ from vqddm_jax.workdir import Workdir
 @dataclasses.dataclass(frozen=True)
 class Generator:
   """Both trained stages, restored read-only, and what sampling needs to know about the code maps."""
-  prior: loaders.Restored
-  tokenizer: loaders.Restored
+  prior: restore.Restored
+  tokenizer: restore.Restored
   sched: diffusion.Schedule
   heldout_codes: np.ndarray  # i32[N, h, w]: the held-out code maps, in stored order
   parametrization: str
   temperature: float = 1.0  # τ of the x̂_0 logits while sampling and inpainting (`diffusion.tempered`)
+  models: dict | None = None  # `current_record` when restored: what outputs made with it record
 
   @property
   def code_shape(self) -> tuple[int, int]:
@@ -44,11 +45,6 @@ class Generator:
     """`(z_t, t) -> f32[B, h, w, K]`: the logits of x̂_0 that sampling and inpainting draw from (tempered)."""
     return diffusion.tempered(prior_lib.logits_fn(self.prior.model, params, self.parametrization),
                               self.temperature)
-
-  def record(self) -> dict:
-    """Which checkpoints made an output (stored next to it, compared on reruns)."""
-    return {"prior_step": self.prior.step, "tokenizer": self.tokenizer.stage,
-            "tokenizer_step": self.tokenizer.step, "temperature": self.temperature}
 
 
 def load_generator(config: Any, workdir: Workdir) -> Generator:
@@ -60,15 +56,17 @@ def load_generator(config: Any, workdir: Workdir) -> Generator:
   store = workdir.code_store
   num_classes = int(codes_lib.require_meta(store)["codebook_size"])
   heldout = codes_lib.load_codes(store, config.data.eval_split)
-  prior = loaders.restore_prior(config, workdir, num_classes, tuple(heldout.shape[1:]))
-  tokenizer = loaders.restore_tokenizer(config, workdir)
+  prior = restore.restore_prior(config, workdir, num_classes, tuple(heldout.shape[1:]))
+  tokenizer = restore.restore_tokenizer(config, workdir)
   return Generator(prior, tokenizer, prior_lib.build_schedule(config, num_classes), heldout,
-                   config.diffusion.parametrization, float(config.sample.temperature))
+                   config.diffusion.parametrization, float(config.sample.temperature),
+                   current_record(config, workdir))
 
 
 def current_record(config: Any, workdir: Workdir) -> dict | None:
-  """`Generator.record()` of what `load_generator` would restore now (cheap), or None if a stage is missing."""
-  stage, _ = loaders.tokenizer_stage(config)
+  """Which checkpoints (and sampling temperature) an output made now is made from: what `load_generator`
+  restores (cheap; stored next to outputs, compared on reruns), or None while a checkpoint is missing."""
+  stage, _ = restore.tokenizer_stage(config)
   prior_step = checkpointing.latest_step(workdir.prior.checkpoints)
   tokenizer_step = checkpointing.latest_step(workdir.train(stage).checkpoints)
   if prior_step is None or tokenizer_step is None:
@@ -111,7 +109,7 @@ def reverse_program(gen: Generator) -> Callable:
     logits_fn = gen.sampling_logits_fn(params)
     return diffusion.reverse_chunk(device_key(key), z, ts_chunk, logits_fn, sched)
 
-  return parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, None, None))
+  return parallel.pmap(chunk_fn, in_axes=(0, 0, None, None))
 
 
 def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device: int,
@@ -169,8 +167,7 @@ def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.
   """
   sched = gen.sched
   ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
-  share = len(known) // parallel.process_count()
-  mine = slice(parallel.process_index() * share, (parallel.process_index() + 1) * share)
+  mine = parallel.host_slice(len(known))  # equal shares: N divides by the device count
   mask, known = mask[mine], known[mine]
   mask_d, known_d = parallel.to_devices(parallel.shard(mask)), parallel.to_devices(parallel.shard(known))
 
@@ -179,7 +176,7 @@ def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.
     logits_fn = gen.sampling_logits_fn(params)
     return diffusion.inpaint_chunk(device_key(key), z, ts_chunk, logits_fn, sched, m, z0)
 
-  p_chunk = parallel.pmap_with_axes(chunk_fn, in_axes=(0, 0, 0, 0, None))
+  p_chunk = parallel.pmap(chunk_fn, in_axes=(0, 0, 0, 0, None))
   z = parallel.to_devices(np.asarray(jax.vmap(
       lambda d, m, z0: diffusion.inpaint_init(jax.random.fold_in(key, d), m, z0, sched))(
           device_indices(), jnp.asarray(parallel.shard(mask)), jnp.asarray(parallel.shard(known)))))
@@ -195,7 +192,7 @@ def _decode(params: Any, z: jax.Array, model: Any) -> jax.Array:
   return model.apply({"params": params}, z, method=type(model).decode_indices)
 
 
-def decode_codes(tokenizer: loaders.Restored, codes: np.ndarray, batch_size: int) -> np.ndarray:
+def decode_codes(tokenizer: restore.Restored, codes: np.ndarray, batch_size: int) -> np.ndarray:
   """Images `f32[N, H, W, C]` in [-1, 1] for code maps `i32[N, h, w]`, in host batches."""
   return np.concatenate([np.asarray(_decode(tokenizer.params, jnp.asarray(codes[i:i + batch_size]),
                                             tokenizer.model))
@@ -241,6 +238,6 @@ def save_inpainting(files: workdir_lib.OutputFiles, result: dict[str, np.ndarray
   masked = np.where(pixel_mask, originals, 0.0)
   n = min(len(mask), 8)
   rows = np.concatenate([masked[:n], result["images"][:n], originals[:n]])
-  files_lib.write_png(files.png, metrics.image_grid(rows, ncol=n))
+  files_lib.write_png(files.png, images_lib.image_grid(rows, ncol=n))
   files_lib.write_npz(files.npz, **result)
   files_lib.write_json(files.record, record)

@@ -29,7 +29,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from vqddm_jax import config_schema, generation, lineage, masks, metrics, parallel, run_config
+from vqddm_jax import config_schema, generation, lineage, masks, parallel, run_config
+from vqddm_jax import images as images_lib
+from vqddm_jax.config_checks import set_field
 from vqddm_jax.errors import ConfigError, MismatchError, UserError
 from vqddm_jax.workdir import Workdir
 
@@ -129,12 +131,12 @@ class Pipeline:
     Raises:
       MismatchError: not uint8, or not the config's image shape.
     """
-    x = metrics.from_uint8(self._check_images(images, "encode"))
+    x = images_lib.from_uint8(self._check_images(images, "encode"))
     ndev = parallel.local_device_count()
     # Batches of config.encode.batch_size (fewer for few images), padded to a multiple of the devices.
     per_batch = -(-min(int(self.config.encode.batch_size), len(x)) // ndev) * ndev
     model = self.generator.tokenizer.model
-    encode = self._cached("encode", lambda: parallel.pmap_eval(
+    encode = self._cached("encode", lambda: parallel.pmap(
         lambda p, batch: model.apply({"params": p}, batch, method=type(model).encode_to_indices)))
     rparams = self._replicated("tokenizer", self.generator.tokenizer.params)
     out = []
@@ -152,7 +154,7 @@ class Pipeline:
       MismatchError: not integers, not the model's code-map shape, or a code outside 0 .. K − 1.
     """
     codes = self._check_codes(codes)
-    return metrics.to_uint8(generation.decode_codes(self.generator.tokenizer, codes,
+    return images_lib.to_uint8(generation.decode_codes(self.generator.tokenizer, codes,
                                                     int(self.config.sample.decode_batch_size)))
 
   def inpaint_codes(self, images: np.ndarray, mask: str | np.ndarray, *, seed: int | None = None,
@@ -206,8 +208,7 @@ class Pipeline:
     tree = self.config.to_dict()
     for dotted, value in fields.items():
       if value is not None:
-        section, name = dotted.split(".")
-        tree[section][name] = value.item() if isinstance(value, np.generic) else value  # np.int64 seeds.
+        set_field(tree, dotted, value.item() if isinstance(value, np.generic) else value)  # np.int64 seeds.
     return config_schema.validate_config(ml_collections.ConfigDict(tree))
 
   def _generator(self, temperature: float) -> generation.Generator:
@@ -234,7 +235,7 @@ class Pipeline:
       raise MismatchError(
           f"Pipeline.{what}: images must be uint8 {want} (pixels 0..255; the run's config.data.image_size = "
           f"{self.image_shape[0]}, channels = {self.image_shape[2]}), got {images.dtype} "
-          f"{list(images.shape)}" + (" (vqddm_jax.metrics.to_uint8 converts images in [-1, 1])"
+          f"{list(images.shape)}" + (" (vqddm_jax.images.to_uint8 converts images in [-1, 1])"
                                      if images.dtype.kind == "f" else ""))
     return images
 

@@ -7,7 +7,8 @@ encoded it (`meta.json`), every prior checkpoint the code store it was trained o
 current when that record equals what its upstream link holds now. When stage 1 trains further, say, ReFiT,
 the code maps and the prior all describe the old tokenizer: a stage that consumes them must stop rather than
 decode the old prior's codes with the new decoder. The registry (`stages.run_stage`) checks the chain up to
-what a stage consumes before the stage runs; `vqddm_jax.load` checks it before restoring.
+what a stage consumes before the stage runs, and says what to remove (it knows which stage makes each link
+and which follow it); `vqddm_jax.load` checks it before restoring.
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ from vqddm_jax import files as files_lib
 from vqddm_jax.errors import MismatchError
 from vqddm_jax.workdir import Workdir
 
-# The links, in order, with the mode that makes each.
-MAKERS = {"vqvae": "train_vqvae", "refit": "refit", "codes": "encode", "prior": "train_prior"}
+LINKS = ("vqvae", "refit", "codes", "prior")  # In chain order; ReFiT only while enabled.
 
 
 def tokenizer_link(config: Any) -> str:
@@ -32,19 +32,11 @@ def tokenizer_link(config: Any) -> str:
 
 def links(config: Any) -> list[str]:
   """The chain's link names in order for `config` (ReFiT only when enabled)."""
-  return ["vqvae", *(["refit"] if config.refit.enabled else []), "codes", "prior"]
+  return [link for link in LINKS if link != "refit" or config.refit.enabled]
 
 
 def folder(workdir: Workdir, link: str) -> epath.Path:
   return workdir.code_store if link == "codes" else workdir.train(link).root
-
-
-def outputs_after(config: Any, workdir: Workdir, link: str) -> list[epath.Path]:
-  """The folders made from `link`, directly or not, that exist (what must go when `link` is redone)."""
-  chain = links(config)
-  later = [folder(workdir, name) for name in chain[chain.index(link) + 1:]]
-  later += [workdir.root / "samples", workdir.root / "inpaint", workdir.eval_dir]
-  return [p for p in later if p.exists()]
 
 
 def holds(config: Any, workdir: Workdir, link: str) -> dict | None:
@@ -103,30 +95,30 @@ def first_stale(config: Any, workdir: Workdir, through: str) -> Stale | None:
   return None
 
 
+class StaleError(MismatchError):
+  """A link of the chain was made from an upstream output that has changed since."""
+
+  def __init__(self, stale: Stale, workdir: Workdir):
+    self.stale, self.workdir = stale, workdir
+    super().__init__(f"{self.describe()}. Rerun `python -m vqddm_jax.main --workdir={workdir.root}` "
+                     "(--mode=all) to be told what to remove and redo")
+
+  def describe(self) -> str:
+    stale, what = self.stale, {"refit": "ReFiT", "codes": "the code maps", "prior": "the prior"}[self.stale.link]
+    return (f"{what} under {folder(self.workdir, stale.link)} {'were' if stale.link == 'codes' else 'was'} "
+            f"made from {_describe(stale.recorded)}, but {folder(self.workdir, stale.upstream)} now holds "
+            f"{_describe(stale.now)}")
+
+
 def check(config: Any, workdir: Workdir, through: str | None) -> None:
-  """Raises MismatchError when a link up to `through` (a link name, 'tokenizer', or None for nothing) was made
-  from an upstream output that has changed since, naming both and what to remove and rerun."""
+  """Raises StaleError when a link up to `through` (a link name, 'tokenizer', or None for nothing) was made
+  from an upstream output that has changed since, naming both."""
   through = tokenizer_link(config) if through == "tokenizer" else through
   if through not in links(config):  # Nothing, or ReFiT while it is disabled.
     return
   stale = first_stale(config, workdir, through)
   if stale is not None:
-    raise MismatchError(stale_message(config, workdir, stale))
-
-
-def stale_message(config: Any, workdir: Workdir, stale: Stale) -> str:
-  what = {"refit": "ReFiT", "codes": "the code maps", "prior": "the prior"}[stale.link]
-  made = (f"{what} under {folder(workdir, stale.link)} {'were' if stale.link == 'codes' else 'was'} made from "
-          f"{_describe(stale.recorded)}, but {folder(workdir, stale.upstream)} now holds "
-          f"{_describe(stale.now)}")
-  if stale.link == "codes":
-    later = outputs_after(config, workdir, "codes")
-    return (f"{made}. Rerun --mode=encode to encode with the current tokenizer" +
-            (f"; what was made from the old maps must then go too: remove {', '.join(map(str, later))}"
-             if later else "") + ", then rerun --mode=all")
-  remove = [folder(workdir, stale.link), *outputs_after(config, workdir, stale.link)]
-  return (f"{made}. To redo {what} from it, remove {', '.join(map(str, remove))} and rerun --mode=all "
-          f"(or --mode={MAKERS[stale.link]} and the stages after it)")
+    raise StaleError(stale, workdir)
 
 
 def _describe(record: dict) -> str:

@@ -2,22 +2,32 @@
 
 Every stage module has
   run(config, workdir) -> StageResult   does the work (training stages resume from their latest checkpoint)
-  is_done(config, workdir) -> bool      cheap: True when the stage's outputs exist and were made from the
-                                        current inputs (a newer checkpoint upstream makes it False)
-Each entry names the last link of the work directory's chain that its stage consumes (`lineage`), and
-`run_stage` refuses to run a stage on outputs made from something that has changed since; it skips a stage
-that is done; `--mode=all` runs the stages of `PIPELINE` in order, so rerunning it
-on a finished work directory skips everything, and after a change upstream reruns what depends on it.
+and says when it is done in one of two ways:
+  is_done(config, workdir) -> bool      training stages and encode: trained to the configured step (encode:
+                                        the code maps are the current tokenizer's), or
+  inputs(config, workdir) -> dict|None  stages that make outputs from trained ones (sample, inpaint,
+  record_file(config, workdir, inputs)  evaluate): the record of what the outputs are made from now (the
+                                        checkpoints and settings), and where the outputs store the record
+                                        they were made from (under RECORD_KEY of that JSON file, if set);
+                                        the registry compares the two (`is_done`), in one place.
+The registry entries say what each stage needs and makes: `consumes` is the last link of the work directory's
+chain (`lineage`) the stage reads, which must be current before it runs; `makes` the link it makes; `after`
+the stages whose outputs it is made from; `folders` its outputs. From these the registry tells a user what
+to remove when a link is stale (the maker's folders and every stage's that follows it). `run_stage` skips a
+stage that is done; `--mode=all` runs the stages of `PIPELINE` in order, so rerunning it on a finished work
+directory skips everything, and after a change upstream reruns what depends on it.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import types
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
+from etils import epath
 
+from vqddm_jax.errors import MismatchError
 from vqddm_jax.workdir import Workdir
 
 
@@ -46,6 +56,9 @@ class Stage:
   # The last link of the work directory's chain (`lineage`) this stage reads or extends: the chain up to it
   # must be current before the stage runs ('tokenizer' = ReFiT or stage 1, as configured).
   consumes: str | None = None
+  makes: str | None = None  # The chain link this stage makes (`lineage.LINKS`), if any.
+  after: tuple[str, ...] = ()  # The stages whose outputs this one is made from.
+  folders: Callable[[Workdir], tuple[epath.Path, ...]] = lambda workdir: ()  # What it writes.
 
   def module(self) -> types.ModuleType:
     # Imported on use: `--help` and config errors never pay for JAX, TensorFlow or the models.
@@ -53,19 +66,22 @@ class Stage:
 
 
 REGISTRY: tuple[Stage, ...] = (
-    Stage("train_vqvae", "stage 1: train the VQ-VAE on images (workdir/vqvae/)"),
+    Stage("train_vqvae", "stage 1: train the VQ-VAE on images (workdir/vqvae/)", makes="vqvae",
+          folders=lambda w: (w.vqvae.root,)),
     Stage("refit", "ReFiT: rebuild the codebook by k-means, fine-tune with the encoder frozen "
-          "(workdir/refit/; skipped when config.refit.enabled is False)", consumes="refit"),
+          "(workdir/refit/; skipped when config.refit.enabled is False)", consumes="refit", makes="refit",
+          after=("train_vqvae",), folders=lambda w: (w.refit.root,)),
     Stage("encode", "encode training and held-out images to code maps (workdir/codes/)",
-          consumes="tokenizer"),
+          consumes="tokenizer", makes="codes", after=("train_vqvae", "refit"),
+          folders=lambda w: (w.code_store,)),
     Stage("train_prior", "stage 2: train the discrete-diffusion prior on code maps (workdir/prior/)",
-          consumes="prior"),
+          consumes="prior", makes="prior", after=("encode",), folders=lambda w: (w.prior.root,)),
     Stage("sample", "sample code maps with the prior and decode them (workdir/samples/<step>/)",
-          consumes="prior"),
+          consumes="prior", after=("train_prior",), folders=lambda w: (w.samples_dir,)),
     Stage("evaluate", "quality report: FD/KID/precision/recall, bits per code, usage, steps table "
-          "(workdir/eval/)", consumes="prior"),
+          "(workdir/eval/)", consumes="prior", after=("train_prior",), folders=lambda w: (w.eval_dir,)),
     Stage("inpaint", "complete held-out images outside config.inpaint.mask (workdir/inpaint/)",
-          in_pipeline=False, consumes="prior"),
+          in_pipeline=False, consumes="prior", after=("train_prior",), folders=lambda w: (w.inpaint_dir,)),
     # Not in `all`: evaluate computes the statistics on first use; this mode computes them once, apart from
     # training, for reuse in other runs (--config.eval.reference_stats).
     Stage("reference_stats", "FID reference statistics of the whole training split "
@@ -75,13 +91,49 @@ PIPELINE: tuple[Stage, ...] = tuple(s for s in REGISTRY if s.in_pipeline)
 BY_NAME: dict[str, Stage] = {s.name: s for s in REGISTRY}
 
 
-def run_stage(stage: Stage, config: Any, workdir: Workdir) -> StageResult:
-  """Runs `stage` unless it is done; returns what it did. On several hosts every host must see the stage
-  in the same state (they run its collectives together), which is checked."""
-  from vqddm_jax import agreement, lineage
+def followers(name: str) -> list[Stage]:
+  """The stages made, directly or not, from stage `name`'s outputs, in registry order."""
+  found: set[str] = set()
+  for stage in REGISTRY:  # Registry order is a topological order: every stage comes after its inputs.
+    if name in stage.after or found & set(stage.after):
+      found.add(stage.name)
+  return [s for s in REGISTRY if s.name in found]
+
+
+def stale_remedy(stale: Any, workdir: Workdir) -> str:
+  """What to do about a stale link (`lineage.Stale`): which folders to remove, and what to rerun."""
+  maker = next(s for s in REGISTRY if s.makes == stale.link)
+  later = [p for s in followers(maker.name) for p in s.folders(workdir) if p.exists()]
+  if maker.name == "encode":  # Encoding replaces the code maps whole; what was made from them must go.
+    return ("Rerun --mode=encode to encode with the current tokenizer" +
+            (f"; what was made from the old maps must then go too: remove {', '.join(map(str, later))}"
+             if later else "") + ", then rerun --mode=all")
+  remove = [*maker.folders(workdir), *later]
+  return (f"To redo it, remove {', '.join(map(str, remove))} and rerun --mode=all (or --mode={maker.name} "
+          "and the stages after it)")
+
+
+def is_done(stage: Stage, config: Any, workdir: Workdir) -> bool:
+  """Whether `stage`'s outputs exist and were made from what its inputs are now (see the module doc)."""
+  from vqddm_jax import files
   module = stage.module()
-  lineage.check(config, workdir, stage.consumes)
-  if agreement.same_on_every_process(module.is_done(config, workdir), f"whether {stage.name} is done"):
+  if not hasattr(module, "inputs"):
+    return module.is_done(config, workdir)
+  wanted = module.inputs(config, workdir)
+  return wanted is not None and files.same_record(module.record_file(config, workdir, wanted), wanted,
+                                                  key=getattr(module, "RECORD_KEY", None))
+
+
+def run_stage(stage: Stage, config: Any, workdir: Workdir) -> StageResult:
+  """Runs `stage` unless it is done; returns what it did. Refuses (MismatchError) when what it consumes is
+  stale, saying what to remove. On several hosts every host must see the stage in the same state (they run
+  its collectives together), which is checked."""
+  from vqddm_jax import agreement, lineage
+  try:
+    lineage.check(config, workdir, stage.consumes)
+  except lineage.StaleError as e:
+    raise MismatchError(f"{e.describe()}. {stale_remedy(e.stale, workdir)}") from None
+  if agreement.same_on_every_process(is_done(stage, config, workdir), f"whether {stage.name} is done"):
     logging.info("%s: already done under %s: skipping", stage.name, workdir.root)
     return StageResult(stage.name, skipped=True)
-  return module.run(config, workdir)
+  return stage.module().run(config, workdir)

@@ -13,16 +13,15 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from vqddm_jax import checkpointing, data, lineage, parallel
+from vqddm_jax import checkpointing, data, lineage, parallel, restore
 from vqddm_jax.data import codes as codes_lib
-from vqddm_jax.models import loaders
 from vqddm_jax.stages import StageResult
 from vqddm_jax.workdir import Workdir
 
 
 def wanted_record(config: Any, workdir: Workdir, step: int | None = None) -> dict:
   """What the store must have been made from: tokenizer stage and checkpoint step, K, splits."""
-  stage, k = loaders.tokenizer_stage(config)
+  stage, k = restore.tokenizer_stage(config)
   if step is None:
     step = checkpointing.latest_step(workdir.train(stage).checkpoints)
   return {"tokenizer": stage, "step": step, "codebook_size": int(k or config.vqvae.codebook_size),
@@ -37,9 +36,10 @@ def is_done(config: Any, workdir: Workdir) -> bool:
 
 def encode_split(model: Any, rparams: Any, cfg_data: Any, split: str, batch_size: int) -> np.ndarray:
   """All code maps of `split` (every host's share, gathered), in the split's order: `i32[N, h, w]`."""
-  p_encode = parallel.pmap_eval(
+  p_encode = parallel.pmap(
       lambda p, x: model.apply({"params": p}, x, method=type(model).encode_to_indices))
-  total = -(-data.num_examples(cfg_data, split) // parallel.process_count())
+  mine = parallel.host_slice(data.num_examples(cfg_data, split), remainder="first")  # what eval_batches reads
+  total = mine.stop - mine.start
   out, done, t0, last_log = [], 0, time.perf_counter(), 0.0
   for batch in data.eval_batches(cfg_data, split=split, global_batch_size=batch_size,
                                  num_shards=parallel.local_device_count()):
@@ -58,7 +58,7 @@ def encode_split(model: Any, rparams: Any, cfg_data: Any, split: str, batch_size
 
 def run(config: Any, workdir: Workdir) -> StageResult:
   """Encodes the train and held-out splits with the final tokenizer and stores them (replacing stale maps)."""
-  tokenizer = loaders.restore_tokenizer(config, workdir)
+  tokenizer = restore.restore_tokenizer(config, workdir)
   wanted = wanted_record(config, workdir, tokenizer.step)
   data.prepare(config.data)
   rparams = parallel.replicate(tokenizer.params)

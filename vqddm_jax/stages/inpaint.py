@@ -14,30 +14,31 @@ from typing import Any
 from absl import logging
 
 from vqddm_jax import generation, masks, parallel
-from vqddm_jax import files as files_lib
 from vqddm_jax.stages import StageResult
 from vqddm_jax.workdir import Workdir
 
 
-def _record(config: Any, models: dict) -> dict:
-  icfg = config.inpaint
-  return dict(models, mask=icfg.mask, num_images=icfg.num_images, seed=icfg.seed,
-              steps=icfg.steps or config.diffusion.num_steps)
-
-
-def is_done(config: Any, workdir: Workdir) -> bool:
+def inputs(config: Any, workdir: Workdir) -> dict | None:
+  """The checkpoints and settings the completions are made from (None while a checkpoint is missing)."""
   models = generation.current_record(config, workdir)
-  files = workdir.inpaint(masks.mask_name(config.inpaint.mask))
-  return models is not None and files_lib.same_record(files.record, _record(config, models))
+  icfg = config.inpaint
+  return None if models is None else dict(models, mask=icfg.mask, num_images=icfg.num_images, seed=icfg.seed,
+                                          steps=icfg.steps or config.diffusion.num_steps)
+
+
+def record_file(config: Any, workdir: Workdir, record: dict) -> Any:
+  del record  # The mask names the folder; the rest is compared inside the record.
+  return workdir.inpaint(masks.mask_name(config.inpaint.mask)).record
 
 
 def run(config: Any, workdir: Workdir) -> StageResult:
   """Inpaints `config.inpaint.num_images` held-out images."""
-  gen = generation.load_generator(config, workdir)
+  gen = generation.load_generator(config, workdir)  # Names what is missing, if anything.
+  record = inputs(config, workdir)
   result = generation.inpaint_heldout(config, gen, config.inpaint.num_images)
   files = workdir.inpaint(masks.mask_name(config.inpaint.mask))
   if parallel.is_main_process():
-    generation.save_inpainting(files, result, config.data.image_size, _record(config, gen.record()))
+    generation.save_inpainting(files, result, config.data.image_size, record)
   logging.info("inpainted %d held-out images (mask %s, %.0f%% of codes known, prior step %d): %s",
                len(result["codes"]), config.inpaint.mask, 100 * result["mask"].mean(), gen.prior.step,
                files.png)

@@ -22,9 +22,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from vqddm_jax import checkpointing, data, kmeans, parallel
+from vqddm_jax import checkpointing, data, kmeans, parallel, restore
 from vqddm_jax import files as files_lib
-from vqddm_jax.models import loaders
 from vqddm_jax.models.discriminator import build_discriminator
 from vqddm_jax.models.vqvae import build_vqvae
 from vqddm_jax.stages import StageResult
@@ -61,10 +60,9 @@ def sample_features(model: Any, rparams: Any, cfg_data: Any, *, num_features: in
   """P feature vectors `f32[P, d]`: one random position of each of P random training images (more distinct
   positions per image when P > N), streamed in batches so only the sampled vectors are kept. On several hosts
   each samples its share of P from its share of the images, and every host gets all P (in host order)."""
-  p_encode = parallel.pmap_eval(lambda p, x: model.apply({"params": p}, x, method=type(model).encode))
+  p_encode = parallel.pmap(lambda p, x: model.apply({"params": p}, x, method=type(model).encode))
   n = data.num_examples(cfg_data, cfg_data.train_split)
-  pi, pc = parallel.process_index(), parallel.process_count()
-  rng = np.random.default_rng([seed, pi])
+  rng = np.random.default_rng([seed, parallel.process_index()])
   chosen = []
   for batch in data.eval_batches(cfg_data, split=cfg_data.train_split, global_batch_size=batch_size,
                                  num_shards=parallel.local_device_count()):
@@ -76,7 +74,8 @@ def sample_features(model: Any, rparams: Any, cfg_data: Any, *, num_features: in
     pos = np.argsort(rng.random((b, h * w)), axis=1)[:, :per_image]
     chosen.append(feats.reshape(b, h * w, d)[np.arange(b)[:, None], pos].reshape(-1, d))
   features = np.concatenate(chosen)
-  share = num_features * (pi + 1) // pc - num_features * pi // pc  # this host's part of P
+  mine = parallel.host_slice(num_features)
+  share = mine.stop - mine.start  # this host's part of P
   if len(features) > share:  # random images (or positions) out of those visited
     features = features[np.sort(rng.choice(len(features), share, replace=False))]
   return parallel.gather_rows(features.astype(np.float32))
@@ -85,7 +84,7 @@ def sample_features(model: Any, rparams: Any, cfg_data: Any, *, num_features: in
 def rebuild_codebook(config: Any, workdir: Workdir) -> tuple[Any, Any, dict]:
   """Restores stage 1, runs k-means on sampled features; returns (K' model, rebuilt params, metrics)."""
   rcfg = config.refit
-  stage1 = loaders.restore_vqvae(config, workdir, "vqvae")
+  stage1 = restore.restore_vqvae(config, workdir, "vqvae")
   before = vq_trainer.heldout_metrics(config, rcfg, stage1.model, stage1.params)
   logging.info("ReFiT: stage-1 step %d held-out before rebuild: %s", stage1.step, before)
   features = sample_features(stage1.model, parallel.replicate(stage1.params), config.data,
@@ -118,7 +117,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   rebuild = files_lib.read_json(workdir.refit_rebuild)
   if rebuild is not None and checkpointing.latest_step(paths.checkpoints) is not None:
     # Resume: the loop restores the state; only its structure is needed here (no k-means rerun).
-    params = jax.tree_util.tree_map(jnp.zeros_like, loaders.vqvae_abstract_params(model, config))
+    params = jax.tree_util.tree_map(jnp.zeros_like, restore.vqvae_abstract_params(model, config))
     state = vq_trainer.attach_discriminator(config, rcfg, _fresh_state(params, optimizer))
   else:
     model, params, rebuild = rebuild_codebook(config, workdir)
