@@ -10,6 +10,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402  (must follow the flag above)
@@ -24,6 +25,16 @@ if os.environ.get("VQDDM_TEST_COMPILE_CACHE", "0") == "1":
   jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="vqddm_jax_cache_"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module. Each XLA:CPU executable keeps memory maps of its
+  code, and stages build new jitted steps on every call: kept for the whole session they grew the process
+  past vm.max_map_count (65,530) late in the suite, and LLVM crashed (SIGSEGV) compiling the next program."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")
