@@ -18,9 +18,9 @@ import pytest  # noqa: E402
 
 # Stages rebuild their jitted steps on every call (resume tests run a stage twice, sampling tests sample
 # several times): a persistent compilation cache for the session turns those repeats into cache hits, about a
-# quarter less time. It is off by default: on jax 0.10.2 reading a cached XLA:CPU executable back crashed the
-# test process once (SIGSEGV in compilation_cache.get_executable_and_time, 2026-12-06), a known upstream
-# hazard of deserialising CPU executables. VQDDM_TEST_COMPILE_CACHE=1 turns it on for a faster local run.
+# quarter less time on the resume tests. It is off by default since a SIGSEGV while loading a cached
+# executable (2026-12-06), which turned out to be the memory-map limit `_release_compiled_programs` now keeps
+# the suite under, not the cache; VQDDM_TEST_COMPILE_CACHE=1 turns it on for a faster local run.
 if os.environ.get("VQDDM_TEST_COMPILE_CACHE", "0") == "1":
   jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="vqddm_jax_cache_"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
