@@ -260,7 +260,7 @@ class Pipeline:
                           f"{size}] (True = known pixel), got {mask.dtype} {list(mask.shape)}")
     h, w = self.code_shape
     f = size // h
-    known = np.broadcast_to(mask, (n, size, size)).reshape(n, h, f, w, f).all(axis=(2, 4))
+    known = masks.pixels_to_codes(np.broadcast_to(mask, (n, size, size)), self.code_shape)
     per_map = known.reshape(n, -1)
     if per_map.all(axis=1).any() or not per_map.any(axis=1).all():
       raise ConfigError(f"Pipeline.inpaint: on the {h}×{w} code grid the mask leaves "

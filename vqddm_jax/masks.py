@@ -111,9 +111,15 @@ def _png_code_mask(path: str, code_shape: tuple[int, int], image_size: int) -> n
   if known.shape != (image_size, image_size):
     pixels = Image.fromarray(known.astype(np.uint8) * 255).resize((image_size, image_size), Image.NEAREST)
     known = np.asarray(pixels) > 127
+  return pixels_to_codes(known, code_shape)
+
+
+def pixels_to_codes(known: np.ndarray, code_shape: tuple[int, int]) -> np.ndarray:
+  """`bool[..., h, w]` of a pixel mask `bool[..., H, W]` (True = known): a code is known only when every
+  pixel of its f×f patch is known (f = H / h)."""
   h, w = code_shape
-  f = image_size // h
-  return known.reshape(h, f, w, f).all(axis=(1, 3))
+  f = known.shape[-2] // h
+  return known.reshape(known.shape[:-2] + (h, f, w, f)).all(axis=(-3, -1))
 
 
 def _mask_levels(im) -> tuple[np.ndarray, int, str]:
