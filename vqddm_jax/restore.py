@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from vqddm_jax import checkpointing
+from vqddm_jax import checkpointing, lineage
 from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.models.unet import UNet
 from vqddm_jax.models.vqvae import VQVAE, build_vqvae
@@ -32,10 +32,10 @@ class Restored:
 
 
 def tokenizer_stage(config: Any) -> tuple[str, int | None]:
-  """(stage, codebook size override) of the final VQ-VAE: ReFiT's K' codes when ReFiT is on, else stage 1."""
-  if config.refit.enabled:
-    return "refit", int(config.refit.num_codes)
-  return "vqvae", None
+  """(stage, codebook size override) of the final VQ-VAE: ReFiT's K' codes when ReFiT is on, else stage 1
+  (`lineage.tokenizer_link`)."""
+  stage = lineage.tokenizer_link(config)
+  return stage, (int(config.refit.num_codes) if stage == "refit" else None)
 
 
 def vqvae_abstract_params(model: VQVAE, config: Any) -> Any:

@@ -27,7 +27,7 @@ from vqddm_jax import files as files_lib
 from vqddm_jax.models.discriminator import build_discriminator
 from vqddm_jax.models.vqvae import build_vqvae
 from vqddm_jax.stages import StageResult
-from vqddm_jax.training import optim, vq_trainer, vqgan_step, vqvae_step
+from vqddm_jax.training import loop, optim, vq_trainer, vqgan_step, vqvae_step
 from vqddm_jax.training.gan_losses import LossSettings
 from vqddm_jax.workdir import Workdir
 
@@ -41,8 +41,7 @@ def is_done(config: Any, workdir: Workdir) -> bool:
   if not config.refit.enabled:
     return True
   rebuild = files_lib.read_json(workdir.refit_rebuild)
-  latest = checkpointing.latest_step(workdir.refit.checkpoints)
-  return (rebuild is not None and latest is not None and latest >= config.refit.num_steps
+  return (rebuild is not None and loop.trained_to(workdir.refit.checkpoints, config.refit.num_steps)
           and workdir.refit_report("json").exists())
 
 
