@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "vqddm_jax"
-LIBRARIES = ("models", "diffusion", "kmeans", "evaluation", "data")
+LIBRARIES = ("models", "diffusion", "autoregressive", "kmeans", "evaluation", "data")
 
 
 def _module_name(path) -> str:
@@ -135,7 +135,8 @@ def test_command_line_modules_are_not_imported_by_their_packages(resolved_graph)
 @pytest.mark.parametrize("module", ["vqddm_jax.stages.sample", "vqddm_jax.stages.inpaint",
                                     "vqddm_jax.stages.evaluate", "vqddm_jax.stages.encode",
                                     "vqddm_jax.generation", "vqddm_jax.inference", "vqddm_jax.restore",
-                                    "vqddm_jax.evaluation", "vqddm_jax.evaluation.protocol"])
+                                    "vqddm_jax.evaluation", "vqddm_jax.evaluation.protocol",
+                                    "vqddm_jax.ar_generation", "vqddm_jax.evaluation.comparison"])
 def test_inference_and_evaluation_never_import_training(graph, module):
   training = {m for m in _reachable(graph, module) if m.startswith("vqddm_jax.training")}
   assert not training, f"{module} reaches training code: {sorted(training)}"
@@ -205,7 +206,7 @@ def test_the_repository_stands_alone():
 # Modules that write the work directory: they must go through `vqddm_jax.workdir` (which serialises to bytes
 # and writes through epath) or epath itself, never the local file API (test_workdir.py runs the writers on a
 # non-local file system).
-_WORKDIR_WRITERS = ["stages", "training", "generation.py", "data/codes.py", "evaluation/classifier.py"]
+_WORKDIR_WRITERS = ["stages", "training", "generation.py", "ar_generation.py", "data/codes.py", "evaluation/classifier.py"]
 _LOCAL_FILE_API = ("open(", "os.path", "os.makedirs", "os.listdir", "os.replace", "glob.glob", "shutil.",
                    "np.save(", "np.savez", "np.load(", "PIL")
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable, NoReturn
 
+from vqddm_jax.choices import LR_SCHEDULES
 from vqddm_jax.errors import ConfigError
+
+# The shapes several sections share (an optimiser, a training loop) are at the end: `check_optim`, `check_loop`.
 
 
 def fail(field: str, value: Any, allowed: str) -> NoReturn:
@@ -91,3 +94,24 @@ def check_int_tuple(config, field: str, low: int = 0, nonempty: bool = True) -> 
       isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)
   if not ok or (nonempty and not value):
     fail(field, value, f"a {'non-empty ' if nonempty else ''}tuple of integers >= {low}")
+
+
+def check_optim(config, prefix: str) -> None:
+  """An optimiser sub-section such as `vqvae_train.optim` (Adam, a schedule, optional clipping)."""
+  check_float(config, f"{prefix}.lr", 0.0, 10.0, low_open=True)
+  check_float(config, f"{prefix}.b1", 0.0, 1.0)
+  check_float(config, f"{prefix}.b2", 0.0, 1.0)
+  check_choice(config, f"{prefix}.schedule", LR_SCHEDULES)
+  check_int(config, f"{prefix}.warmup_steps", 0)
+  check_float(config, f"{prefix}.grad_clip", 0.0)
+  if "weight_decay" in field_value(config, prefix):  # AdamW's decoupled decay (the AR prior's optimiser).
+    check_float(config, f"{prefix}.weight_decay", 0.0, 1.0)
+
+
+def check_loop(config, prefix: str) -> None:
+  """The loop fields of a training section (`vqvae_train`, `refit`, `prior_train`) and its optimiser."""
+  for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
+    check_int(config, f"{prefix}.{name}", 1)
+  check_int(config, f"{prefix}.eval_examples", 0)
+  check_float(config, f"{prefix}.ema_decay", 0.0, 1.0)
+  check_optim(config, f"{prefix}.optim")

@@ -17,8 +17,8 @@ import ml_collections
 from etils import epath
 
 from vqddm_jax import choices, masks
-from vqddm_jax.config_checks import (check_bool, check_choice, check_float, check_int, check_int_tuple, fail,
-                                     field_value)
+from vqddm_jax.config_checks import (check_bool, check_choice, check_float, check_int, check_int_tuple,
+                                     check_loop, check_optim, fail, field_value)
 from vqddm_jax.data.config import validate_data
 from vqddm_jax.errors import ConfigError
 
@@ -92,41 +92,41 @@ def base_config() -> ml_collections.ConfigDict:
   # −ELBO + λ·(−log p̂(z_0 | z_t)), both in bits per code (0 = the pure −ELBO of the paper).
   # temperature: τ dividing the logits of x̂_0 in every reverse step of sample, inpaint and evaluate
   # (1 = the model's own distribution; < 1 trades diversity for fidelity; the −ELBO never uses it).
+  c.update(ar_sections())
   c.sample = dict(num_samples=64, steps=0, chunk_steps=125, seed=1, decode_batch_size=256, temperature=1.0)
   c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
   # reference_stats: '' = the training split's feature statistics computed once into W/eval/, or an .npz
   # written by --mode=reference_stats; chunk_size: samples generated and featurised at a time.
   # sample_draws: R > 1 samples the samples row R times (seeds eval.seed .. eval.seed + R − 1) and reports
   # the mean and standard deviation of FD, KID, precision and recall over the draws (R − 1 more sample sets).
+  # compare_masks: with the AR prior enabled, the report's comparison completes held-out images under each of
+  # these masks with both priors (and both AR protocols).
   # classifier_seed: the MNIST feature classifier's own seed, apart from config.seed, so that priors trained
   # with other seeds are measured in the same feature space (and the cached reference statistics still fit).
   c.eval = dict(num_samples=256, step_fractions=(1, 4, 10, 40), classifier_steps=600, classifier_seed=0,
                 inpaint_images=64, inception_weights="", reference_stats="", chunk_size=512, seed=3,
-                sample_draws=1)
+                sample_draws=1, compare_masks=("top_half", "left_half", "center", "random:0.5"))
   return c
+
+
+def ar_sections() -> dict:
+  """The autoregressive prior beside the diffusion prior (`--mode=train_ar`, W/ar/; docs/comparison.md):
+  taming-transformers' GPT over the same code maps in raster order, trained only when ar_train.enabled.
+  `ar` holds the attributes of `models.gpt.GPT` (the default: 2.85 M parameters, the default denoiser's size);
+  ar_train.optim is AdamW (betas 0.9, 0.95 as taming) whose weight decay acts on the Dense kernels only.
+  ar_sample: τ, top-k (0 = all codes) and top-p (1 = all) of its sampling and inpainting, and N, the
+  candidates of the sample-then-reweight inpainting protocol (exact in the limit only at τ = 1, k = 0, p = 1)."""
+  return dict(
+      ar=dict(width=240, num_layers=4, num_heads=8, mlp_ratio=4, dropout=0.0, dtype="float32"),
+      ar_train=dict(
+          enabled=False, batch_size=32, num_steps=6000,
+          optim=dict(optim_defaults(1e-3), b2=0.95, warmup_steps=200, weight_decay=0.01), ema_decay=0.998,
+          log_every=50, checkpoint_every=2000, eval_every=6000, eval_examples=0, keep_checkpoints=2),
+      ar_sample=dict(temperature=1.0, top_k=0, top_p=1.0, candidates=16))
 
 
 # ----------------------------------------------------------------------------------------------- checks
 # The shapes several sections share: an optimiser, a training loop, VQ-VAE training, a GroupNorm network.
-
-
-def check_optim(config, prefix: str) -> None:
-  """An optimiser sub-section such as `vqvae_train.optim` (Adam, a schedule, optional clipping)."""
-  check_float(config, f"{prefix}.lr", 0.0, 10.0, low_open=True)
-  check_float(config, f"{prefix}.b1", 0.0, 1.0)
-  check_float(config, f"{prefix}.b2", 0.0, 1.0)
-  check_choice(config, f"{prefix}.schedule", choices.LR_SCHEDULES)
-  check_int(config, f"{prefix}.warmup_steps", 0)
-  check_float(config, f"{prefix}.grad_clip", 0.0)
-
-
-def check_loop(config, prefix: str) -> None:
-  """The loop fields of a training section (`vqvae_train`, `refit`, `prior_train`) and its optimiser."""
-  for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
-    check_int(config, f"{prefix}.{name}", 1)
-  check_int(config, f"{prefix}.eval_examples", 0)
-  check_float(config, f"{prefix}.ema_decay", 0.0, 1.0)
-  check_optim(config, f"{prefix}.optim")
 
 
 def check_vq_training(config, prefix: str) -> None:
@@ -286,6 +286,30 @@ def validate_prior_train(config) -> None:
          f"0 (all maps) or at least one global batch (prior_train.batch_size = {t.batch_size})")
 
 
+def validate_ar(config) -> None:
+  """`ar`: the GPT of the autoregressive prior; the heads must divide its width."""
+  for name in ("width", "num_layers", "num_heads", "mlp_ratio"):
+    check_int(config, f"ar.{name}", 1)
+  check_float(config, "ar.dropout", 0.0, 1.0, high_open=True)
+  check_choice(config, "ar.dtype", choices.DTYPES)
+  if config.ar.width % config.ar.num_heads:
+    fail("ar.num_heads", config.ar.num_heads, f"a divisor of ar.width = {config.ar.width}")
+
+
+def validate_ar_train(config) -> None:
+  """`ar_train`: whether the AR prior is trained, and its loop and AdamW."""
+  check_bool(config, "ar_train.enabled")
+  check_loop(config, "ar_train")
+
+
+def validate_ar_sample(config) -> None:
+  """`ar_sample`: the AR prior's sampling filter (τ, top-k, top-p) and the reweighting's candidates."""
+  check_float(config, "ar_sample.temperature", 0.0, 10.0, low_open=True)
+  check_int(config, "ar_sample.top_k", 0)
+  check_float(config, "ar_sample.top_p", 0.0, 1.0, low_open=True)
+  check_int(config, "ar_sample.candidates", 1, 4096)
+
+
 def validate_sample(config) -> None:
   """`sample`: `--mode=sample`'s count, steps, chunks, seed, decoding batch and temperature."""
   check_int(config, "sample.num_samples", 1)
@@ -314,6 +338,11 @@ def validate_eval(config) -> None:
   check_int(config, "eval.seed", 0)
   check_int(config, "eval.chunk_size", 1)
   check_int(config, "eval.sample_draws", 1, 100)
+  specs = config.eval.compare_masks
+  if not isinstance(specs, (tuple, list)) or not specs or not all(isinstance(m, str) for m in specs):
+    fail("eval.compare_masks", specs, "a non-empty tuple of mask specs, e.g. ('top_half', 'random:0.5')")
+  for spec in specs:
+    masks.check_mask_spec(spec, config.data.image_size, field="eval.compare_masks")
   weights = config.eval.inception_weights
   if weights and not epath.Path(weights).is_file():
     fail("eval.inception_weights", weights, "'' (no FID: VGG16 or classifier features) or the path of an "
@@ -329,12 +358,14 @@ VALIDATORS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "data": validate_data, "distributed": validate_distributed, "vqvae": validate_vqvae,
     "vqvae_train": validate_vqvae_train, "refit": validate_refit, "discriminator": validate_discriminator,
     "encode": validate_encode, "diffusion": validate_diffusion, "prior": validate_prior,
-    "prior_train": validate_prior_train, "sample": validate_sample, "inpaint": validate_inpaint,
+    "prior_train": validate_prior_train, "ar": validate_ar, "ar_train": validate_ar_train,
+    "ar_sample": validate_ar_sample, "sample": validate_sample, "inpaint": validate_inpaint,
     "eval": validate_eval,
 }
 
 # Global batch sizes, each split evenly over every device of every host.
-BATCH_FIELDS = ("vqvae_train.batch_size", "refit.batch_size", "encode.batch_size", "prior_train.batch_size")
+BATCH_FIELDS = ("vqvae_train.batch_size", "refit.batch_size", "encode.batch_size", "prior_train.batch_size",
+                "ar_train.batch_size")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

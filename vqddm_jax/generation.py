@@ -36,6 +36,9 @@ class Generator:
   parametrization: str
   temperature: float = 1.0  # τ of the x̂_0 logits while sampling and inpainting (`diffusion.tempered`)
   models: dict | None = None  # `current_record` when restored: what outputs made with it record
+  ar: restore.Restored | None = None  # the autoregressive prior, when enabled (`ar_generation`)
+  ar_models: dict | None = None  # `ar_record` when restored: what the AR prior's outputs record
+  ar_sampling: dict | None = None  # config.ar_sample: temperature, top_k, top_p, candidates
 
   @property
   def code_shape(self) -> tuple[int, int]:
@@ -58,9 +61,12 @@ def load_generator(config: Any, workdir: Workdir) -> Generator:
   heldout = codes_lib.load_codes(store, config.data.eval_split)
   prior = restore.restore_prior(config, workdir, num_classes, tuple(heldout.shape[1:]))
   tokenizer = restore.restore_tokenizer(config, workdir)
+  ar = (restore.restore_ar(config, workdir, num_classes, tuple(heldout.shape[1:]))
+        if config.ar_train.enabled else None)
   return Generator(prior, tokenizer, prior_lib.build_schedule(config, num_classes), heldout,
                    config.diffusion.parametrization, float(config.sample.temperature),
-                   current_record(config, workdir))
+                   current_record(config, workdir), ar, ar_record(config, workdir),
+                   config.ar_sample.to_dict() if ar is not None else None)
 
 
 def current_record(config: Any, workdir: Workdir) -> dict | None:
@@ -73,6 +79,22 @@ def current_record(config: Any, workdir: Workdir) -> dict | None:
     return None
   return {"prior_step": prior_step, "tokenizer": stage, "tokenizer_step": tokenizer_step,
           "temperature": float(config.sample.temperature)}
+
+
+def ar_record(config: Any, workdir: Workdir) -> dict | None:
+  """What an output of the AR prior made now is made from (its checkpoint, the tokenizer's, the sampling
+  filter), or None while the AR prior is disabled or a checkpoint is missing. Apart from `current_record`:
+  training one prior further never redoes the other's outputs."""
+  if not config.ar_train.enabled:
+    return None
+  stage, _ = restore.tokenizer_stage(config)
+  ar_step = checkpointing.latest_step(workdir.ar.checkpoints)
+  tokenizer_step = checkpointing.latest_step(workdir.train(stage).checkpoints)
+  if ar_step is None or tokenizer_step is None:
+    return None
+  a = config.ar_sample
+  return {"ar_step": ar_step, "tokenizer": stage, "tokenizer_step": tokenizer_step,
+          "temperature": float(a.temperature), "top_k": int(a.top_k), "top_p": float(a.top_p)}
 
 
 def device_key(key: jax.Array) -> jax.Array:
@@ -199,34 +221,44 @@ def decode_codes(tokenizer: restore.Restored, codes: np.ndarray, batch_size: int
                          for i in range(0, len(codes), batch_size)])
 
 
-def inpaint_heldout(config: Any, gen: Generator, num_images: int) -> dict[str, np.ndarray]:
-  """Inpaints the first held-out images of this host with the mask `config.inpaint.mask`.
+def inpaint_heldout(config: Any, gen: Generator, num_images: int, *, mask_spec: str | None = None,
+                    complete: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, dict]] | None = None
+                    ) -> dict[str, np.ndarray]:
+  """Inpaints the first held-out images of this host with the mask `mask_spec` (default `config.inpaint.mask`).
 
   Args:
     config: the run's config (`inpaint.mask`, `inpaint.seed`, `inpaint.steps`, `sample.chunk_steps`).
     gen: the restored stages.
     num_images: how many held-out images (rounded up to a multiple of the global device count).
+    mask_spec: the mask (`masks.check_mask_spec`); None for `config.inpaint.mask`.
+    complete: `(mask, known) -> (i32[N, h, w] completions, extra arrays)`; None for the diffusion prior's
+      completion (`inpaint_code_maps` from `jax.random.key(inpaint.seed)`). The AR prior's protocols pass
+      theirs (`ar_generation`).
 
   Returns:
     {'mask': bool[N,h,w] (True = known), 'known': i32[N,h,w], 'codes': i32[N,h,w] (completed),
-     'images': f32[N,H,W,C] (decoded completions), 'originals': f32[N,H,W,C]}.
+     'images': f32[N,H,W,C] (decoded completions), 'originals': f32[N,H,W,C]} and the extra arrays.
 
   Raises:
     ConfigError: fewer held-out code maps than images asked for.
   """
   icfg = config.inpaint
+  spec = icfg.mask if mask_spec is None else mask_spec
   ndev = parallel.device_count()
   num = -(-num_images // ndev) * ndev
   known = gen.heldout_codes[:num]
   if len(known) < num:
     raise ConfigError(f"config.inpaint.num_images = {num_images}: only {len(known)} held-out code maps")
-  mask = masks.code_mask(icfg.mask, num, gen.code_shape, config.data.image_size, icfg.seed)
-  completed = inpaint_code_maps(gen, parallel.replicate(gen.prior.params), key=jax.random.key(icfg.seed),
-                                mask=mask, known=known, num_sampling_steps=icfg.steps or None,
-                                chunk=config.sample.chunk_steps)
+  mask = masks.code_mask(spec, num, gen.code_shape, config.data.image_size, icfg.seed)
+  if complete is None:
+    completed, extra = inpaint_code_maps(
+        gen, parallel.replicate(gen.prior.params), key=jax.random.key(icfg.seed), mask=mask, known=known,
+        num_sampling_steps=icfg.steps or None, chunk=config.sample.chunk_steps), {}
+  else:
+    completed, extra = complete(mask, known)
   images = decode_codes(gen.tokenizer, completed, config.sample.decode_batch_size)
   originals = data.first_images(config.data, config.data.eval_split, num)
-  return {"mask": mask, "known": known, "codes": completed, "images": images, "originals": originals}
+  return {"mask": mask, "known": known, "codes": completed, "images": images, "originals": originals, **extra}
 
 
 def save_inpainting(files: workdir_lib.OutputFiles, result: dict[str, np.ndarray], image_size: int,

@@ -1,9 +1,10 @@
 """Is an output current? The chain of a work directory's trained outputs, and the one check every stage uses.
 
 The chain is stage 1 (`W/vqvae`) → ReFiT (`W/refit`, when enabled) → the code maps (`W/codes`) → the prior
-(`W/prior`) → what is made from them (`W/samples`, `W/inpaint`, `W/eval`). Each link records what it was made
-from: ReFiT the stage-1 step it was rebuilt from (`rebuild.json`), the code store the tokenizer checkpoint that
-encoded it (`meta.json`), every prior checkpoint the code store it was trained on (checkpoint meta). A link is
+(`W/prior`) and, beside it on the same code maps, the autoregressive prior (`W/ar`, when enabled) → what is made
+from them (`W/samples`, `W/inpaint`, `W/eval`). Each link records what it was made from: ReFiT the stage-1 step
+it was rebuilt from (`rebuild.json`), the code store the tokenizer checkpoint that encoded it (`meta.json`),
+every checkpoint of either prior the code store it was trained on (checkpoint meta). A link is
 current when that record equals what its upstream link holds now. When stage 1 trains further, say, ReFiT,
 the code maps and the prior all describe the old tokenizer: a stage that consumes them must stop rather than
 decode the old prior's codes with the new decoder. The registry (`stages.run_stage`) checks the chain up to
@@ -22,7 +23,8 @@ from vqddm_jax import files as files_lib
 from vqddm_jax.errors import MismatchError
 from vqddm_jax.workdir import Workdir
 
-LINKS = ("vqvae", "refit", "codes", "prior")  # In chain order; ReFiT only while enabled.
+LINKS = ("vqvae", "refit", "codes", "prior", "ar")  # ReFiT and the AR prior only while enabled.
+PRIORS = ("prior", "ar")  # The two links made from the code maps, side by side (not one after the other).
 
 
 def tokenizer_link(config: Any) -> str:
@@ -31,8 +33,15 @@ def tokenizer_link(config: Any) -> str:
 
 
 def links(config: Any) -> list[str]:
-  """The chain's link names in order for `config` (ReFiT only when enabled)."""
-  return [link for link in LINKS if link != "refit" or config.refit.enabled]
+  """The link names `config` has (ReFiT and the AR prior only when enabled), upstream first."""
+  off = {"refit": not config.refit.enabled, "ar": not config.ar_train.enabled}
+  return [link for link in LINKS if not off.get(link)]
+
+
+def chain_to(config: Any, link: str) -> list[str]:
+  """The links from stage 1 down to `link`, in order: its upstream ones and itself (one prior, not both)."""
+  chain = [name for name in links(config) if name not in PRIORS]
+  return chain[:chain.index(link) + 1] if link in chain else chain + [link]
 
 
 def folder(workdir: Workdir, link: str) -> epath.Path:
@@ -58,11 +67,12 @@ def made_from(config: Any, workdir: Workdir, link: str) -> dict | None:
   if link == "codes":
     held = holds(config, workdir, "codes")
     return None if held is None else {"stage": held["tokenizer"], "step": held["step"]}
-  if link == "prior":
-    step = checkpointing.latest_step(workdir.prior.checkpoints)
+  if link in PRIORS:
+    directory = workdir.train(link).checkpoints
+    step = checkpointing.latest_step(directory)
     if step is None:
       return None
-    ckpt = checkpointing.Checkpointer(workdir.prior.checkpoints, read_only=True)
+    ckpt = checkpointing.Checkpointer(directory, read_only=True)
     try:
       return ckpt.restore_meta(step).get("codes")
     finally:
@@ -71,8 +81,8 @@ def made_from(config: Any, workdir: Workdir, link: str) -> dict | None:
 
 
 def upstream(config: Any, link: str) -> str | None:
-  chain = links(config)
-  return None if link == "vqvae" else (tokenizer_link(config) if link == "codes" else chain[chain.index(link) - 1])
+  chain = chain_to(config, link)
+  return None if link == "vqvae" else (tokenizer_link(config) if link == "codes" else chain[-2])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +96,7 @@ class Stale:
 
 def first_stale(config: Any, workdir: Workdir, through: str) -> Stale | None:
   """The first link, from stage 1 up to and including `through`, that is not current (None if all are)."""
-  chain = links(config)
-  for link in chain[1:chain.index(through) + 1]:
+  for link in chain_to(config, through)[1:]:
     up = upstream(config, link)
     recorded, now = made_from(config, workdir, link), holds(config, workdir, up)
     if recorded is not None and now is not None and recorded != now:
@@ -104,21 +113,23 @@ class StaleError(MismatchError):
                      "(--mode=all) to be told what to remove and redo")
 
   def describe(self) -> str:
-    stale, what = self.stale, {"refit": "ReFiT", "codes": "the code maps", "prior": "the prior"}[self.stale.link]
+    stale = self.stale
+    what = {"refit": "ReFiT", "codes": "the code maps", "prior": "the prior", "ar": "the AR prior"}[stale.link]
     return (f"{what} under {folder(self.workdir, stale.link)} {'were' if stale.link == 'codes' else 'was'} "
             f"made from {_describe(stale.recorded)}, but {folder(self.workdir, stale.upstream)} now holds "
             f"{_describe(stale.now)}")
 
 
-def check(config: Any, workdir: Workdir, through: str | None) -> None:
-  """Raises StaleError when a link up to `through` (a link name, 'tokenizer', or None for nothing) was made
-  from an upstream output that has changed since, naming both."""
-  through = tokenizer_link(config) if through == "tokenizer" else through
-  if through not in links(config):  # Nothing, or ReFiT while it is disabled.
-    return
-  stale = first_stale(config, workdir, through)
-  if stale is not None:
-    raise StaleError(stale, workdir)
+def check(config: Any, workdir: Workdir, through: str | None | tuple[str, ...]) -> None:
+  """Raises StaleError when a link up to `through` (a link name, 'tokenizer', None for nothing, or a tuple of
+  these: each is checked) was made from an upstream output that has changed since, naming both."""
+  for name in through if isinstance(through, tuple) else (through,):
+    name = tokenizer_link(config) if name == "tokenizer" else name
+    if name not in links(config):  # Nothing, or ReFiT / the AR prior while disabled.
+      continue
+    stale = first_stale(config, workdir, name)
+    if stale is not None:
+      raise StaleError(stale, workdir)
 
 
 def _describe(record: dict) -> str:

@@ -35,21 +35,21 @@ _RANDOM = re.compile(r"^random:(0(\.\d+)?|1(\.0+)?)$")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # PIL modes of a 16-bit greyscale PNG.
 
 
-def check_mask_spec(spec: str, image_size: int | None = None) -> None:
+def check_mask_spec(spec: str, image_size: int | None = None, field: str = "inpaint.mask") -> None:
   """Raises ConfigError unless `spec` is a named mask, `random:FRACTION` or a usable PNG mask (see the module
   doc; reading a mask PNG is cheap). `image_size`, when given, is named in the message about a non-square
-  mask."""
+  mask; `field` is the config field the messages name."""
   if spec in NAMED_MASKS:
     return
   if _RANDOM.match(spec):
     if not 0 < float(spec.split(":", 1)[1]) < 1:
-      raise ConfigError(f"config.inpaint.mask = {spec!r} is not allowed: FRACTION must lie strictly "
+      raise ConfigError(f"config.{field} = {spec!r} is not allowed: FRACTION must lie strictly "
                         "between 0 and 1 (0 hides nothing; 1 hides everything, which is --mode=sample)")
     return
   if spec.lower().endswith(".png"):
-    _known_pixels(spec, image_size)
+    _known_pixels(spec, image_size, field)
     return
-  raise ConfigError(f"config.inpaint.mask = {spec!r} is not allowed: one of {', '.join(NAMED_MASKS)}, "
+  raise ConfigError(f"config.{field} = {spec!r} is not allowed: one of {', '.join(NAMED_MASKS)}, "
                     "'random:FRACTION' (FRACTION in (0, 1) of the code positions hidden) or a PNG path "
                     "(white = known pixels)")
 
@@ -133,10 +133,10 @@ def _mask_levels(im) -> tuple[np.ndarray, int, str]:
   return np.asarray(im.convert("L")), 255, "grey"
 
 
-def _known_pixels(path: str, image_size: int | None) -> np.ndarray:
+def _known_pixels(path: str, image_size: int | None, field: str = "inpaint.mask") -> np.ndarray:
   """bool[H, W] of a PNG mask, True where known, after every check of the module doc but the code grid's."""
   from PIL import Image, UnidentifiedImageError
-  where = f"config.inpaint.mask = {path!r}"
+  where = f"config.{field} = {path!r}"
   if not epath.Path(path).is_file():
     raise ConfigError(f"{where}: no such mask PNG file")
   try:

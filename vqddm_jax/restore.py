@@ -13,13 +13,14 @@ import jax.numpy as jnp
 from etils import epath
 
 from vqddm_jax import checkpointing, lineage
+from vqddm_jax.models import ar_prior
 from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.models.unet import UNet
 from vqddm_jax.models.vqvae import VQVAE, build_vqvae
 from vqddm_jax.workdir import Workdir
 
 # Which mode writes each training stage's checkpoints (for "run --mode=... first" messages).
-_MAKER = {"vqvae": "train_vqvae", "refit": "refit", "prior": "train_prior"}
+_MAKER = {"vqvae": "train_vqvae", "refit": "refit", "prior": "train_prior", "ar": "train_ar"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Restored:
   """A model, its EMA parameters on the host, and where they came from."""
   model: Any
   params: Any
-  stage: str  # "vqvae", "refit" or "prior"
+  stage: str  # "vqvae", "refit", "prior" or "ar"
   step: int
 
 
@@ -68,6 +69,14 @@ def restore_prior(config: Any, workdir: Workdir, num_classes: int, code_shape: t
   abstract = jax.eval_shape(lambda: prior_lib.init_params(model, jax.random.key(0), code_shape))
   params, step = _restore_ema(workdir.prior.checkpoints, abstract, "prior")
   return Restored(model, params, "prior", step)
+
+
+def restore_ar(config: Any, workdir: Workdir, num_classes: int, code_shape: tuple[int, int]) -> Restored:
+  """The GPT and EMA parameters of the latest checkpoint of the autoregressive prior."""
+  model = ar_prior.build_gpt(config, num_classes, code_shape)
+  abstract = jax.eval_shape(lambda: ar_prior.init_params(model, jax.random.key(0)))
+  params, step = _restore_ema(workdir.ar.checkpoints, abstract, "ar")
+  return Restored(model, params, "ar", step)
 
 
 def _restore_ema(directory: epath.Path, abstract: Any, stage: str) -> tuple[Any, int]:

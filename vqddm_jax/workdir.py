@@ -6,9 +6,12 @@ W/vqvae/    stage 1        checkpoints/  tensorboard/  images/recon_<step>.png  
 W/refit/    ReFiT          the same, plus rebuild.json  features.npy  report.json  report.md
 W/codes/    the code maps of the training and held-out splits (a TFDS data set) and meta.json
 W/prior/    stage 2        checkpoints/  tensorboard/  eval.json
+W/ar/       the autoregressive prior (when config.ar_train.enabled): the same as W/prior/
 W/samples/<prior step>/samples_S<steps>_n<N>_seed<seed>[_tau<τ>].png|.npz|.json
-W/inpaint/<mask>/grid.png  inpaint.npz  inpaint.json
-W/eval/     report.json  report.md  samples.png  classifier.msgpack  inpaint/ (evaluate's own completions)
+W/samples/ar/<AR step>/samples_n<N>_seed<seed>[_tau<τ>][_k<k>][_p<p>].png|.npz|.json
+W/inpaint/<mask>/grid.png  inpaint.npz  inpaint.json    ar_prefix/  ar_reweight<N>/ (the AR prior's, alike)
+W/eval/     report.json  report.md  samples.png  samples_ar.png  classifier.msgpack
+            inpaint/<mask>/[ar_<protocol>/] (evaluate's own completions)
             reference_stats_<network>.npz (feature statistics of the whole training split)
 W/config.json   the config the run was made with, the code version, the date, accepted changes (run_config)
 W/lock.json     the job that holds the work directory while it runs (run_lock)
@@ -26,7 +29,7 @@ from etils import epath
 
 from vqddm_jax import files as files_lib
 
-TRAIN_STAGES = ("vqvae", "refit", "prior")
+TRAIN_STAGES = ("vqvae", "refit", "prior", "ar")
 
 
 # The file `launch/tpu.py sync` writes at the top of the code directory it puts on a TPU worker (launch/tpu_vm.py
@@ -63,7 +66,7 @@ def check_not_in_synced_tree(path: str | os.PathLike) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainPaths:
-  """What one training stage writes under `root` (`W/vqvae`, `W/refit` or `W/prior`)."""
+  """What one training stage writes under `root` (`W/vqvae`, `W/refit`, `W/prior` or `W/ar`)."""
   root: epath.Path
 
   @property
@@ -106,7 +109,8 @@ class Workdir:
     return f"Workdir({str(self.root)!r})"
 
   def train(self, stage: str) -> TrainPaths:
-    """Paths of a training stage: 'vqvae' (stage 1), 'refit' (ReFiT fine-tune) or 'prior' (stage 2)."""
+    """Paths of a training stage: 'vqvae' (stage 1), 'refit' (ReFiT fine-tune), 'prior' (stage 2) or 'ar'
+    (the autoregressive prior)."""
     if stage not in TRAIN_STAGES:
       raise ValueError(f"unknown training stage {stage!r}: one of {TRAIN_STAGES}")
     return TrainPaths(self.root / stage)
@@ -114,6 +118,7 @@ class Workdir:
   vqvae = property(lambda self: self.train("vqvae"), doc="Stage 1 (`train_vqvae`).")
   refit = property(lambda self: self.train("refit"), doc="The ReFiT fine-tune (`refit`).")
   prior = property(lambda self: self.train("prior"), doc="Stage 2, the prior (`train_prior`).")
+  ar = property(lambda self: self.train("ar"), doc="The autoregressive prior (`train_ar`).")
 
   config_json = _path("config.json", doc="The config the run was made with and the changes later runs made "
                       "to it (`run_config`).")
@@ -127,6 +132,7 @@ class Workdir:
   inpaint_dir = _path("inpaint", doc="Every `--mode=inpaint` output, by mask.")
   eval_dir = _path("eval", doc="What `--mode=evaluate` writes and caches.")
   eval_samples_grid = _path("eval", "samples.png", doc="The report's grid of samples.")
+  eval_ar_samples_grid = _path("eval", "samples_ar.png", doc="The report's grid of the AR prior's samples.")
   classifier_cache = _path("eval", "classifier.msgpack", doc="The evaluation classifier trained on the "
                            "embedded data, reused across evaluations.")
 
@@ -143,6 +149,15 @@ class Workdir:
             ("" if temperature == 1.0 else f"_tau{temperature:g}"))
     return OutputFiles(folder / f"{name}.png", folder / f"{name}.npz", folder / f"{name}.json")
 
+  def ar_samples(self, ar_step: int, *, num_samples: int, seed: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0) -> OutputFiles:
+    """`num_samples` samples of the AR prior's checkpoint `ar_step` drawn from `seed` with the sampling filter
+    (τ, top-k, top-p) in the name where it is not the model's own distribution."""
+    name = (f"samples_n{num_samples}_seed{seed}" + ("" if temperature == 1.0 else f"_tau{temperature:g}") +
+            ("" if top_k == 0 else f"_k{top_k}") + ("" if top_p == 1.0 else f"_p{top_p:g}"))
+    folder = self.samples_dir / "ar" / str(ar_step)
+    return OutputFiles(folder / f"{name}.png", folder / f"{name}.npz", folder / f"{name}.json")
+
   def latest_samples_grid(self) -> epath.Path | None:
     """The sample grid of the newest prior checkpoint, or None when nothing was sampled."""
     folder = self.samples_dir
@@ -153,9 +168,10 @@ class Workdir:
         return grids[0]
     return None
 
-  def inpaint(self, mask_name: str) -> OutputFiles:
-    """A `--mode=inpaint` run with the mask `mask_name` (a file-name-safe form of the mask spec)."""
-    folder = self.inpaint_dir / mask_name
+  def inpaint(self, mask_name: str, protocol: str = "") -> OutputFiles:
+    """A `--mode=inpaint` run with the mask `mask_name` (a file-name-safe form of the mask spec); `protocol`
+    names the AR prior's ('ar_prefix', 'ar_reweight16'), in a folder of its own beside the diffusion prior's."""
+    folder = self.inpaint_dir / mask_name / protocol if protocol else self.inpaint_dir / mask_name
     return OutputFiles(folder / "grid.png", folder / "inpaint.npz", folder / "inpaint.json")
 
   def eval_report(self, suffix: str) -> epath.Path:
@@ -167,7 +183,8 @@ class Workdir:
     'vgg16' or 'classifier'), computed once and reused by every evaluation of this run."""
     return self.eval_dir / f"reference_stats_{network}.npz"
 
-  def eval_inpaint(self, mask_name: str) -> OutputFiles:
+  def eval_inpaint(self, mask_name: str, protocol: str = "") -> OutputFiles:
     """Evaluate's own completions: never in `inpaint/`, where a user's `--mode=inpaint` writes."""
     folder = self.eval_dir / "inpaint" / mask_name
+    folder = folder / protocol if protocol else folder
     return OutputFiles(folder / "grid.png", folder / "inpaint.npz", folder / "inpaint.json")

@@ -18,13 +18,13 @@ Image sets travel as chunks (start, rows) of a set in a fixed order; every proce
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from absl import logging
 
-from vqddm_jax import data, generation, masks, parallel
+from vqddm_jax import ar_generation, data, generation, masks, parallel
 from vqddm_jax import files as files_lib
 from vqddm_jax.evaluation import classifier, feature_net, inception_score, reference_stats, streamed
 from vqddm_jax.workdir import Workdir
@@ -133,26 +133,32 @@ class Scorer:
     return row, s.first_images
 
 
-def _sample_set_row(config: Any, gen: generation.Generator, scorer: Scorer, rparams: Any, *, steps: int,
-                    seed: int) -> tuple[dict, np.ndarray, float]:
-  """(quality row, first images, sampling seconds) of `eval.num_samples` samples drawn with
-  `jax.random.key(seed)` in `steps` reverse steps."""
-  ecfg = config.eval
+def scored_samples(config: Any, gen: generation.Generator, scorer: Scorer,
+                   code_chunks: Iterable[tuple[int, np.ndarray]]) -> tuple[dict, np.ndarray, float]:
+  """(quality row, first images, sampling seconds) of the `eval.num_samples` code maps `code_chunks` yields
+  (start, i32[n, h, w]) as a sampler makes them: only the sampling is timed, not decoding and features."""
+  num = config.eval.num_samples
   seconds = [0.0]
 
   def timed(chunks):
-    # Sampling time only: decoding and features are the evaluation's cost, not the sampler's.
     t0 = time.perf_counter()
     for item in chunks:
       seconds[0] += time.perf_counter() - t0
       yield item
       t0 = time.perf_counter()
 
-  codes = timed(generation.sample_in_chunks(
+  quality, first = scorer.row(_decoded(config, gen, _host_slices(timed(code_chunks), num)), num)
+  return quality, first, seconds[0]
+
+
+def _sample_set_row(config: Any, gen: generation.Generator, scorer: Scorer, rparams: Any, *, steps: int,
+                    seed: int) -> tuple[dict, np.ndarray, float]:
+  """`scored_samples` of the diffusion prior's samples drawn with `jax.random.key(seed)` in `steps` reverse
+  steps."""
+  ecfg = config.eval
+  return scored_samples(config, gen, scorer, generation.sample_in_chunks(
       gen, rparams, key=jax.random.key(seed), num=ecfg.num_samples, chunk_size=ecfg.chunk_size,
       num_sampling_steps=steps, chunk_steps=config.sample.chunk_steps))
-  quality, first = scorer.row(_decoded(config, gen, _host_slices(codes, ecfg.num_samples)), ecfg.num_samples)
-  return quality, first, seconds[0]
 
 
 def steps_table(config: Any, gen: generation.Generator, scorer: Scorer) -> tuple[list[dict], np.ndarray]:
@@ -184,19 +190,28 @@ def sample_draws(config: Any, gen: generation.Generator, scorer: Scorer, first: 
     None for one draw, else {'steps', 'draws': [{'seed', 'fd', 'kid', 'precision', 'recall'}, ...],
     'mean': {metric: float}, 'std': {metric: float} (sample standard deviation, ddof = 1)}.
   """
-  ecfg = config.eval
-  if ecfg.sample_draws <= 1:
+  if config.eval.sample_draws <= 1:
     return None
-  steps = first["steps"]
   rparams = parallel.replicate(gen.prior.params)
-  draws = [{"seed": ecfg.seed, **{m: first[m] for m in DRAW_METRICS}}]
+  steps = first["steps"]
+  row = lambda seed: _sample_set_row(config, gen, scorer, rparams, steps=steps, seed=seed)[::2]  # noqa: E731
+  return dict(steps=steps, **draws_summary(config, first, row))
+
+
+def draws_summary(config: Any, first: dict, row_for_seed: Callable[[int], tuple[dict, float]] | None) -> dict:
+  """{'draws', 'mean', 'std'} of DRAW_METRICS over `eval.sample_draws` draws: `first` (seed `eval.seed`; its
+  `seconds` if it has them), then `row_for_seed(eval.seed + r) -> (row, sampling seconds)` for r = 1 .. R − 1.
+  Each draw keeps its sampling seconds (the first includes compiling the sampler)."""
+  ecfg = config.eval
+  draws = [{"seed": ecfg.seed, **{m: first[m] for m in DRAW_METRICS}, "seconds": first.get("seconds")}]
   for r in range(1, ecfg.sample_draws):
-    quality, _, _ = _sample_set_row(config, gen, scorer, rparams, steps=steps, seed=ecfg.seed + r)
-    draws.append({"seed": ecfg.seed + r, **{m: quality[m] for m in DRAW_METRICS}})
+    quality, seconds = row_for_seed(ecfg.seed + r)
+    draws.append({"seed": ecfg.seed + r, **{m: quality[m] for m in DRAW_METRICS}, "seconds": seconds})
     logging.info("evaluate: draw %d of %d: %s", r + 1, ecfg.sample_draws, draws[-1])
   values = {m: np.array([d[m] for d in draws], np.float64) for m in DRAW_METRICS}
-  return {"steps": steps, "draws": draws, "mean": {m: float(v.mean()) for m, v in values.items()},
-          "std": {m: float(v.std(ddof=1)) for m, v in values.items()}}
+  std = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+  return {"draws": draws, "mean": {m: float(v.mean()) for m, v in values.items()},
+          "std": {m: std(v) for m, v in values.items()}}
 
 
 def _random_code_chunks(config: Any, gen: generation.Generator, num: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -227,8 +242,8 @@ def real_features(config: Any, net: feature_net.FeatureNet, num: int) -> np.ndar
   return streamed.stream(net, _split_chunks(config.data, config.data.eval_split, num), num, keep=num).kept
 
 
-def evaluate(config: Any, workdir: Workdir, gen: generation.Generator, *,
-             inputs: dict | None) -> tuple[dict, np.ndarray]:
+def evaluate(config: Any, workdir: Workdir, gen: generation.Generator, *, inputs: dict | None,
+             compare: Callable | None = None) -> tuple[dict, dict]:
   """The report of the models `gen` restored from `workdir` (also saves the inpainting completions it scores
   under `eval/`).
 
@@ -237,9 +252,12 @@ def evaluate(config: Any, workdir: Workdir, gen: generation.Generator, *,
     workdir: where the classifier and reference statistics are cached and the training reports are read.
     gen: the restored prior and tokenizer.
     inputs: what the report was made from, stored in it under 'inputs'.
+    compare: with the AR prior there, `comparison.compare` (passed in: it builds on this module), whose
+      section becomes the report's 'comparison'.
 
   Returns:
-    (report, the first samples f32[n, H, W, C] in [-1, 1] drawn with the first step fraction, for the grid).
+    (report, grids): the first samples f32[n, H, W, C] in [-1, 1] drawn with the first step fraction under
+    'samples', and the AR prior's under 'ar_samples' when it is there (its `comparison` section too).
   """
   net, facts = feature_network(config, workdir)
   ref = reference_statistics(config, workdir, net)
@@ -249,14 +267,17 @@ def evaluate(config: Any, workdir: Workdir, gen: generation.Generator, *,
   table, samples = steps_table(config, gen, scorer)
   rows[f"samples ({table[0]['steps']} steps)"] = {k: v for k, v in table[0].items()
                                                  if k not in ("steps", "fraction", "seconds")}
-  rows[f"inpainting completions ({config.inpaint.mask})"] = _inpainting_row(
-      config, workdir, gen, scorer, min(config.eval.inpaint_images, len(gen.heldout_codes)))
+  rows[f"inpainting completions ({config.inpaint.mask})"] = inpainting_row(
+      config, workdir, gen, scorer, min(config.eval.inpaint_images, len(gen.heldout_codes)))[0]
   report = dict(facts, protocol=protocol_facts(config, net, ref, n_real, workdir), quality=rows,
                 steps_vs_quality=table, sample_draws=sample_draws(config, gen, scorer, table[0]), inputs=inputs,
                 heldout_nelbo=files_lib.read_json(workdir.prior.eval_json) or {},
                 codebook=_codebook_facts(config, workdir), refit=files_lib.read_json(workdir.refit_report("json")),
                 samples_grid=workdir.eval_samples_grid.name)
-  return report, samples
+  grids = {"samples": samples}
+  if gen.ar is not None and compare is not None:
+    report["comparison"], grids["ar_samples"] = compare(config, workdir, gen, scorer, report)
+  return report, grids
 
 
 def protocol_facts(config: Any, net: feature_net.FeatureNet, ref: reference_stats.ReferenceStats, n_real: int,
@@ -274,17 +295,27 @@ def protocol_facts(config: Any, net: feature_net.FeatureNet, ref: reference_stat
           "inception_score_splits": inception_score.NUM_SPLITS if net.has_scores else None}
 
 
-def _inpainting_row(config: Any, workdir: Workdir, gen: generation.Generator, scorer: Scorer,
-                    num_images: int) -> dict:
-  """Quality of completions of `num_images` held-out images; KID/PR against their originals (kept in `eval/`)."""
-  result = generation.inpaint_heldout(config, gen, num_images)
+def inpainting_row(config: Any, workdir: Workdir, gen: generation.Generator, scorer: Scorer, num_images: int,
+                   *, mask_spec: str | None = None, protocol: str | None = None) -> tuple[dict, dict]:
+  """(quality row, arrays) of completions of `num_images` held-out images under `mask_spec` (default
+  `config.inpaint.mask`) by the diffusion prior, or by the AR prior's `protocol`; KID/PR against their
+  originals. The completions are kept under `eval/inpaint/<mask>/[ar_<protocol>/]`."""
+  spec = config.inpaint.mask if mask_spec is None else mask_spec
+  if protocol is None:
+    result, folder = generation.inpaint_heldout(config, gen, num_images, mask_spec=spec), ""
+    record = dict(gen.models, num_images=num_images)
+  else:
+    result = ar_generation.inpaint_heldout(config, gen, num_images, protocol, mask_spec=spec)
+    folder = ar_generation.protocol_name(protocol, gen.ar_sampling["candidates"])
+    record = dict(gen.ar_models, num_images=num_images, protocol=protocol)
   if parallel.is_main_process():
-    generation.save_inpainting(workdir.eval_inpaint(masks.mask_name(config.inpaint.mask)), result,
-                               config.data.image_size, dict(gen.models, num_images=num_images))
+    generation.save_inpainting(workdir.eval_inpaint(masks.mask_name(spec), folder), result,
+                               config.data.image_size, dict(record, mask=spec))
   originals = scorer.net.features(result["originals"])
   images = as_saved(result["images"])
-  return scorer.row(_host_slices(array_chunks(images, config.eval.chunk_size), len(images)), len(images),
-                    real=originals)[0]
+  row = scorer.row(_host_slices(array_chunks(images, config.eval.chunk_size), len(images)), len(images),
+                   real=originals)[0]
+  return row, result
 
 
 def _codebook_facts(config: Any, workdir: Workdir) -> dict | None:

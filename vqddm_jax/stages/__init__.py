@@ -5,11 +5,12 @@ Every stage module has
 and says when it is done in one of two ways:
   is_done(config, workdir) -> bool      training stages and encode: trained to the configured step (encode:
                                         the code maps are the current tokenizer's), or
-  inputs(config, workdir) -> dict|None  stages that make outputs from trained ones (sample, inpaint,
-  record_file(config, workdir, inputs)  evaluate): the record of what the outputs are made from now (the
-                                        checkpoints and settings), and where the outputs store the record
-                                        they were made from (under RECORD_KEY of that JSON file, if set);
-                                        the registry compares the two (`is_done`), in one place.
+  outputs(config, workdir)              stages that make outputs from trained ones (sample, inpaint,
+    -> [(record file, record)] | None   evaluate): for each output it makes now (one per prior), where it
+                                        stores the record of what it was made from (under RECORD_KEY of that
+                                        JSON file, if set) and that record as it would be now (the checkpoints
+                                        and settings; None while a checkpoint is missing); the registry
+                                        compares the two (`is_done`), in one place.
 The registry entries say what each stage needs and makes: `consumes` is the last link of the work directory's
 chain (`lineage`) the stage reads, which must be current before it runs; `makes` the link it makes; `after`
 the stages whose outputs it is made from; `folders` its outputs. From these the registry tells a user what
@@ -53,9 +54,10 @@ class Stage:
   name: str
   help: str
   in_pipeline: bool = True
-  # The last link of the work directory's chain (`lineage`) this stage reads or extends: the chain up to it
-  # must be current before the stage runs ('tokenizer' = ReFiT or stage 1, as configured).
-  consumes: str | None = None
+  # The last links of the work directory's chain (`lineage`) this stage reads or extends: the chain up to each
+  # must be current before the stage runs ('tokenizer' = ReFiT or stage 1, as configured; a disabled link,
+  # ReFiT or the AR prior, is passed over).
+  consumes: tuple[str, ...] = ()
   makes: str | None = None  # The chain link this stage makes (`lineage.LINKS`), if any.
   after: tuple[str, ...] = ()  # The stages whose outputs this one is made from.
   folders: Callable[[Workdir], tuple[epath.Path, ...]] = lambda workdir: ()  # What it writes.
@@ -65,23 +67,30 @@ class Stage:
     return importlib.import_module(f"vqddm_jax.stages.{self.name}")
 
 
+_PRIORS = ("prior", "ar")  # What the generating stages read: both priors, each while it is enabled.
+_TRAINED = ("train_prior", "train_ar")
+
 REGISTRY: tuple[Stage, ...] = (
     Stage("train_vqvae", "stage 1: train the VQ-VAE on images (workdir/vqvae/)", makes="vqvae",
           folders=lambda w: (w.vqvae.root,)),
     Stage("refit", "ReFiT: rebuild the codebook by k-means, fine-tune with the encoder frozen "
-          "(workdir/refit/; skipped when config.refit.enabled is False)", consumes="refit", makes="refit",
+          "(workdir/refit/; skipped when config.refit.enabled is False)", consumes=("refit",), makes="refit",
           after=("train_vqvae",), folders=lambda w: (w.refit.root,)),
     Stage("encode", "encode training and held-out images to code maps (workdir/codes/)",
-          consumes="tokenizer", makes="codes", after=("train_vqvae", "refit"),
+          consumes=("tokenizer",), makes="codes", after=("train_vqvae", "refit"),
           folders=lambda w: (w.code_store,)),
     Stage("train_prior", "stage 2: train the discrete-diffusion prior on code maps (workdir/prior/)",
-          consumes="prior", makes="prior", after=("encode",), folders=lambda w: (w.prior.root,)),
-    Stage("sample", "sample code maps with the prior and decode them (workdir/samples/<step>/)",
-          consumes="prior", after=("train_prior",), folders=lambda w: (w.samples_dir,)),
-    Stage("evaluate", "quality report: FD/KID/precision/recall, bits per code, usage, steps table "
-          "(workdir/eval/)", consumes="prior", after=("train_prior",), folders=lambda w: (w.eval_dir,)),
+          consumes=("prior",), makes="prior", after=("encode",), folders=lambda w: (w.prior.root,)),
+    Stage("train_ar", "the autoregressive prior (taming's GPT over the same code maps in raster order) "
+          "beside the diffusion prior (workdir/ar/; skipped unless config.ar_train.enabled)",
+          consumes=("ar",), makes="ar", after=("encode",), folders=lambda w: (w.ar.root,)),
+    Stage("sample", "sample code maps with the prior (and the AR prior) and decode them "
+          "(workdir/samples/)", consumes=_PRIORS, after=_TRAINED, folders=lambda w: (w.samples_dir,)),
+    Stage("evaluate", "quality report: FD/KID/precision/recall, bits per code, usage, steps table, the two "
+          "priors side by side (workdir/eval/)", consumes=_PRIORS, after=_TRAINED,
+          folders=lambda w: (w.eval_dir,)),
     Stage("inpaint", "complete held-out images outside config.inpaint.mask (workdir/inpaint/)",
-          in_pipeline=False, consumes="prior", after=("train_prior",), folders=lambda w: (w.inpaint_dir,)),
+          in_pipeline=False, consumes=_PRIORS, after=_TRAINED, folders=lambda w: (w.inpaint_dir,)),
     # Not in `all`: evaluate computes the statistics on first use; this mode computes them once, apart from
     # training, for reuse in other runs (--config.eval.reference_stats).
     Stage("reference_stats", "FID reference statistics of the whole training split "
@@ -115,13 +124,13 @@ def stale_remedy(stale: Any, workdir: Workdir) -> str:
 
 def is_done(stage: Stage, config: Any, workdir: Workdir) -> bool:
   """Whether `stage`'s outputs exist and were made from what its inputs are now (see the module doc)."""
-  from vqddm_jax import files
   module = stage.module()
-  if not hasattr(module, "inputs"):
+  if not hasattr(module, "outputs"):
     return module.is_done(config, workdir)
-  wanted = module.inputs(config, workdir)
-  return wanted is not None and files.same_record(module.record_file(config, workdir, wanted), wanted,
-                                                  key=getattr(module, "RECORD_KEY", None))
+  from vqddm_jax import files
+  wanted = module.outputs(config, workdir)
+  return wanted is not None and all(files.same_record(path, record, key=getattr(module, "RECORD_KEY", None))
+                                    for path, record in wanted)
 
 
 def run_stage(stage: Stage, config: Any, workdir: Workdir) -> StageResult:

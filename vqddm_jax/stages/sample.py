@@ -1,9 +1,11 @@
-"""`--mode=sample`: sample code maps with the prior, decode them with the tokenizer, save them.
+"""`--mode=sample`: sample code maps with the prior (and the AR prior, when enabled), decode them, save them.
 
 Writes `workdir/samples/<prior step>/samples_S<steps>_n<N>_seed<seed>.png` (a grid; `_tau<τ>` before the
-suffix when `config.sample.temperature` is not 1), `.npz` (codes i32[N,h,w], images
-f32[N,H,W,C] in [-1, 1]) and `.json` (what made them). `config.sample.steps` (or `--sample_steps`) = 0 runs all
-T reverse steps, S < T a strided subset. Done while a newer prior or tokenizer checkpoint has not appeared.
+suffix when `config.sample.temperature` is not 1), `.npz` (codes i32[N,h,w], images f32[N,H,W,C] in [-1, 1])
+and `.json` (what made them). `config.sample.steps` (or `--sample_steps`) = 0 runs all T reverse steps, S < T a
+strided subset. With `config.ar_train.enabled`, the AR prior's samples of the same count and seed go beside
+them: `workdir/samples/ar/<AR step>/samples_n<N>_seed<seed>[_tau<τ>][_k<k>][_p<p>].*` (`config.ar_sample`).
+Each set is done while a newer checkpoint of its prior or the tokenizer has not appeared.
 """
 from __future__ import annotations
 
@@ -11,21 +13,33 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
-from vqddm_jax import generation, parallel
+from vqddm_jax import ar_generation, generation, parallel
 from vqddm_jax import images as images_lib
 from vqddm_jax import files as files_lib
 from vqddm_jax.stages import StageResult
 from vqddm_jax.workdir import Workdir
 
 
-def inputs(config: Any, workdir: Workdir) -> dict | None:
-  """The checkpoints and settings the samples are made from (None while a checkpoint is missing)."""
-  models = generation.current_record(config, workdir)
+def outputs(config: Any, workdir: Workdir) -> list[tuple[Any, dict]] | None:
+  """(record file, record now) of the diffusion prior's samples and, when enabled, the AR prior's (None while
+  a checkpoint is missing)."""
   scfg = config.sample
-  return None if models is None else dict(models, num_samples=scfg.num_samples, seed=scfg.seed,
-                                          steps=scfg.steps or config.diffusion.num_steps)
+  models = generation.current_record(config, workdir)
+  if models is None:
+    return None
+  record = dict(models, num_samples=scfg.num_samples, seed=scfg.seed,
+                steps=scfg.steps or config.diffusion.num_steps)
+  found = [(_files(workdir, record).record, record)]
+  if config.ar_train.enabled:
+    ar = generation.ar_record(config, workdir)
+    if ar is None:
+      return None
+    ar = dict(ar, num_samples=scfg.num_samples, seed=scfg.seed)
+    found.append((_ar_files(workdir, ar).record, ar))
+  return found
 
 
 def _files(workdir: Workdir, record: dict) -> Any:
@@ -33,29 +47,40 @@ def _files(workdir: Workdir, record: dict) -> Any:
                          seed=record["seed"], temperature=record["temperature"])
 
 
-def record_file(config: Any, workdir: Workdir, record: dict) -> Any:
-  del config
-  return _files(workdir, record).record
+def _ar_files(workdir: Workdir, record: dict) -> Any:
+  return workdir.ar_samples(record["ar_step"], num_samples=record["num_samples"], seed=record["seed"],
+                            temperature=record["temperature"], top_k=record["top_k"], top_p=record["top_p"])
 
 
 def run(config: Any, workdir: Workdir) -> StageResult:
-  """Samples `config.sample.num_samples` images."""
+  """Samples `config.sample.num_samples` images with each prior whose samples are not current."""
   scfg = config.sample
   gen = generation.load_generator(config, workdir)  # Names what is missing, if anything.
-  record = inputs(config, workdir)
-  steps = record["steps"]
   per_device = -(-scfg.num_samples // parallel.device_count())
-  t0 = time.perf_counter()
-  codes = generation.sample_code_maps(
-      gen, parallel.replicate(gen.prior.params), key=jax.random.key(scfg.seed), per_device=per_device,
-      num_sampling_steps=scfg.steps or None, chunk=scfg.chunk_steps)[:scfg.num_samples]
-  seconds = time.perf_counter() - t0
-  images = generation.decode_codes(gen.tokenizer, codes, scfg.decode_batch_size)
-  files = _files(workdir, record)
+  written = []
+  for path, record in outputs(config, workdir):
+    if files_lib.same_record(path, record):  # This prior's set is current: only the other is made.
+      continue
+    t0 = time.perf_counter()
+    if "ar_step" in record:
+      codes = ar_generation.sample_code_maps(gen, parallel.replicate(gen.ar.params),
+                                             key=jax.random.key(scfg.seed), per_device=per_device)
+      files = _ar_files(workdir, record)
+    else:
+      codes = generation.sample_code_maps(
+          gen, parallel.replicate(gen.prior.params), key=jax.random.key(scfg.seed), per_device=per_device,
+          num_sampling_steps=scfg.steps or None, chunk=scfg.chunk_steps)
+      files = _files(workdir, record)
+    seconds = time.perf_counter() - t0
+    written += _save(config, gen, files, codes[:scfg.num_samples], dict(record, seconds=seconds))
+  return StageResult("sample", True, tuple(written))
+
+
+def _save(config: Any, gen: generation.Generator, files: Any, codes: np.ndarray, record: dict) -> list[str]:
+  images = generation.decode_codes(gen.tokenizer, codes, config.sample.decode_batch_size)
   if parallel.is_main_process():
     files_lib.write_png(files.png, images_lib.image_grid(images))
     files_lib.write_npz(files.npz, codes=codes, images=images)
-    files_lib.write_json(files.record, dict(record, seconds=seconds))
-  logging.info("%d samples with %d reverse steps in %.1fs: %s and %s", len(codes), steps, seconds,
-               files.png, files.npz)
-  return StageResult("sample", True, (str(files.png), str(files.npz)))
+    files_lib.write_json(files.record, record)
+  logging.info("%d samples in %.1fs: %s and %s", len(codes), record["seconds"], files.png, files.npz)
+  return [str(files.png), str(files.npz)]

@@ -24,6 +24,8 @@ class Stream(enum.IntEnum):
   PRIOR_INIT = 10  # the denoiser's initial parameters
   PRIOR_EVAL = 11  # the held-out −ELBO's t and z_t draws (the batch index, then the example, folded in)
   PRIOR_TRAIN = 12  # the loop key of stage 2 (the step folds in step and global example index)
+  AR_INIT = 20  # the autoregressive prior's initial parameters
+  AR_TRAIN = 22  # the loop key of the AR prior (only its dropout uses it: step, then device, folded in)
 
 
 class Draw(enum.IntEnum):
