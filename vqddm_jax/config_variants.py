@@ -2,7 +2,11 @@
 authors'-release variant.
 
 `--config=configs/celeba.py:ARG` passes ARG to `get_config`. ARG is a comma-separated list of at most one data
-source (e.g. `celeb_a`, `folder`) and any of the variants below, in any order: `:authors`, `:folder,authors`.
+source (e.g. `celeb_a`, `folder`) and any of the variants below, in any order: `:authors`, `:folder,authors`,
+`:ar,authors`.
+
+The `ar` variant adds taming-transformers' autoregressive prior at its published faces size beside the
+diffusion prior (`taming_ar`), so that a pod run gives the paper's comparison (docs/comparison.md).
 
 The `authors` variant switches the settings in which the authors' released code and configs differ from the
 paper text, or from a choice this codebase makes where the paper says nothing (docs/method.md §5.1): use it to
@@ -18,7 +22,7 @@ import ml_collections
 from vqddm_jax.config_checks import set_field
 from vqddm_jax.config_schema import gan_optim, optim_defaults
 
-VARIANTS = ("authors",)
+VARIANTS = ("authors", "ar")
 
 # LSUN-Church: the authors' prior saw only the first 31,000 code maps of the training set (method.md §5.1).
 AUTHORS_LSUN_CODE_MAPS = 31_000
@@ -108,6 +112,22 @@ def paper_stage2(config: ml_collections.ConfigDict, *, num_codes: int, batch_siz
                             eval_examples=1_000, eval_t_samples=32)
   config.sample.update(num_samples=64, chunk_steps=200)
   config.eval.update(num_samples=10_000, inpaint_images=1_000)
+
+
+# taming-transformers' faces transformer (the issue's facts; docs/comparison.md): 24 layers, 16 heads, width 1664,
+# a block of 256 = 16×16 codes, ~800 M parameters with K = 1024.
+TAMING_AR = {"width": 1664, "num_layers": 24, "num_heads": 16, "mlp_ratio": 4, "dropout": 0.0}
+
+
+def taming_ar(config: ml_collections.ConfigDict, *, batch_size: int, num_steps: int) -> None:
+  """Turns on the AR prior at taming's faces size (`TAMING_AR`), trained with taming's optimiser: AdamW (0.9,
+  0.95), weight decay 0.01 on the linear weights, a constant rate of its base 4.5e-6 times the global batch.
+  bfloat16 compute (parameters stay float32): at this size float32 is for checks, not pods."""
+  config.ar.update(**TAMING_AR, dtype="bfloat16")
+  config.ar_train.update(
+      enabled=True, batch_size=batch_size, num_steps=num_steps,
+      optim=dict(optim_defaults(4.5e-6 * batch_size), b2=0.95, schedule="constant", weight_decay=0.01),
+      ema_decay=0.9999, log_every=100, checkpoint_every=5_000, eval_every=25_000, eval_examples=1_000)
 
 
 def apply_authors(config: ml_collections.ConfigDict, *, max_code_maps: int = 0) -> None:
