@@ -6,7 +6,10 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
@@ -14,12 +17,16 @@ from vqddm_jax import choices, config_schema, diffusion, kmeans
 from vqddm_jax.config_checks import field_value, set_field
 from vqddm_jax.errors import ConfigError
 from vqddm_jax.models import prior as prior_lib
+from vqddm_jax.models import ar_prior
 from vqddm_jax.models.discriminator import NLayerDiscriminator, build_discriminator
+from vqddm_jax.models.gpt import GPT
 from vqddm_jax.models.unet import UNet
 from vqddm_jax.models.vqvae import VQVAE, build_vqvae
 
 CONFIGS = ["configs/mnist.py", "configs/mnist.py:tiny", "configs/celeba.py", "configs/celeba.py:celeb_a",
-           "configs/lsun_church.py", "configs/celeba.py:authors", "configs/lsun_church.py:authors"]
+           "configs/lsun_church.py", "configs/celeba.py:authors", "configs/lsun_church.py:authors",
+           "configs/mnist.py:compare", "configs/mnist.py:tiny,compare", "configs/celeba.py:ar,authors",
+           "configs/lsun_church.py:ar"]
 
 
 @pytest.mark.parametrize("spec", CONFIGS)
@@ -153,6 +160,31 @@ def test_model_sections_are_the_attributes_of_the_modules_they_build():
       built = getattr(model, name)
       assert (built.dtype if name == "dtype" else built) == (value if name != "codebook_size" else 512), name
   assert (vqvae.out_channels, unet.num_classes, unet.time_scale) == (3, 512, 1.0)
+
+
+def _num_params(model) -> int:
+  shapes = jax.eval_shape(lambda: ar_prior.init_params(model, jax.random.key(0)))
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+
+
+def test_the_ar_section_builds_the_gpt_at_the_sizes_the_configs_promise():
+  """`ar` holds the GPT's attributes less the code count and the length; `:compare`'s AR prior is within 1% of
+  the default denoiser's size; `:ar` on the 256×256 configs is taming's faces transformer (~800 M)."""
+  config = load_config("configs/mnist.py:compare")
+  assert config.ar_train.enabled and config.eval.sample_draws == 5
+  assert set(config.ar) == _attributes(GPT) - {"num_classes", "length"}
+  gpt = ar_prior.build_gpt(config, 128, (8, 8))
+  assert (gpt.num_classes, gpt.length, gpt.width, gpt.num_layers) == (128, 64, 240, 4)
+  denoiser = prior_lib.build_denoiser(config, 128)
+  unet_params = jax.eval_shape(lambda: prior_lib.init_params(denoiser, jax.random.key(0), (8, 8)))
+  unet_size = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(unet_params)))
+  assert abs(_num_params(gpt) / unet_size - 1) < 0.01, (_num_params(gpt), unet_size)
+  for spec in ("configs/celeba.py:ar", "configs/lsun_church.py:ar,authors"):
+    config = load_config(spec)
+    gpt = ar_prior.build_gpt(config, 1024, (16, 16))
+    assert (gpt.width, gpt.num_layers, gpt.num_heads, gpt.length, gpt.dtype) == (1664, 24, 16, 256, jnp.bfloat16)
+    assert 795e6 < _num_params(gpt) < 805e6 and config.ar_train.optim.weight_decay == 0.01
+  assert not load_config("configs/celeba.py").ar_train.enabled  # Off unless asked for.
 
 
 def test_the_code_takes_exactly_the_choices_the_schema_allows():

@@ -17,7 +17,7 @@ from vqddm_jax.workdir import Workdir
 
 def test_pipeline_runs_evaluate_last():
   names = [s.name for s in stages.PIPELINE]
-  assert names == ["train_vqvae", "refit", "encode", "train_prior", "sample", "evaluate"]
+  assert names == ["train_vqvae", "refit", "encode", "train_prior", "train_ar", "sample", "evaluate"]
   assert "inpaint" in stages.BY_NAME and "inpaint" not in names
 
 

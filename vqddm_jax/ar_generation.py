@@ -38,14 +38,15 @@ def _filter(gen: Generator) -> dict:
 
 
 def sample_program(gen: Generator, per_device: int) -> Callable:
-  """The pmapped `(rparams, key) -> i32[devices, per_device, L]` sampler of `gen`'s AR prior."""
+  """The pmapped `(rparams, key) -> i32[devices, per_device, L]` sampler of `gen`'s AR prior (one per
+  generator and batch: every draw reuses its compilation)."""
   model, kwargs = gen.ar.model, _filter(gen)
 
   def fn(params, key):
     return autoregressive.sample(autoregressive.gpt_decoder(model, params), device_key(key), per_device,
                                  **kwargs)
 
-  return parallel.pmap(fn, in_axes=(0, None))
+  return generation.program_for(gen, ("ar_sample", per_device), lambda: parallel.pmap(fn, in_axes=(0, None)))
 
 
 def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device: int,
@@ -98,8 +99,10 @@ def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.
       return codes, jnp.ones((k.shape[0],)), jnp.zeros((k.shape[0],))
     return autoregressive.inpaint_reweighted(decoder, device_key(key), k, m, num_candidates=n, **kwargs)
 
+  program = generation.program_for(gen, ("ar_inpaint", protocol),
+                                   lambda: parallel.pmap(fn, in_axes=(0, 0, 0, None)))
   t0 = time.perf_counter()
-  codes, ess, log_w = parallel.pmap(fn, in_axes=(0, 0, 0, None))(rparams, known_d, mask_d, key)
+  codes, ess, log_w = program(rparams, known_d, mask_d, key)
   codes.block_until_ready()
   logging.info("AR inpainting (%s): %d maps in %.1fs", protocol_name(protocol, n), len(known),
                time.perf_counter() - t0)

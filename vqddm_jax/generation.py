@@ -122,16 +122,32 @@ def run_chunks(p_chunk: Callable, z: Any, ts: np.ndarray, chunk: int, what: str)
   return z
 
 
+_PROGRAMS: dict = {}  # {key: program} of one generator, `_PROGRAMS_OWNER`.
+_PROGRAMS_OWNER: list = [None]
+
+
+def program_for(gen: Generator, key: Any, make: Callable[[], Callable]) -> Callable:
+  """The pmapped program `key` of `gen`, made once by `make()`. A new pmap of a new closure compiles again,
+  so a function that builds its program per call recompiles on every call (each evaluation draw, each
+  inpainting mask); this keeps the programs of the newest generator (only: they hold its model)."""
+  if _PROGRAMS_OWNER[0] is not gen:
+    _PROGRAMS.clear()
+    _PROGRAMS_OWNER[0] = gen
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = make()
+  return _PROGRAMS[key]
+
+
 def reverse_program(gen: Generator) -> Callable:
-  """The pmapped reverse-chunk program `(rparams, z, key, ts_chunk) -> z` of `gen`'s prior; build it once
-  and pass it to every `sample_code_maps` call that should reuse its compilation."""
+  """The pmapped reverse-chunk program `(rparams, z, key, ts_chunk) -> z` of `gen`'s prior (one per
+  generator: every `sample_code_maps` call reuses its compilation)."""
   sched = gen.sched
 
   def chunk_fn(params, z, key, ts_chunk):
     logits_fn = gen.sampling_logits_fn(params)
     return diffusion.reverse_chunk(device_key(key), z, ts_chunk, logits_fn, sched)
 
-  return parallel.pmap(chunk_fn, in_axes=(0, 0, None, None))
+  return program_for(gen, "reverse", lambda: parallel.pmap(chunk_fn, in_axes=(0, 0, None, None)))
 
 
 def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device: int,
@@ -198,7 +214,7 @@ def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.
     logits_fn = gen.sampling_logits_fn(params)
     return diffusion.inpaint_chunk(device_key(key), z, ts_chunk, logits_fn, sched, m, z0)
 
-  p_chunk = parallel.pmap(chunk_fn, in_axes=(0, 0, 0, 0, None))
+  p_chunk = program_for(gen, "inpaint", lambda: parallel.pmap(chunk_fn, in_axes=(0, 0, 0, 0, None)))
   z = parallel.to_devices(np.asarray(jax.vmap(
       lambda d, m, z0: diffusion.inpaint_init(jax.random.fold_in(key, d), m, z0, sched))(
           device_indices(), jnp.asarray(parallel.shard(mask)), jnp.asarray(parallel.shard(known)))))
