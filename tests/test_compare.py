@@ -201,6 +201,7 @@ def test_evaluate_reports_the_two_priors_side_by_side(ar_run):
   assert ar["network_calls_per_sample"] == h * w == 64
   ar_eval = json.loads(workdir.ar.eval_json.read_text())
   assert ar["bits_per_code"] == ar_eval["bits_per_code"] and ar["bits_kind"] == "exact"
+  assert report["heldout_ar_bits"] == ar_eval  # Next to the diffusion prior's `heldout_nelbo`.
   assert diffusion["bits_per_code"] == json.loads(workdir.prior.eval_json.read_text())["nelbo_bits_per_code"]
   for row in (diffusion, ar):
     assert row["parameters"] > 0 and row["flops_per_sample"] > 0 and np.isfinite(row["bits_per_code"])
@@ -220,6 +221,7 @@ def test_evaluate_reports_the_two_priors_side_by_side(ar_run):
   assert ess and all(1 - 1e-5 <= e <= config.ar_sample.candidates + 1e-5 for e in ess)
   md = workdir.eval_report("md").read_text()
   assert "## The two priors on the same code maps" in md and "autoregressive (GPT, raster order)" in md
+  assert "Held-out bits per code of the AR prior" in md
   assert workdir.eval_ar_samples_grid.exists() and "samples_ar.png" in md
   assert report["inputs"]["ar"]["ar_step"] == 4 and stages.is_done(_EVALUATE, config, workdir)
 

@@ -272,6 +272,7 @@ def evaluate(config: Any, workdir: Workdir, gen: generation.Generator, *, inputs
   report = dict(facts, protocol=protocol_facts(config, net, ref, n_real, workdir), quality=rows,
                 steps_vs_quality=table, sample_draws=sample_draws(config, gen, scorer, table[0]), inputs=inputs,
                 heldout_nelbo=files_lib.read_json(workdir.prior.eval_json) or {},
+                heldout_ar_bits=(files_lib.read_json(workdir.ar.eval_json) or {}) if gen.ar is not None else None,
                 codebook=_codebook_facts(config, workdir), refit=files_lib.read_json(workdir.refit_report("json")),
                 samples_grid=workdir.eval_samples_grid.name)
   grids = {"samples": samples}

@@ -157,6 +157,11 @@ def markdown(report: dict) -> str:
     lines += ["", f"Held-out −ELBO: **{ev['nelbo_bits_per_code']:.3f} ± {ev['stderr']:.3f} bits per code** "
               f"(uniform prior: {ev['uniform_bits_per_code']:.3f}; Monte Carlo over "
               f"{ev['t_samples_per_map']} t per map, {ev['num_maps']} maps, step {ev['step']})."]
+  ar = report.get("heldout_ar_bits") or {}
+  if ar:
+    lines += ["", f"Held-out bits per code of the AR prior: **{ar['bits_per_code']:.3f} ± {ar['stderr']:.3f}**, "
+              f"exact (± the standard error over {ar['num_maps']} maps, step {ar['step']}); the −ELBO above bounds "
+              "the same quantity from above."]
   cb = report.get("codebook") or {}
   if cb:
     lines += ["", f"Codebook: {cb['usage']:.1%} of codes used on held-out images ({cb['usage_10']:.1%} at "
