@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, sigterm_training_at
-from vqddm_jax import checkpointing, lineage, run_config, stages
+from vqddm_jax import checkpointing, lineage, main, run_config, stages
 from vqddm_jax import files as files_lib
 from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.errors import MismatchError, MissingInputError
@@ -155,6 +155,8 @@ def test_sample_writes_both_sets_and_redoes_only_the_ar_set_after_more_ar_traini
   codes = files_lib.read_npz(ar_files(6).npz)["codes"]
   assert codes.shape == (scfg.num_samples,) + tuple(code_shape)
   assert codes.min() >= 0 and codes.max() < k and len(np.unique(codes)) > 1
+  summary = main.where_results_are(workdir)  # The end-of-run lines name both priors' newest grids.
+  assert f"  samples: {diffusion.png}" in summary and f"  AR prior's samples: {ar_files(6).png}" in summary
 
 
 def test_inpaint_completes_with_the_diffusion_prior_and_both_ar_protocols(ar_run):

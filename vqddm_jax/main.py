@@ -178,9 +178,10 @@ def main(argv):
 def where_results_are(workdir) -> str:
   """The lines printed (by process 0) at the end of a run: where the samples and the reports are."""
   lines = [f"vqddm_jax: finished in {workdir.root}"]
-  grid = workdir.latest_samples_grid()
-  if grid is not None:
-    lines.append(f"  samples: {grid}")
+  for name, prior in (("samples", "prior"), ("AR prior's samples", "ar")):
+    grid = workdir.latest_samples_grid(prior)
+    if grid is not None:
+      lines.append(f"  {name}: {grid}")
   for name, path in (("evaluation report", workdir.eval_report("md")),
                      ("ReFiT report", workdir.refit_report("md"))):
     if path.exists():

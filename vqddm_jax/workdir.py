@@ -158,12 +158,13 @@ class Workdir:
     folder = self.samples_dir / "ar" / str(ar_step)
     return OutputFiles(folder / f"{name}.png", folder / f"{name}.npz", folder / f"{name}.json")
 
-  def latest_samples_grid(self) -> epath.Path | None:
-    """The sample grid of the newest prior checkpoint, or None when nothing was sampled."""
-    folder = self.samples_dir
+  def latest_samples_grid(self, prior: str = "prior") -> epath.Path | None:
+    """The sample grid of the newest checkpoint of `prior` ('prior': the diffusion prior, or 'ar'), or None
+    when it sampled nothing."""
+    folder = self.samples_dir / "ar" if prior == "ar" else self.samples_dir
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
     for step in reversed(steps):
-      grids = sorted((folder / str(step)).glob("samples_S*.png"))
+      grids = sorted((folder / str(step)).glob("samples_*.png"))
       if grids:
         return grids[0]
     return None

@@ -47,9 +47,9 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   """Inpaints `config.inpaint.num_images` held-out images with each prior (and protocol) not yet current."""
   gen = generation.load_generator(config, workdir)  # Names what is missing, if anything.
   name, written = masks.mask_name(config.inpaint.mask), []
-  for path, record in outputs(config, workdir):
-    if files_lib.same_record(path, record):
-      continue
+  wanted = outputs(config, workdir)
+  # As sample's: only what is not current, or everything again when called directly on current outputs.
+  for _, record in [o for o in wanted if not files_lib.same_record(*o)] or wanted:
     protocol = record.get("protocol")
     if protocol is None:
       result, files = generation.inpaint_heldout(config, gen, config.inpaint.num_images), workdir.inpaint(name)

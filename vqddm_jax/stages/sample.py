@@ -58,9 +58,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   gen = generation.load_generator(config, workdir)  # Names what is missing, if anything.
   per_device = -(-scfg.num_samples // parallel.device_count())
   written = []
-  for path, record in outputs(config, workdir):
-    if files_lib.same_record(path, record):  # This prior's set is current: only the other is made.
-      continue
+  for _, record in _to_make(outputs(config, workdir)):
     t0 = time.perf_counter()
     if "ar_step" in record:
       codes = ar_generation.sample_code_maps(gen, parallel.replicate(gen.ar.params),
@@ -74,6 +72,12 @@ def run(config: Any, workdir: Workdir) -> StageResult:
     seconds = time.perf_counter() - t0
     written += _save(config, gen, files, codes[:scfg.num_samples], dict(record, seconds=seconds))
   return StageResult("sample", True, tuple(written))
+
+
+def _to_make(wanted: list[tuple[Any, dict]]) -> list[tuple[Any, dict]]:
+  """The outputs not current (one prior trained further: only its set is redone), or all of them when every one
+  is (called directly rather than through the registry, which skips a stage that is done: do the work again)."""
+  return [(path, record) for path, record in wanted if not files_lib.same_record(path, record)] or wanted
 
 
 def _save(config: Any, gen: generation.Generator, files: Any, codes: np.ndarray, record: dict) -> list[str]:
