@@ -8,6 +8,7 @@ from conftest import ROOT, load_config
 from vqddm_jax import config_schema
 from vqddm_jax.config_variants import AUTHORS_FIELDS, AUTHORS_LSUN_CODE_MAPS
 from vqddm_jax.data import codes as codes_lib
+from vqddm_jax.errors import MismatchError
 
 # What the variant must switch on every data set: the stage-2 points of docs/method.md §5.1 and the ReFiT
 # k-means; the other declared fields may coincide with the paper preset.
@@ -110,3 +111,15 @@ def test_code_batches_draw_only_from_the_first_maps_on_every_host(tmp_path):
   assert one.position == hosts[0].position == hosts[1].position == {"epoch": 2, "batch": 3}
   everything = codes_lib.CodeBatches(codes, per_shard=3, num_shards=4, seed=5, max_maps=0)
   assert max(next(everything)["codes"].max() for _ in range(8)) >= 40  # 0 = all maps
+
+
+@pytest.mark.parametrize("bad", [-1, 12])
+def test_a_code_store_holding_a_code_outside_the_codebook_is_refused(tmp_path, bad):
+  """A negative code would wrap in the priors' gathers (the AR prior would read its start row) and a code >= K
+  make every step that draws it non-finite: reading such a store names it, the code and what to redo."""
+  train = np.zeros((5, 4, 4), np.int32)
+  train[3, 1, 2] = bad
+  codes_lib.write_codes(tmp_path, {"train": train}, {"codebook_size": 12})
+  with pytest.raises(MismatchError, match=rf"split 'train' under .* hold code {bad}, outside \[0, 12\).*"
+                                          r"rerun --mode=encode"):
+    codes_lib.load_codes(tmp_path, "train")

@@ -17,7 +17,7 @@ from etils import epath
 from vqddm_jax import files as files_lib
 from vqddm_jax import parallel
 from vqddm_jax.data.tf_host import tf
-from vqddm_jax.errors import ConfigError, MissingInputError
+from vqddm_jax.errors import ConfigError, MismatchError, MissingInputError
 
 FEATURE = "codes"
 META_FILE = "meta.json"
@@ -64,8 +64,16 @@ def load_codes(directory: epath.Path, split: str) -> np.ndarray:
                       "(config.data.train_split / eval_split changed since encoding?)")
   builder = tfds.builder_from_directory(str(directory / meta["builder_dir"]))
   ds = builder.as_dataset(split=meta["split_names"][split], shuffle_files=False)
-  codes = [ex[FEATURE] for ex in tfds.as_numpy(ds.batch(4096))]
-  return np.concatenate(codes).astype(np.int32)
+  codes = np.concatenate([ex[FEATURE] for ex in tfds.as_numpy(ds.batch(4096))]).astype(np.int32)
+  k = int(meta["codebook_size"])
+  if codes.size and (codes.min() < 0 or codes.max() >= k):
+    # A negative code would wrap to the last one in a gather and read the AR prior's start row; a code >= K
+    # would make every step that draws its map non-finite. Neither is a code of this store's tokenizer.
+    bad = int(codes.min()) if codes.min() < 0 else int(codes.max())
+    raise MismatchError(f"the code maps of split {split!r} under {directory} hold code {bad}, outside [0, {k}) "
+                        f"(K = codebook_size in {directory / META_FILE}): the store is damaged; remove "
+                        f"{directory} and rerun --mode=encode")
+  return codes
 
 
 def _safe_name(split: str) -> str:
