@@ -157,3 +157,21 @@ def eval_code_batches(codes: np.ndarray, *, per_shard: int, num_shards: int,
     padded[:len(chunk)] = chunk
     yield {FEATURE: padded.reshape((num_shards, per_shard) + codes.shape[1:]),
            "mask": mask.reshape(num_shards, per_shard)}
+
+
+def host_training_batches(codes: np.ndarray, *, global_batch_size: int, seed: int,
+                          position: Mapping[str, int] | None, max_maps: int = 0) -> CodeBatches:
+  """The training iterator of this host for a prior's loop: `CodeBatches` with one shard per local device, each
+  of the per-device share of `global_batch_size`, this host's part of every global batch."""
+  return CodeBatches(codes, per_shard=parallel.per_device_batch_size(global_batch_size),
+                     num_shards=parallel.local_device_count(), seed=seed, position=position,
+                     process_index=parallel.process_index(), process_count=parallel.process_count(),
+                     max_maps=max_maps)
+
+
+def host_eval_batches(codes: np.ndarray, *, global_batch_size: int,
+                      max_examples: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """`eval_code_batches` of this host's share of `codes[:max_examples]` (0 = all), one shard per local device."""
+  return eval_code_batches(codes, per_shard=parallel.per_device_batch_size(global_batch_size),
+                           num_shards=parallel.local_device_count(), max_examples=max_examples or None,
+                           process_index=parallel.process_index(), process_count=parallel.process_count())

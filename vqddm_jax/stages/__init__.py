@@ -133,6 +133,14 @@ def is_done(stage: Stage, config: Any, workdir: Workdir) -> bool:
                                     for path, record in wanted)
 
 
+def outputs_to_make(wanted: list[tuple[Any, dict]]) -> list[tuple[Any, dict]]:
+  """Of a stage's `outputs`, those not current (one prior trained further: only its outputs are redone), or all
+  of them when every one is (the stage was run directly rather than through `run_stage`, which skips a stage
+  that is done: it does the work again)."""
+  from vqddm_jax import files
+  return [(path, record) for path, record in wanted if not files.same_record(path, record)] or wanted
+
+
 def run_stage(stage: Stage, config: Any, workdir: Workdir) -> StageResult:
   """Runs `stage` unless it is done; returns what it did. Refuses (MismatchError) when what it consumes is
   stale, saying what to remove. On several hosts every host must see the stage in the same state (they run

@@ -16,8 +16,7 @@ from typing import Any
 
 from absl import logging
 
-from vqddm_jax import ar_generation, generation, masks, parallel
-from vqddm_jax import files as files_lib
+from vqddm_jax import ar_generation, generation, masks, parallel, stages
 from vqddm_jax.stages import StageResult
 from vqddm_jax.workdir import Workdir
 
@@ -47,9 +46,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   """Inpaints `config.inpaint.num_images` held-out images with each prior (and protocol) not yet current."""
   gen = generation.load_generator(config, workdir)  # Names what is missing, if anything.
   name, written = masks.mask_name(config.inpaint.mask), []
-  wanted = outputs(config, workdir)
-  # As sample's: only what is not current, or everything again when called directly on current outputs.
-  for _, record in [o for o in wanted if not files_lib.same_record(*o)] or wanted:
+  for _, record in stages.outputs_to_make(outputs(config, workdir)):
     protocol = record.get("protocol")
     if protocol is None:
       result, files = generation.inpaint_heldout(config, gen, config.inpaint.num_images), workdir.inpaint(name)

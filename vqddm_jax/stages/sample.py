@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from vqddm_jax import ar_generation, generation, parallel
+from vqddm_jax import ar_generation, generation, parallel, stages
 from vqddm_jax import images as images_lib
 from vqddm_jax import files as files_lib
 from vqddm_jax.stages import StageResult
@@ -58,7 +58,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   gen = generation.load_generator(config, workdir)  # Names what is missing, if anything.
   per_device = -(-scfg.num_samples // parallel.device_count())
   written = []
-  for _, record in _to_make(outputs(config, workdir)):
+  for _, record in stages.outputs_to_make(outputs(config, workdir)):
     t0 = time.perf_counter()
     if "ar_step" in record:
       codes = ar_generation.sample_code_maps(gen, parallel.replicate(gen.ar.params),
@@ -72,12 +72,6 @@ def run(config: Any, workdir: Workdir) -> StageResult:
     seconds = time.perf_counter() - t0
     written += _save(config, gen, files, codes[:scfg.num_samples], dict(record, seconds=seconds))
   return StageResult("sample", True, tuple(written))
-
-
-def _to_make(wanted: list[tuple[Any, dict]]) -> list[tuple[Any, dict]]:
-  """The outputs not current (one prior trained further: only its set is redone), or all of them when every one
-  is (called directly rather than through the registry, which skips a stage that is done: do the work again)."""
-  return [(path, record) for path, record in wanted if not files_lib.same_record(path, record)] or wanted
 
 
 def _save(config: Any, gen: generation.Generator, files: Any, codes: np.ndarray, record: dict) -> list[str]:

@@ -49,10 +49,8 @@ def run(config: Any, workdir: Workdir) -> StageResult:
                                            ema_decay=tcfg.ema_decay),
                          in_axes=parallel.STEP_AXES, donate_state=True)
   writer = writers.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
-  per_device = parallel.per_device_batch_size(tcfg.batch_size)
-  open_batches = lambda pos: codes_lib.CodeBatches(  # noqa: E731
-      train_codes, per_shard=per_device, num_shards=parallel.local_device_count(), seed=config.seed,
-      position=pos, process_index=parallel.process_index(), process_count=parallel.process_count())
+  open_batches = lambda pos: codes_lib.host_training_batches(  # noqa: E731
+      train_codes, global_batch_size=tcfg.batch_size, seed=config.seed, position=pos)
   _, completed = loop.run(loop.LoopConfig.from_section(STAGE, paths.checkpoints, tcfg), init_state=state,
                           p_step=p_step, open_batches=open_batches,
                           key=keys.derive(config.seed, keys.Stream.AR_TRAIN), writer=writer,
@@ -66,14 +64,10 @@ def _heldout(config: Any, model: Any, eval_codes: np.ndarray, path: Any) -> loop
   `path` (`ar/eval.json`)."""
   tcfg = config.ar_train
   p_eval = parallel.pmap(functools.partial(ar_step.eval_step, model=model), in_axes=(0, 0))
-  per_device = parallel.per_device_batch_size(tcfg.batch_size)
 
   def evaluate(step: int, rstate: Any) -> dict:
-    batches = codes_lib.eval_code_batches(eval_codes, per_shard=per_device,
-                                          num_shards=parallel.local_device_count(),
-                                          max_examples=tcfg.eval_examples or None,
-                                          process_index=parallel.process_index(),
-                                          process_count=parallel.process_count())
+    batches = codes_lib.host_eval_batches(eval_codes, global_batch_size=tcfg.batch_size,
+                                          max_examples=tcfg.eval_examples)
     results = ar_step.heldout_bits(p_eval, rstate.ema_params, (parallel.to_devices(b) for b in batches))
     results.update(uniform_bits_per_code=float(np.log2(model.num_classes)))
     return results

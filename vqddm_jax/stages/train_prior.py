@@ -54,11 +54,8 @@ def run(config: Any, workdir: Workdir) -> StageResult:
       t_buckets=tcfg.t_buckets, hybrid_ce_weight=tcfg.hybrid_ce_weight),
       in_axes=parallel.STEP_AXES, donate_state=True)
   writer = writers.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
-  per_device = parallel.per_device_batch_size(tcfg.batch_size)
-  open_batches = lambda pos: codes_lib.CodeBatches(  # noqa: E731
-      train_codes, per_shard=per_device, num_shards=parallel.local_device_count(), seed=config.seed,
-      position=pos, process_index=parallel.process_index(), process_count=parallel.process_count(),
-      max_maps=tcfg.max_code_maps)
+  open_batches = lambda pos: codes_lib.host_training_batches(  # noqa: E731
+      train_codes, global_batch_size=tcfg.batch_size, seed=config.seed, position=pos, max_maps=tcfg.max_code_maps)
   _, completed = loop.run(loop.LoopConfig.from_section(STAGE, paths.checkpoints, tcfg), init_state=state,
                           p_step=p_step, open_batches=open_batches,
                           key=keys.derive(config.seed, keys.Stream.PRIOR_TRAIN), writer=writer,
@@ -74,15 +71,11 @@ def _heldout(config: Any, model: Any, sched: Any, eval_codes: np.ndarray, path: 
   p_eval = parallel.pmap(functools.partial(
       prior_step.eval_step, model=model, sched=sched, parametrization=config.diffusion.parametrization,
       t_samples=tcfg.eval_t_samples), in_axes=(0, 0, None))
-  per_device = parallel.per_device_batch_size(tcfg.batch_size)
   key = keys.derive(config.seed, keys.Stream.PRIOR_EVAL)
 
   def evaluate(step: int, rstate: Any) -> dict:
-    batches = codes_lib.eval_code_batches(eval_codes, per_shard=per_device,
-                                          num_shards=parallel.local_device_count(),
-                                          max_examples=tcfg.eval_examples or None,
-                                          process_index=parallel.process_index(),
-                                          process_count=parallel.process_count())
+    batches = codes_lib.host_eval_batches(eval_codes, global_batch_size=tcfg.batch_size,
+                                          max_examples=tcfg.eval_examples)
     results = prior_step.heldout_nelbo(p_eval, rstate.ema_params, (parallel.to_devices(b) for b in batches),
                                        key)
     # `step` in the middle: where eval.json has always held it.
