@@ -17,7 +17,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       source="mnist5k", tfds_name="", data_dir="", manual_dir="", image_folder="", image_key="image",
       train_split="train", eval_split="test", image_size=32, channels=1, resize="pad",
-      shuffle_buffer=512, prefetch=2, holdout_fraction=0.1))
+      shuffle_buffer=512, prefetch=2, holdout_fraction=0.1, class_folders=False))
   cfg.update(overrides)
   return cfg
 
@@ -161,6 +161,39 @@ def test_eval_max_examples_and_labels(mnist_dir):
   labels = np.concatenate([b["label"][b["mask"]] for b in batches])
   assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() <= 9
   assert np.all(batches[-1]["label"][~batches[-1]["mask"]] == -1)
+
+
+def test_train_labels_match_their_images_across_hosts_and_resume(mnist_dir, mnist_arrays):
+  cfg = data_config(data_dir=mnist_dir, train_split="test", eval_split="train")
+  images, labels = mnist_arrays
+  label_of = {x.tobytes(): int(y) for x, y in zip(images, labels)}
+  one = data.train_batches(cfg, global_batch_size=64, num_shards=4, seed=1, with_labels=True)
+  hosts = [data.train_batches(cfg, global_batch_size=64, num_shards=2, seed=1, with_labels=True,
+                              process_index=p, process_count=2) for p in range(2)]
+  for _ in range(3):
+    position = one.position
+    whole, parts = next(one), [next(h) for h in hosts]
+    digits = to_u8(whole["image"].reshape(-1, 32, 32, 1))[:, 2:30, 2:30]
+    assert whole["label"].dtype == np.int32
+    assert whole["label"].reshape(-1).tolist() == [label_of[x.tobytes()] for x in digits]
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+  resumed = next(data.train_batches(cfg, global_batch_size=64, num_shards=4, seed=1, with_labels=True,
+                                    position=position))
+  np.testing.assert_array_equal(resumed["label"], whole["label"])
+
+
+def test_class_names_of_tfds_sources(mnist_dir):
+  assert data.class_names(data_config(data_dir=mnist_dir)) == [str(d) for d in range(10)]
+  tfds_cfg = dict(source="tfds", train_split="train", eval_split="test", channels=3)
+  assert data.class_names(data_config(tfds_name="celeb_a", **tfds_cfg)) is None  # No 'label' feature.
+  # The ClassLabel's names (here written in the builder's code, so known before the data set is prepared).
+  assert data.class_names(data_config(tfds_name="imagenet2012", **tfds_cfg))[:2] == ["n01440764", "n01443537"]
+  with pytest.raises(ValueError, match=r"config\.data\.class_folders = True is not allowed: False for "
+                                       r"data\.source == 'tfds'"):
+    data.validate_data_config(data_config(tfds_name="imagenet2012", class_folders=True, **tfds_cfg))
+  with pytest.raises(ValueError, match=r"config\.data\.class_folders = 1 is not allowed: True or False"):
+    data.validate_data_config(dict(data_config().to_dict(), class_folders=1))  # As a stored config may be.
 
 
 def test_celeb_a_through_mock_data():

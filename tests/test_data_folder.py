@@ -13,6 +13,7 @@ from PIL import Image
 
 from vqddm_jax import data
 from vqddm_jax.data import folder
+from vqddm_jax.errors import ConfigError
 
 BAD_NAMES = ("empty.png", "trunc.jpg", "text.png")
 CONVERTED_NAMES = ("alpha.png", "grey.png")  # Usable in an RGB config: converted as torchvision does.
@@ -274,3 +275,99 @@ def test_oversized_images_are_refused_with_their_size(tmp_path, monkeypatch, cap
     assert ok and img.shape == (30, 30, 3)
   img, ok = folder.decode_file(str(tmp_path / "big.png").encode(), 3)  # Also refused if it reaches decoding.
   assert not ok and img.shape == (1, 1, 3)
+
+
+# Class folders (config.data.class_folders): torchvision ImageFolder's rule, sorted names -> 0..C-1. Upper case
+# sorts first; 'a_dog/deeper/' still belongs to class 'a_dog'.
+CLASSES = ("C_upper", "a_dog", "b_cat")
+
+
+def make_class_folder(root, counts: dict[str, int], *, start: int = 0) -> None:
+  """Writes 16x16 solid PNGs `root/<class>/...`: red = 40 * (the class's sorted index) + 7 tells the label,
+  green = a running number from `start` tells the image."""
+  n = start
+  for name, count in counts.items():
+    for i in range(count):
+      sub = os.path.join(root, name, "deeper" if i % 3 == 2 else "")
+      os.makedirs(sub, exist_ok=True)
+      pixel = np.array([40 * sorted(CLASSES).index(name) + 7, n, 99], np.uint8)
+      Image.fromarray(np.broadcast_to(pixel, (16, 16, 3)).copy()).save(os.path.join(sub, f"i{n:03d}.png"))
+      n += 1
+
+
+def class_config(root, **overrides) -> ml_collections.ConfigDict:
+  return folder_config(root, resize="pad", class_folders=True, **overrides)
+
+
+def labels_of_pixels(images: np.ndarray) -> np.ndarray:
+  """The label each image's red value encodes (images f32[..., 16, 16, 3] in [-1, 1])."""
+  red = np.rint((images[..., 0, 0, 0] + 1.0) * 127.5).astype(np.int32)
+  return (red - 7) // 40
+
+
+def test_class_folder_labels_are_sorted_folder_indices_in_both_layouts(tmp_path):
+  split = tmp_path / "split"
+  make_class_folder(split / "train", {"b_cat": 5, "a_dog": 4, "C_upper": 3})
+  make_class_folder(split / "test", {"a_dog": 2, "b_cat": 3}, start=100)  # Not every class: fine.
+  flat = tmp_path / "flat"
+  make_class_folder(flat, {"b_cat": 9, "a_dog": 9, "C_upper": 9})
+  for root in (split, flat):
+    cfg = class_config(root, holdout_fraction=0.3)
+    assert data.class_names(cfg) == ["C_upper", "a_dog", "b_cat"]
+    for name in ("train", "test"):
+      batches = list(data.eval_batches(cfg, split=name, global_batch_size=4, num_shards=2, with_labels=True))
+      mask = np.concatenate([b["mask"].reshape(-1) for b in batches])
+      labels = np.concatenate([b["label"].reshape(-1) for b in batches])
+      images = np.concatenate([b["image"].reshape(-1, 16, 16, 3) for b in batches])
+      assert labels.dtype == np.int32 and mask.sum() == data.num_examples(cfg, name) > 0
+      np.testing.assert_array_equal(labels[mask], labels_of_pixels(images[mask]))
+      assert np.all(labels[~mask] == -1)
+  assert data.class_names(folder_config(split)) is None  # class_folders off (not set: older configs).
+  assert set(next(data.train_batches(class_config(split), global_batch_size=4, num_shards=2, seed=0))) == {
+      "image"}  # Labels only when asked for.
+
+
+def test_class_labels_stay_aligned_across_resume_and_hosts(tmp_path):
+  make_class_folder(tmp_path / "train", {"b_cat": 9, "a_dog": 7, "C_upper": 8})
+  make_class_folder(tmp_path / "test", {"a_dog": 2}, start=100)
+  cfg = class_config(tmp_path)
+  one = data.train_batches(cfg, global_batch_size=8, num_shards=4, seed=5, with_labels=True)
+  hosts = [data.train_batches(cfg, global_batch_size=8, num_shards=2, seed=5, with_labels=True,
+                              process_index=p, process_count=2) for p in range(2)]
+  stream, positions = [], [one.position]
+  for _ in range(5):  # 24 images / 8 = 3 batches per epoch: crosses into epoch 1.
+    whole, parts = next(one), [next(h) for h in hosts]
+    assert whole["label"].shape == (4, 2) and whole["label"].dtype == np.int32
+    np.testing.assert_array_equal(whole["label"], labels_of_pixels(whole["image"]))
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+    stream.append(whole)
+    positions.append(one.position)
+  assert len({int(x) for b in stream for x in b["label"].ravel()}) == 3
+  for k in (1, 2, 3):  # Mid-epoch, end of epoch 0, into epoch 1.
+    resumed = data.train_batches(cfg, global_batch_size=8, num_shards=4, seed=5, with_labels=True,
+                                 position=positions[k])
+    batch = next(resumed)
+    np.testing.assert_array_equal(batch["image"], stream[k]["image"])
+    np.testing.assert_array_equal(batch["label"], stream[k]["label"])
+
+
+def test_class_folder_mistakes_are_named(tmp_path):
+  split = tmp_path / "split"
+  make_class_folder(split / "train", {"a_dog": 2, "b_cat": 2})
+  make_class_folder(split / "test", {"a_dog": 1, "C_upper": 1}, start=100)
+  with pytest.raises(ConfigError, match=r"split 'test' .* class folder\(s\) 'C_upper' that the train "
+                                             r"split 'train' does not have \(its 2 classes: 'a_dog', 'b_cat'\)"):
+    data.class_names(class_config(split))
+  flat = tmp_path / "flat"
+  make_class_folder(flat, {"a_dog": 3})
+  for name in ("loose1.png", "loose2.png"):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(flat / name)
+  with pytest.raises(ConfigError, match=r"class_folders = True needs every image in a class sub-folder "
+                                             r"of .*flat, but 2 image\(s\) lie directly in it "
+                                             r"\('loose1.png', 'loose2.png'\)"):
+    data.train_batches(class_config(flat, holdout_fraction=0.01), global_batch_size=2, num_shards=2, seed=0)
+  with pytest.raises(ConfigError, match=r"class_folders = False.*set config\.data\.class_folders = True"):
+    data.eval_batches(folder_config(flat), split="test", global_batch_size=2, num_shards=2, with_labels=True)
+  with pytest.raises(ConfigError, match=r"config\.data\.class_folders = 'yes' is not allowed: True or"):
+    data.validate_data_config(folder_config(flat, class_folders="yes"))

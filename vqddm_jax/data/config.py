@@ -9,7 +9,8 @@ import os
 from typing import Any
 
 from vqddm_jax import choices
-from vqddm_jax.config_checks import check_choice, check_float, check_int, check_str, fail, field_value
+from vqddm_jax.config_checks import (check_bool, check_choice, check_float, check_int, check_str, fail,
+                                     field_value)
 
 
 def validate_data(config: Any) -> None:
@@ -35,6 +36,7 @@ def validate_data(config: Any) -> None:
     # Scoring held-out metrics on the training data is a pitfall of the original code (docs/method.md §6).
     fail("data.eval_split", eval_split, "a split different from data.train_split")
   _validate_source(config)
+  _validate_class_folders(config)
 
 
 def validate_data_config(section: Any) -> None:
@@ -59,3 +61,14 @@ def _validate_source(config: Any) -> None:
     folder = field_value(config, "data.image_folder")
     if not os.path.isdir(os.path.expanduser(folder)):
       fail("data.image_folder", folder, "an existing folder (it does not exist or is not a folder)")
+
+
+def _validate_class_folders(config: Any) -> None:
+  """`data.class_folders`: a bool, True only for image folders (other sources label from their data set)."""
+  if "class_folders" not in field_value(config, "data"):
+    return  # A config stored by older code (W/config.json) has no such field: it means False.
+  check_bool(config, "data.class_folders")
+  source = field_value(config, "data.source")
+  if field_value(config, "data.class_folders") and source != "image_folder":
+    fail("data.class_folders", True, f"False for data.source == {source!r} (class folders label image folders "
+         "only; 'mnist5k' and 'tfds' sources take labels from the data set's 'label' feature)")

@@ -24,6 +24,12 @@ and images over `MAX_PIXELS` pixels.
 rather than clipped as PIL's `convert` would (which turns all but the darkest 0.4 % of a 0..65535 ramp into
 255); 48-bit RGB and 64-bit RGBA PNGs are already read by PIL as 8 bits per channel (the high byte).
 
+Class folders (`config.data.class_folders`, `class_folders` below): as torchvision's ImageFolder, an image's
+class is the first sub-folder of its path below its split root, and the sorted class names are numbered
+0..C-1. The names come from the train split alone, so a label means the same in every split and on every host
+(which list the same files); an image with no class folder, or an eval image in a class the train split
+lacks, is a `ConfigError` rather than a silent guess.
+
 `MAX_PIXELS` is PIL's default decompression-bomb limit (2**30 / 12 = 89,478,485 pixels, about 9459 x 9459). A
 file over it is refused at listing, with its size, before any pixel is decoded: at the limit one RGB image
 is 268 MB decoded and 1 GB as the float32 copy the resize works on, per parallel decode. Images are opened
@@ -42,6 +48,8 @@ import threading
 import numpy as np
 from absl import logging
 from PIL import Image, JpegImagePlugin, PngImagePlugin
+
+from vqddm_jax.errors import ConfigError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 MAX_PIXELS = 89_478_485  # Width x height above which a file is refused (PIL's default; see the module doc).
@@ -216,8 +224,10 @@ def _held_out(relpath: str, fraction: float) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FolderListing:
-  """Usable files of an image folder per split (absolute paths, sorted by relative path)."""
+  """Usable files of an image folder per split (absolute paths, sorted by relative path), and the folder
+  each split's paths start from (`root/<split>` with split sub-folders, else `root`)."""
   splits: dict[str, list[str]]
+  split_roots: dict[str, str]
 
 
 def list_folder(root: str, *, train_split: str, eval_split: str, channels: int,
@@ -232,11 +242,13 @@ def list_folder(root: str, *, train_split: str, eval_split: str, channels: int,
   sub = {s: os.path.join(root, s) for s in (train_split, eval_split)}
   if all(os.path.isdir(d) for d in sub.values()):
     rel = {s: [os.path.join(s, r) for r in _find_images(d)] for s, d in sub.items()}
+    split_roots = sub
   else:
     everything = _find_images(root)
     held = [_held_out(r, holdout_fraction) for r in everything]
     rel = {train_split: [r for r, h in zip(everything, held) if not h],
            eval_split: [r for r, h in zip(everything, held) if h]}
+    split_roots = {train_split: root, eval_split: root}
   vetted = {s: _vet([os.path.join(root, r) for r in rs], channels) for s, rs in rel.items()}
   splits = {s: v[0] for s, v in vetted.items()}
   logging.info("Image folder %s: %s usable images; %d bad files skipped in this process so far.", root,
@@ -247,7 +259,65 @@ def list_folder(root: str, *, train_split: str, eval_split: str, channels: int,
                  root, converted)
   from vqddm_jax import agreement  # Lazily (JAX): on multi-host jobs every host must list the same files.
   agreement.check_same_files(f"image folder listing of {root}", splits, root)
-  return FolderListing(splits)
+  return FolderListing(splits, split_roots)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderClasses:
+  """The class folders of an image folder: `names` sorted (a name's index is its label) and, per split,
+  `labels[split]: i32[n]` aligned with `FolderListing.splits[split]`."""
+  names: list[str]
+  labels: dict[str, np.ndarray]
+
+
+def class_folders(listing: FolderListing, *, train_split: str) -> FolderClasses:
+  """Labels each listed image by its class folder, as torchvision's ImageFolder does.
+
+  An image's class is the first sub-folder of its path below its split root (deeper folders belong to it);
+  the classes are the train split's class folder names in sorted order, indexed 0..C-1.
+
+  Raises:
+    ConfigError: an image lies directly in a split root (no class folder), or another split has images in a
+      class folder the train split does not have (its index would be undefined).
+  """
+  found = {s: [_class_folder(p, listing.split_roots[s]) for p in paths] for s, paths in listing.splits.items()}
+  loose: dict[str, list[str]] = {}  # Split root -> its loose images (both splits share one without sub-folders).
+  for split, folders in found.items():
+    root = listing.split_roots[split]
+    loose.setdefault(root, []).extend(os.path.basename(p) for p, f in zip(listing.splits[split], folders)
+                                      if f is None)
+  for root, names in loose.items():
+    if names:
+      raise ConfigError(
+          f"config.data.class_folders = True needs every image in a class sub-folder of {root}, but "
+          f"{len(names)} image(s) lie directly in it ({_few(sorted(names))}): move them into a class folder, "
+          "or set config.data.class_folders = False")
+  names = sorted(set(found[train_split]))
+  index = {name: i for i, name in enumerate(names)}
+  for split, folders in found.items():
+    unknown = sorted(set(folders) - index.keys())
+    if unknown:
+      hint = (" (the hash holdout can put all of a small class's images in the held-out share: add images "
+              "or lower config.data.holdout_fraction)"
+              if listing.split_roots[split] == listing.split_roots[train_split] else "")
+      raise ConfigError(
+          f"config.data.class_folders = True: split {split!r} of {listing.split_roots[split]} has images in "
+          f"class folder(s) {_few(unknown)} that the train split {train_split!r} does not have (its "
+          f"{len(names)} classes: {_few(names)}); labels are indices into the train split's class folders, so "
+          f"every class needs training images{hint}")
+  labels = {s: np.asarray([index[f] for f in folders], np.int32) for s, folders in found.items()}
+  return FolderClasses(names, labels)
+
+
+def _class_folder(path: str, split_root: str) -> str | None:
+  """The first folder of `path` below `split_root`, or None for a file directly in it."""
+  parts = os.path.relpath(path, split_root).split(os.sep)
+  return parts[0] if len(parts) > 1 else None
+
+
+def _few(names: list[str], shown: int = 5) -> str:
+  more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+  return ", ".join(repr(n) for n in names[:shown]) + more
 
 
 def _to_8_bits(im: Image.Image) -> Image.Image:

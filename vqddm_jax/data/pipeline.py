@@ -229,7 +229,8 @@ def train_batches(cfg: Any, *, global_batch_size: int, num_shards: int, seed: in
     num_shards: local devices; each host batch is `[num_shards, per_shard, ...]`.
     seed: base seed; epoch e is shuffled by (seed, e).
     position: a `TrainIterator.position` to continue from; None = the start.
-    with_labels: also yield 'label': i32[num_shards, per_shard] (TFDS sets with a 'label' feature).
+    with_labels: also yield 'label': i32[num_shards, per_shard] (TFDS sets with a 'label' feature; image
+      folders with `class_folders`); a ValueError for a source without labels.
     process_index, process_count: this host and the number of hosts (default: from JAX; tests simulate hosts).
 
   Returns:
@@ -289,6 +290,18 @@ def eval_batches(cfg: Any, *, split: str, global_batch_size: int, num_shards: in
   if cfg.prefetch:
     ds = ds.prefetch(cfg.prefetch)
   return EvalIterator(ds.with_options(_options()))
+
+
+def class_names(cfg: Any) -> list[str] | None:
+  """The names of the classes the pipelines' `label` indexes, in index order, or None for unlabelled data.
+
+  MNIST-5k: '0'..'9'; a TFDS data set: its `label` feature's ClassLabel names (None without one); an image
+  folder: its class folder names in sorted order with `config.data.class_folders` (else None), taken from
+  the train split (which lists the folder). Call it once the data are prepared: some TFDS builders (cifar10)
+  learn their names while preparing and report '0', '1', ... before.
+  """
+  validate_data_config(cfg)
+  return make_source(cfg).class_names
 
 
 def num_examples(cfg: Any, split: str) -> int:

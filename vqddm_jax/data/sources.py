@@ -10,6 +10,7 @@ Interface (duck-typed):
   train_records(split, *, seeds, shuffle_buffer) -> tf.data.Dataset
   eval_records(split, *, process_index, process_count) -> tf.data.Dataset   (fixed order, no shuffle)
   decode(record) -> {'image': u8[h, w, C], 'ok': bool[], 'label': i32[] (only with labels)}
+  class_names -> list[str] | None                 the label's class names in index order, None if unlabelled
 """
 from __future__ import annotations
 
@@ -56,6 +57,13 @@ class TfdsSource:
     self._with_labels = with_labels
     if with_labels and "label" not in features:
       raise ValueError(f"labels were requested but {self.name} has no 'label' feature")
+    label = features["label"] if "label" in features else None
+    self._class_names = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
+
+  @property
+  def class_names(self) -> list[str] | None:
+    """The names of the 'label' feature's classes in label order (a ClassLabel), else None."""
+    return list(self._class_names) if self._class_names is not None else None
 
   def not_prepared_message(self) -> str:
     data_dir = _data_dir(self._cfg) or "the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)"
@@ -116,16 +124,31 @@ class TfdsSource:
 
 
 class FolderSource:
-  """A folder of PNG/JPEG files (see `folder.py` for splits and bad-file handling)."""
+  """A folder of PNG/JPEG files (see `folder.py` for splits, class folders and bad-file handling).
+
+  Records are `{'path': tf.string}`, plus `'label': tf.int32` with labels: the labels are computed in Python
+  from the listing and sliced with the paths, so the order and the host shares are those of the paths alone.
+  """
 
   def __init__(self, cfg: Any, *, with_labels: bool = False):
-    if with_labels:
-      raise ValueError("labels were requested but an image folder has none (data.source = 'image_folder')")
+    class_folders = bool(cfg.get("class_folders", False))  # Absent in configs stored by older code.
+    if with_labels and not class_folders:
+      raise ConfigError("labels were requested but config.data.class_folders = False, so this image folder "
+                        f"({cfg.image_folder}) has none: set config.data.class_folders = True to label each "
+                        "image by its class sub-folder (root/<class>/... or root/<split>/<class>/...)")
     self.name = cfg.image_folder
     self._channels = cfg.channels
+    self._with_labels = with_labels
     self._listing = folder.list_folder(cfg.image_folder, train_split=cfg.train_split,
                                        eval_split=cfg.eval_split, channels=cfg.channels,
                                        holdout_fraction=cfg.holdout_fraction)
+    self._classes = (folder.class_folders(self._listing, train_split=cfg.train_split) if class_folders
+                     else None)
+
+  @property
+  def class_names(self) -> list[str] | None:
+    """The class folder names in label order (config.data.class_folders), else None."""
+    return list(self._classes.names) if self._classes else None
 
   def _files(self, split: str) -> list[str]:
     if split not in self._listing.splits:
@@ -140,20 +163,31 @@ class FolderSource:
     del shuffle_buffer  # A full permutation of the file list is a perfect shuffle; no buffer needed.
     files = self._files(split)
     order = np.random.default_rng(list(seeds)).permutation(len(files))
-    return tf.data.Dataset.from_tensor_slices(tf.constant([files[i] for i in order], tf.string))
+    return self._records(split, order)
 
   def eval_records(self, split: str, *, process_index: int, process_count: int) -> tf.data.Dataset:
     files = self._files(split)
     mine = parallel.host_slice(len(files), process_index=process_index, process_count=process_count,
                                remainder="first")  # as TFDS splits an eval split
-    return tf.data.Dataset.from_tensor_slices(tf.constant(files[mine], tf.string))
+    return self._records(split, np.arange(len(files))[mine])
 
-  def decode(self, record: tf.Tensor) -> dict[str, tf.Tensor]:
-    image, ok = tf.numpy_function(lambda p: folder.decode_file(p, self._channels), [record],
+  def _records(self, split: str, indices: np.ndarray) -> tf.data.Dataset:
+    """The records of the listed files `indices` of `split`, in that order."""
+    files = self._files(split)
+    records = {"path": tf.constant([files[i] for i in indices], tf.string)}
+    if self._with_labels:
+      records["label"] = tf.constant(self._classes.labels[split][indices], tf.int32)
+    return tf.data.Dataset.from_tensor_slices(records)
+
+  def decode(self, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image, ok = tf.numpy_function(lambda p: folder.decode_file(p, self._channels), [record["path"]],
                                   (tf.uint8, tf.bool), stateful=False)
     image.set_shape((None, None, self._channels))
     ok.set_shape(())
-    return {"image": image, "ok": ok}
+    out = {"image": image, "ok": ok}
+    if self._with_labels:
+      out["label"] = record["label"]
+    return out
 
 
 def _data_dir(cfg: Any) -> str | None:
