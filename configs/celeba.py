@@ -10,6 +10,14 @@ ar.{width, num_layers, num_heads} = 1664, 24, 16 (~800 M parameters, 16×16 = 25
 AdamW (0.9, 0.95) with weight decay 0.01 at a constant 4.5e-6 × ar_train.batch_size (128), 300k steps; evaluate
 then adds the two-prior comparison. taming sampled faces with top-k 250: `--config.ar_sample.top_k=250`.
 
+`:taming_f16` (combinable) starts from taming-transformers' released f16 tokenizer instead of training stage 1:
+convert a checkpoint once (`python -m vqddm_jax.convert taming_vqgan --ckpt=last.ckpt --config=model.yaml
+--out=DIR`, docs/pretrained.md), then pass `--config.vqvae_train.init_from=DIR`. It sets the tokenizer fields of
+the released f16-1024 checkpoints (ch 128, ch_mult (1, 1, 2, 2, 4), 2 residual blocks, attention at 16 px placed
+by the nominal 256 px, z and embedding 256, K 1024; `--config.vqvae.codebook_size=16384` for ImageNet
+f16-16384), vqvae_train.codebook_loss = "taming_legacy" and vqvae_train.num_steps = 0 (stage 1 is the import;
+a positive count fine-tunes it); ReFiT then rebuilds its codebook as the paper did from taming's ImageNet model.
+
 `:authors` (or `:celeb_a,authors`, `:folder,authors`) takes the settings of the authors' released models where
 they differ from the paper text (docs/method.md §5.1); without it the config follows the paper. It sets:
 - diffusion.schedule = "cosine_sqrt": their schedule, α_t = √clip(f(t)/f(t−1), 0.001, 1) (method.md §3.2).
@@ -25,7 +33,7 @@ they differ from the paper text (docs/method.md §5.1); without it the config fo
   same for refit.disc_optim: the two Adams of their ReFiT fine-tune (§4).
 """
 from vqddm_jax.config_schema import base_config
-from vqddm_jax.config_variants import apply_authors, paper_stage1_256, paper_stage2, parse_arg, taming_ar
+from vqddm_jax.config_variants import apply_variants, paper_stage1_256, paper_stage2, parse_arg
 
 
 def get_config(arg=None):
@@ -39,8 +47,5 @@ def get_config(arg=None):
     config.data.update(source="image_folder", eval_split="test")
   paper_stage1_256(config, num_steps=200_000, eval_examples=1_000)
   paper_stage2(config, num_codes=512, batch_size=1500, num_steps=350_000)
-  if "ar" in variants:
-    taming_ar(config, batch_size=128, num_steps=300_000)
-  if "authors" in variants:
-    apply_authors(config)
+  apply_variants(config, variants)
   return config

@@ -9,6 +9,9 @@ ar.{width, num_layers, num_heads} = 1664, 24, 16 (~800 M parameters, 16×16 = 25
 AdamW (0.9, 0.95) with weight decay 0.01 at a constant 4.5e-6 × ar_train.batch_size (128), 300k steps; evaluate
 then adds the two-prior comparison. taming sampled faces with top-k 250: `--config.ar_sample.top_k=250`.
 
+`:taming_f16` starts from a converted release of taming-transformers' f16 tokenizers instead of training stage 1
+(`--config.vqvae_train.init_from=DIR`; see configs/celeba.py and docs/pretrained.md).
+
 `:authors` (or `:folder,authors`) takes the settings of the authors' released models where they differ from
 the paper text (docs/method.md §5.1); without it the config follows the paper. It sets:
 - diffusion.schedule = "cosine_sqrt": their schedule, α_t = √clip(f(t)/f(t−1), 0.001, 1) (method.md §3.2).
@@ -25,8 +28,8 @@ the paper text (docs/method.md §5.1); without it the config follows the paper. 
   same for refit.disc_optim: the two Adams of their ReFiT fine-tune (§4).
 """
 from vqddm_jax.config_schema import base_config
-from vqddm_jax.config_variants import (AUTHORS_LSUN_CODE_MAPS, apply_authors, paper_stage1_256, paper_stage2,
-                                     parse_arg, taming_ar)
+from vqddm_jax.config_variants import (AUTHORS_LSUN_CODE_MAPS, apply_variants, paper_stage1_256, paper_stage2,
+                                     parse_arg)
 
 
 def get_config(arg=None):
@@ -38,8 +41,5 @@ def get_config(arg=None):
     config.data.update(source="image_folder", eval_split="test")
   paper_stage1_256(config, num_steps=300_000, eval_examples=300)
   paper_stage2(config, num_codes=1024, batch_size=1080, num_steps=500_000)
-  if "ar" in variants:
-    taming_ar(config, batch_size=128, num_steps=300_000)
-  if "authors" in variants:
-    apply_authors(config, max_code_maps=AUTHORS_LSUN_CODE_MAPS)
+  apply_variants(config, variants, max_code_maps=AUTHORS_LSUN_CODE_MAPS)
   return config

@@ -20,13 +20,15 @@ from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.models import ar_prior
 from vqddm_jax.models.discriminator import NLayerDiscriminator, build_discriminator
 from vqddm_jax.models.gpt import GPT
+from vqddm_jax.models import unet as unet_lib
 from vqddm_jax.models.unet import UNet
 from vqddm_jax.models.vqvae import VQVAE, build_vqvae
 
 CONFIGS = ["configs/mnist.py", "configs/mnist.py:tiny", "configs/celeba.py", "configs/celeba.py:celeb_a",
            "configs/lsun_church.py", "configs/celeba.py:authors", "configs/lsun_church.py:authors",
            "configs/mnist.py:compare", "configs/mnist.py:tiny,compare", "configs/celeba.py:ar,authors",
-           "configs/lsun_church.py:ar"]
+           "configs/lsun_church.py:ar", "configs/mnist.py:conditional", "configs/mnist.py:tiny,conditional",
+           "configs/imagenet.py", "configs/imagenet.py:authors"]
 
 
 @pytest.mark.parametrize("spec", CONFIGS)
@@ -46,6 +48,32 @@ def test_celeba_matches_the_paper():
   v = config.vqvae
   assert (v.ch, tuple(v.ch_mult), v.num_res_blocks, tuple(v.attn_resolutions)) == (128, (1, 1, 2, 2, 4), 2, (16,))
   assert (v.embed_dim, v.codebook_size, v.groups, config.vqvae_train.beta) == (256, 1024, 32, 0.25)
+
+
+def test_imagenet_is_class_conditional_with_the_authors_sizes():
+  config = load_config("configs/imagenet.py")
+  p, t = config.prior, config.prior_train
+  assert (p.num_classes, t.label_dropout, p.ch, tuple(p.ch_mult), config.diffusion.num_steps) == (
+      1000, 0.1, 128, (1, 2, 4, 8), 4000)
+  assert (t.batch_size, t.num_steps, t.optim.lr, config.refit.num_codes) == (180, 570_000, 1e-4, 1024)
+  assert (config.vqvae.z_channels, config.vqvae.embed_dim, tuple(config.vqvae.ch_mult)) == (256, 256, (1, 1, 2, 2, 4))
+  folder = load_config("configs/imagenet.py:folder")
+  assert folder.data.class_folders and folder.data.source == "image_folder"
+  unet = prior_lib.build_denoiser(config, 1024)
+  shapes = unet_lib.param_shapes(unet, 16, 16)
+  assert shapes["label_embed"]["embedding"].shape == (1001, 128)
+
+
+def test_taming_f16_imports_stage_1_and_needs_the_converted_folder(tmp_path):
+  config = load_config("configs/celeba.py:taming_f16")
+  assert (config.vqvae_train.num_steps, config.vqvae_train.codebook_loss, config.vqvae.attn_at_resolution) == (
+      0, "taming_legacy", 256)
+  with pytest.raises(ConfigError, match="vqvae_train.init_from.*converted tokenizer"):
+    config_schema.validate_config(config)
+  config.vqvae_train.init_from = str(tmp_path)
+  config_schema.validate_config(config)
+  config = load_config("configs/imagenet.py:taming_f16,authors")
+  assert config.vqvae.codebook_size == 1024 and config.prior.num_classes == 1000
 
 
 def test_unknown_config_argument_raises():
@@ -150,14 +178,15 @@ def test_model_sections_are_the_attributes_of_the_modules_they_build():
   (the data's channels, the number of codes), so a builder is `Module(**section)` and no name can drift."""
   config = load_config("configs/celeba.py:authors")  # time_scale is a field reference there
   assert set(config.vqvae) == _attributes(VQVAE) - {"out_channels"}
-  assert set(config.prior) == _attributes(UNet) - {"num_classes"}
+  # prior.num_classes is the image classes of a conditional prior: the UNet's num_labels (its num_classes is K).
+  assert set(config.prior) == _attributes(UNet) - {"num_classes", "num_labels"} | {"num_classes"}
   assert set(config.discriminator) == _attributes(NLayerDiscriminator)
   config.discriminator.update(ndf=32, num_layers=2)
   assert build_discriminator(config.discriminator) == NLayerDiscriminator(ndf=32, num_layers=2)
   vqvae, unet = build_vqvae(config.vqvae, 3, codebook_size=512), prior_lib.build_denoiser(config, 512)
   for model, section in ((vqvae, config.vqvae), (unet, config.prior)):
     for name, value in section.items():
-      built = getattr(model, name)
+      built = getattr(model, "num_labels" if (model, name) == (unet, "num_classes") else name)
       assert (built.dtype if name == "dtype" else built) == (value if name != "codebook_size" else 512), name
   assert (vqvae.out_channels, unet.num_classes, unet.time_scale) == (3, 512, 1.0)
 

@@ -60,3 +60,18 @@ def test_usage_and_perplexity():
   masked = quantizer.code_histogram(idx, 8, mask=jnp.array([True, False]))
   np.testing.assert_array_equal(masked, [2, 2, 0, 0, 0, 0, 0, 0])
   assert float(quantizer.perplexity(jnp.array([5.0, 0.0]))) == pytest.approx(1.0)
+
+
+def test_taming_legacy_puts_beta_on_the_codebook_term():
+  """taming's legacy quantiser: β·||sg[h] − z||² + ||h − sg[z]||²; ours the reverse. The gradients show it: the
+  codebook's is β times ours, the features' 1/β times."""
+  h = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+  codebook = jax.random.normal(jax.random.key(1), (5, 4))
+
+  def grads(convention):
+    f = lambda hh, cb: quantizer.vq_objective(quantizer.quantize(hh, cb), 0.25, convention)  # noqa: E731
+    return jax.grad(f, argnums=(0, 1))(h, codebook)
+
+  (gh_ours, gc_ours), (gh_legacy, gc_legacy) = grads("ours"), grads("taming_legacy")
+  np.testing.assert_allclose(gc_legacy, 0.25 * gc_ours, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(gh_legacy, gh_ours / 0.25, rtol=1e-5, atol=1e-7)

@@ -20,6 +20,7 @@ DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
 # vqvae_train.recon_loss, refit.recon_loss: the per-pixel reconstruction error.
 RECON_LOSSES = ("mse", "l1")
+CODEBOOK_LOSSES = ("ours", "taming_legacy")  # where β goes (`models.quantizer.vq_objective`)
 
 # refit.kmeans_init: the seedings `kmeans.kmeans` offers by name.
 KMEANS_INITS = ("kmeans++", "kmeans||", "afkmc2")

@@ -108,9 +108,11 @@ def check_optim(config, prefix: str) -> None:
     check_float(config, f"{prefix}.weight_decay", 0.0, 1.0)
 
 
-def check_loop(config, prefix: str) -> None:
-  """The loop fields of a training section (`vqvae_train`, `refit`, `prior_train`) and its optimiser."""
-  for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
+def check_loop(config, prefix: str, min_steps: int = 1) -> None:
+  """The loop fields of a training section (`vqvae_train`, `refit`, `prior_train`) and its optimiser;
+  `min_steps` 0 where a section may train nothing (stage 1 imported from a converted tokenizer)."""
+  check_int(config, f"{prefix}.num_steps", min_steps)
+  for name in ("batch_size", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
     check_int(config, f"{prefix}.{name}", 1)
   check_int(config, f"{prefix}.eval_examples", 0)
   check_float(config, f"{prefix}.ema_decay", 0.0, 1.0)

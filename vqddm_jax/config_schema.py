@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Callable
 
 import ml_collections
-from etils import epath
 
-from vqddm_jax import choices, masks
+from vqddm_jax import choices
 from vqddm_jax.config_checks import (check_bool, check_choice, check_float, check_int, check_int_tuple,
                                      check_loop, check_optim, fail, field_value)
+from vqddm_jax.config_outputs import (output_sections, validate_edit, validate_eval, validate_inpaint,
+                                     validate_sample)
 from vqddm_jax.data.config import validate_data
 from vqddm_jax.errors import ConfigError
 
@@ -62,15 +63,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(
       source="mnist5k", tfds_name="", data_dir="", manual_dir="", image_folder="", image_key="image",
       train_split="train", eval_split="test", image_size=32, channels=1, resize="pad",
-      shuffle_buffer=5_000, prefetch=2, holdout_fraction=0.02)
+      shuffle_buffer=5_000, prefetch=2, holdout_fraction=0.02,
+      class_folders=False)  # Image folders: label = sorted index of its class sub-folder (ImageFolder's rule).
   c.vqvae = dict(
       ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32, embed_dim=32,
-      codebook_size=256, groups=8, dropout=0.0, dtype="float32")
+      codebook_size=256, groups=8, dropout=0.0, dtype="float32", attn_at_resolution=0)
+  # attn_at_resolution: 0 = attention where the feature map is attn_resolutions px (by the actual size); N =
+  # where it would be for N-px inputs, as taming places it (imported tokenizers at other sizes match taming's).
   # beta: the commitment weight β of the VQ loss (docs/method.md §2); ReFiT's fine-tune uses none.
   c.vqvae_train = dict(
       batch_size=16, num_steps=1200, optim=optim_defaults(2e-3), ema_decay=0.99, beta=0.25, recon_loss="mse",
       log_every=50, checkpoint_every=400, image_every=400, eval_every=1200, eval_examples=0,
-      keep_checkpoints=2, **loss_defaults())
+      keep_checkpoints=2, codebook_loss="ours", init_from="", **loss_defaults())
+  # init_from: a tokenizer converted by `python -m vqddm_jax.convert` (docs/pretrained.md) that stage 1 starts
+  # from (num_steps = 0: stage 1 is that tokenizer, imported); codebook_loss: where β goes ('ours': on the
+  # commitment term; 'taming_legacy': on the codebook term, as taming's released tokenizers were trained).
   # The PatchGAN of stage 1 and ReFiT (one architecture: ReFiT starts from stage 1's when it has one).
   c.discriminator = dict(ndf=64, num_layers=3)
   c.refit = dict(
@@ -83,29 +90,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion = dict(num_steps=250, schedule="cosine", parametrization="residual",
                      importance_sampling=True)
   c.prior = dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attention=True, mid_attention=True,
-                 groups=8, dropout=0.0, softmax_q=True, time_scale=1.0, dtype="float32")
+                 groups=8, dropout=0.0, softmax_q=True, time_scale=1.0, dtype="float32", num_classes=0)
+  # prior.num_classes: C > 0 makes the prior class-conditional on the images' labels (0: unconditional). It is
+  # the UNet's `num_labels` (its `num_classes` is K); label_dropout: the fraction of training maps whose label
+  # is replaced by the null label, so one network is both p(z | y) and p(z) (classifier-free guidance).
   c.prior_train = dict(
       batch_size=32, num_steps=6000, optim=optim_defaults(1e-3), ema_decay=0.998, log_every=50,
       checkpoint_every=2000, eval_every=6000, eval_examples=0, eval_t_samples=16, t_buckets=4,
-      keep_checkpoints=2, max_code_maps=0, hybrid_ce_weight=0.0)
+      keep_checkpoints=2, max_code_maps=0, hybrid_ce_weight=0.0, label_dropout=0.1)
   # max_code_maps: train on the first N stored maps (0 = all). hybrid_ce_weight: λ of D3PM's hybrid loss,
   # −ELBO + λ·(−log p̂(z_0 | z_t)), both in bits per code (0 = the pure −ELBO of the paper).
-  # temperature: τ dividing the logits of x̂_0 in every reverse step of sample, inpaint and evaluate
-  # (1 = the model's own distribution; < 1 trades diversity for fidelity; the −ELBO never uses it).
   c.update(ar_sections())
-  c.sample = dict(num_samples=64, steps=0, chunk_steps=125, seed=1, decode_batch_size=256, temperature=1.0)
-  c.inpaint = dict(mask="left_half", num_images=16, steps=0, seed=2)
-  # reference_stats: '' = the training split's feature statistics computed once into W/eval/, or an .npz
-  # written by --mode=reference_stats; chunk_size: samples generated and featurised at a time.
-  # sample_draws: R > 1 samples the samples row R times (seeds eval.seed .. eval.seed + R − 1) and reports
-  # the mean and standard deviation of FD, KID, precision and recall over the draws (R − 1 more sample sets).
-  # compare_masks: with the AR prior enabled, the report's comparison completes held-out images under each of
-  # these masks with both priors (and both AR protocols).
-  # classifier_seed: the MNIST feature classifier's own seed, apart from config.seed, so that priors trained
-  # with other seeds are measured in the same feature space (and the cached reference statistics still fit).
-  c.eval = dict(num_samples=256, step_fractions=(1, 4, 10, 40), classifier_steps=600, classifier_seed=0,
-                inpaint_images=64, inception_weights="", reference_stats="", chunk_size=512, seed=3,
-                sample_draws=1, compare_masks=("top_half", "left_half", "center", "random:0.5"))
+  c.update(output_sections())
   return c
 
 
@@ -189,6 +185,7 @@ def validate_vqvae(config) -> None:
   check_int(config, "vqvae.num_res_blocks", 0)
   check_int_tuple(config, "vqvae.attn_resolutions", 1, nonempty=False)
   check_int(config, "vqvae.codebook_size", 2)
+  check_int(config, "vqvae.attn_at_resolution", 0)
   check_float(config, "vqvae.dropout", 0.0, 1.0)
   check_choice(config, "vqvae.dtype", choices.DTYPES)
   check_groups(config, "vqvae")
@@ -199,9 +196,16 @@ def validate_vqvae(config) -> None:
 
 
 def validate_vqvae_train(config) -> None:
-  """`vqvae_train`: stage 1's loop, commitment weight and losses."""
-  check_loop(config, "vqvae_train")
+  """`vqvae_train`: stage 1's loop (0 steps only when importing a tokenizer), commitment weight and losses."""
+  t = config.vqvae_train
+  if not isinstance(t.init_from, str):
+    fail("vqvae_train.init_from", t.init_from, "'' (train from scratch) or the folder of a converted tokenizer")
+  if t.num_steps == 0 and not t.init_from:
+    fail("vqvae_train.init_from", t.init_from, "the folder of a converted tokenizer when vqvae_train.num_steps = 0 "
+         "(stage 1 imported, as configs/celeba.py:taming_f16 does; docs/pretrained.md), or num_steps >= 1")
+  check_loop(config, "vqvae_train", min_steps=0 if t.init_from else 1)
   check_float(config, "vqvae_train.beta", 0.0)
+  check_choice(config, "vqvae_train.codebook_loss", choices.CODEBOOK_LOSSES)
   check_vq_training(config, "vqvae_train")
 
 
@@ -263,6 +267,7 @@ def validate_prior(config) -> None:
   check_float(config, "prior.dropout", 0.0, 1.0)
   check_float(config, "prior.time_scale", 0.0, low_open=True)
   check_choice(config, "prior.dtype", choices.DTYPES)
+  check_int(config, "prior.num_classes", 0)
   p = config.prior
   if p.dropout > 0 and p.num_res_blocks < 2:
     # The denoiser drops out between the ResnetBlocks of a down-path level (the authors' placement), so with
@@ -283,6 +288,7 @@ def validate_prior_train(config) -> None:
   check_int(config, "prior_train.t_buckets", 1)
   check_int(config, "prior_train.max_code_maps", 0)
   check_float(config, "prior_train.hybrid_ce_weight", 0.0, 100.0)
+  check_float(config, "prior_train.label_dropout", 0.0, 1.0, high_open=True)
   t = config.prior_train
   if 0 < t.max_code_maps < t.batch_size:
     fail("prior_train.max_code_maps", t.max_code_maps,
@@ -313,49 +319,6 @@ def validate_ar_sample(config) -> None:
   check_int(config, "ar_sample.candidates", 1, 4096)
 
 
-def validate_sample(config) -> None:
-  """`sample`: `--mode=sample`'s count, steps, chunks, seed, decoding batch and temperature."""
-  check_int(config, "sample.num_samples", 1)
-  check_int(config, "sample.steps", 0, config.diffusion.num_steps)
-  check_int(config, "sample.chunk_steps", 1)
-  check_int(config, "sample.seed", 0)
-  check_int(config, "sample.decode_batch_size", 1)
-  check_float(config, "sample.temperature", 0.0, 10.0, low_open=True)
-
-
-def validate_inpaint(config) -> None:
-  """`inpaint`: the mask (a PNG mask is read and checked), count, steps and seed."""
-  masks.check_mask_spec(config.inpaint.mask)
-  check_int(config, "inpaint.num_images", 1)
-  check_int(config, "inpaint.steps", 0, config.diffusion.num_steps)
-  check_int(config, "inpaint.seed", 0)
-
-
-def validate_eval(config) -> None:
-  """`eval`: the evaluation's sizes and seeds, and the files it is given (which must exist)."""
-  check_int(config, "eval.num_samples", 2)
-  check_int_tuple(config, "eval.step_fractions", 1)
-  check_int(config, "eval.classifier_steps", 1)
-  check_int(config, "eval.classifier_seed", 0)
-  check_int(config, "eval.inpaint_images", 1)
-  check_int(config, "eval.seed", 0)
-  check_int(config, "eval.chunk_size", 1)
-  check_int(config, "eval.sample_draws", 1, 100)
-  specs = config.eval.compare_masks
-  if not isinstance(specs, (tuple, list)) or not specs or not all(isinstance(m, str) for m in specs):
-    fail("eval.compare_masks", specs, "a non-empty tuple of mask specs, e.g. ('top_half', 'random:0.5')")
-  for spec in specs:
-    masks.check_mask_spec(spec, config.data.image_size, field="eval.compare_masks")
-  weights = config.eval.inception_weights
-  if weights and not epath.Path(weights).is_file():
-    fail("eval.inception_weights", weights, "'' (no FID: VGG16 or classifier features) or the path of an "
-         "existing weights file")
-  stats = config.eval.reference_stats
-  if stats and (not stats.endswith(".npz") or not epath.Path(stats).is_file()):
-    fail("eval.reference_stats", stats, "'' (computed once into the work directory) or the path of an "
-         "existing .npz written by --mode=reference_stats")
-
-
 # Section -> its validator, run in this order (a section's checks may use the sections before it).
 VALIDATORS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "data": validate_data, "distributed": validate_distributed, "vqvae": validate_vqvae,
@@ -363,7 +326,7 @@ VALIDATORS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "encode": validate_encode, "diffusion": validate_diffusion, "prior": validate_prior,
     "prior_train": validate_prior_train, "ar": validate_ar, "ar_train": validate_ar_train,
     "ar_sample": validate_ar_sample, "sample": validate_sample, "inpaint": validate_inpaint,
-    "eval": validate_eval,
+    "edit": validate_edit, "eval": validate_eval,
 }
 
 # Global batch sizes, each split evenly over every device of every host.

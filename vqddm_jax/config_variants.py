@@ -22,7 +22,7 @@ import ml_collections
 from vqddm_jax.config_checks import set_field
 from vqddm_jax.config_schema import gan_optim, optim_defaults
 
-VARIANTS = ("authors", "ar")
+VARIANTS = ("authors", "ar", "taming_f16")
 
 # LSUN-Church: the authors' prior saw only the first 31,000 code maps of the training set (method.md §5.1).
 AUTHORS_LSUN_CODE_MAPS = 31_000
@@ -130,6 +130,21 @@ def taming_ar(config: ml_collections.ConfigDict, *, batch_size: int, num_steps: 
       ema_decay=0.9999, log_every=100, checkpoint_every=5_000, eval_every=25_000, eval_examples=1_000)
 
 
+# taming-transformers' released f16 tokenizers (ImageNet f16-1024 / f16-16384, FFHQ, CelebA-HQ, FacesHQ
+# f16-1024): 256 px, ch 128, 2 residual blocks, attention at 16 px, z 256, embedding 256 (docs/pretrained.md).
+TAMING_F16 = {"ch": 128, "ch_mult": (1, 1, 2, 2, 4), "num_res_blocks": 2, "attn_resolutions": (16,),
+              "z_channels": 256, "embed_dim": 256, "groups": 32, "dropout": 0.0, "attn_at_resolution": 256}
+
+
+def taming_f16(config: ml_collections.ConfigDict, *, codebook_size: int = 1024) -> None:
+  """Stage 1 imported from a released taming f16 tokenizer converted by `python -m vqddm_jax.convert`: the
+  tokenizer fields of the checkpoint (K = `codebook_size`), attention placed by its nominal 256 px, β on the
+  codebook term as it was trained, and no stage-1 training (`vqvae_train.num_steps = 0`); the converted folder
+  is given with `--config.vqvae_train.init_from=DIR`."""
+  config.vqvae.update(**TAMING_F16, codebook_size=codebook_size)
+  config.vqvae_train.update(num_steps=0, codebook_loss="taming_legacy")
+
+
 def apply_authors(config: ml_collections.ConfigDict, *, max_code_maps: int = 0) -> None:
   """Switches `config` (in place) to the authors' released settings; the experiment file lists them.
 
@@ -146,3 +161,14 @@ def apply_authors(config: ml_collections.ConfigDict, *, max_code_maps: int = 0) 
     set_field(config, field, value)
   config.prior.time_scale = 4000.0 / config.diffusion.get_ref("num_steps").to_float()
   config.prior_train.max_code_maps = max_code_maps
+
+
+def apply_variants(config: ml_collections.ConfigDict, variants: frozenset[str], *, max_code_maps: int = 0) -> None:
+  """The 256×256 experiment files' variants, in their one order: `ar` (taming's faces-size transformer, batch
+  128, 300k steps), `taming_f16` (stage 1 imported), `authors` (with `max_code_maps` for `apply_authors`)."""
+  if "ar" in variants:
+    taming_ar(config, batch_size=128, num_steps=300_000)
+  if "taming_f16" in variants:
+    taming_f16(config)
+  if "authors" in variants:
+    apply_authors(config, max_code_maps=max_code_maps)

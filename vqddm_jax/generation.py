@@ -39,15 +39,30 @@ class Generator:
   ar: restore.Restored | None = None  # the autoregressive prior, when enabled (`ar_generation`)
   ar_models: dict | None = None  # `ar_record` when restored: what the AR prior's outputs record
   ar_sampling: dict | None = None  # config.ar_sample: temperature, top_k, top_p, candidates
+  heldout_labels: np.ndarray | None = None  # i32[N]: the held-out maps' class labels (conditional prior)
+  guidance_scale: float = 1.0  # s of classifier-free guidance (`prior_lib.guided_logits_fn`)
 
   @property
   def code_shape(self) -> tuple[int, int]:
     return tuple(self.heldout_codes.shape[1:])
 
-  def sampling_logits_fn(self, params: Any) -> Callable:
-    """`(z_t, t) -> f32[B, h, w, K]`: the logits of x̂_0 that sampling and inpainting draw from (tempered)."""
-    return diffusion.tempered(prior_lib.logits_fn(self.prior.model, params, self.parametrization),
-                              self.temperature)
+  @property
+  def num_labels(self) -> int:
+    """C, the classes of a conditional prior (0: unconditional); label C is the null label."""
+    return self.prior.model.num_labels
+
+  def sampling_logits_fn(self, params: Any, labels: jax.Array | None = None,
+                         guidance_scale: float | None = None) -> Callable:
+    """`(z_t, t) -> f32[B, h, w, K]`: the logits of x̂_0 that sampling and inpainting draw from (tempered).
+
+    A conditional prior given `labels: i32[B]` is guided at `guidance_scale` (default: the generator's); without
+    labels it draws from the null label (its unconditional model)."""
+    if labels is None:
+      fn = prior_lib.logits_fn(self.prior.model, params, self.parametrization)
+    else:
+      scale = self.guidance_scale if guidance_scale is None else guidance_scale
+      fn = prior_lib.guided_logits_fn(self.prior.model, params, self.parametrization, labels, float(scale))
+    return diffusion.tempered(fn, self.temperature)
 
 
 def load_generator(config: Any, workdir: Workdir) -> Generator:
@@ -63,10 +78,13 @@ def load_generator(config: Any, workdir: Workdir) -> Generator:
   tokenizer = restore.restore_tokenizer(config, workdir)
   ar = (restore.restore_ar(config, workdir, num_classes, tuple(heldout.shape[1:]))
         if config.ar_train.enabled else None)
+  labels = (codes_lib.load_labels(store, config.data.eval_split, config.prior.num_classes)
+            if config.prior.num_classes else None)
   return Generator(prior, tokenizer, prior_lib.build_schedule(config, num_classes), heldout,
                    config.diffusion.parametrization, float(config.sample.temperature),
                    current_record(config, workdir), ar, ar_record(config, workdir),
-                   config.ar_sample.to_dict() if ar is not None else None)
+                   config.ar_sample.to_dict() if ar is not None else None, labels,
+                   float(config.sample.guidance_scale))
 
 
 def current_record(config: Any, workdir: Workdir) -> dict | None:
@@ -77,8 +95,12 @@ def current_record(config: Any, workdir: Workdir) -> dict | None:
   tokenizer_step = checkpointing.latest_step(workdir.train(stage).checkpoints)
   if prior_step is None or tokenizer_step is None:
     return None
-  return {"prior_step": prior_step, "tokenizer": stage, "tokenizer_step": tokenizer_step,
-          "temperature": float(config.sample.temperature)}
+  record = {"prior_step": prior_step, "tokenizer": stage, "tokenizer_step": tokenizer_step,
+            "temperature": float(config.sample.temperature)}
+  if config.prior.num_classes:  # Only then: an unconditional run's records stay as they were.
+    record.update(guidance_scale=float(config.sample.guidance_scale),
+                  class_labels=list(config.sample.class_labels))
+  return record
 
 
 def ar_record(config: Any, workdir: Workdir) -> dict | None:
@@ -138,20 +160,37 @@ def program_for(gen: Generator, key: Any, make: Callable[[], Callable]) -> Calla
   return _PROGRAMS[key]
 
 
-def reverse_program(gen: Generator) -> Callable:
-  """The pmapped reverse-chunk program `(rparams, z, key, ts_chunk) -> z` of `gen`'s prior (one per
-  generator: every `sample_code_maps` call reuses its compilation)."""
+def reverse_program(gen: Generator, guidance_scale: float | None = None) -> Callable:
+  """The pmapped reverse-chunk program `(rparams, z, key, ts_chunk, labels) -> z` of `gen`'s prior (one per
+  generator and guidance scale: every `sample_code_maps` call reuses its compilation). `labels` (i32[per
+  device] per device) are ignored by an unconditional prior; a conditional one is guided at
+  `guidance_scale` (None: the generator's)."""
   sched = gen.sched
+  # The scale in effect names the program, so None and the generator's own scale share one compilation.
+  scale = float(gen.guidance_scale if guidance_scale is None else guidance_scale) if gen.num_labels else None
 
-  def chunk_fn(params, z, key, ts_chunk):
-    logits_fn = gen.sampling_logits_fn(params)
+  def chunk_fn(params, z, key, ts_chunk, labels):
+    logits_fn = gen.sampling_logits_fn(params, labels if gen.num_labels else None, scale)
     return diffusion.reverse_chunk(device_key(key), z, ts_chunk, logits_fn, sched)
 
-  return program_for(gen, "reverse", lambda: parallel.pmap(chunk_fn, in_axes=(0, 0, None, None)))
+  return program_for(gen, ("reverse", scale),
+                     lambda: parallel.pmap(chunk_fn, in_axes=(0, 0, None, None, 0)))
+
+
+def host_labels(gen: Generator, labels: np.ndarray | None, per_device: int) -> jax.Array:
+  """This host's share of the chains' labels `labels: i32[devices * per_device]` (all hosts' chains in device
+  order), on its devices `[local devices, per_device]`; the null label for all when None."""
+  n = parallel.device_count() * per_device
+  if labels is None:
+    labels = np.full((n,), gen.num_labels, np.int32)
+  if len(labels) != n:
+    raise ValueError(f"{len(labels)} labels for {n} chains")
+  return parallel.to_devices(parallel.shard(np.asarray(labels, np.int32)[parallel.host_slice(n)]))
 
 
 def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device: int,
-                     num_sampling_steps: int | None, chunk: int, program: Callable | None = None) -> np.ndarray:
+                     num_sampling_steps: int | None, chunk: int, program: Callable | None = None,
+                     labels: np.ndarray | None = None) -> np.ndarray:
   """Ancestral (or strided) sampling on every device of every host: `i32[devices * per_device, h, w]`
   (all hosts' chains, in device order, on every host).
 
@@ -163,24 +202,30 @@ def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device
     num_sampling_steps: None for all T reverse steps, S < T for a strided subset of S.
     chunk: reverse steps per compiled call.
     program: `reverse_program(gen)`, to reuse its compilation across calls; None builds a new one.
+    labels: i32[devices * per_device], the class of each chain (conditional prior, guided at the program's
+      scale); None: the null label (or no label for an unconditional prior).
   """
   sched = gen.sched
+  labels_d = host_labels(gen, labels, per_device)
   ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
   p_chunk = program or reverse_program(gen)
   # z_T per device from fold_in(fold_in(key, global device index), 0), as `diffusion.sample` draws it.
   z = parallel.to_devices(np.asarray(jax.vmap(lambda d: diffusion.uniform_codes(
       jax.random.fold_in(jax.random.fold_in(key, d), 0), (per_device,) + tuple(gen.code_shape),
       sched.num_classes))(device_indices())))
-  z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, key, ts_chunk), z, ts, chunk, "sampling")
+  z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, key, ts_chunk, labels_d), z, ts, chunk, "sampling")
   return parallel.gather_rows(parallel.unshard(z))
 
 
 def sample_in_chunks(gen: Generator, rparams: Any, *, key: jax.Array, num: int, chunk_size: int,
-                     num_sampling_steps: int | None, chunk_steps: int) -> Iterator[tuple[int, np.ndarray]]:
+                     num_sampling_steps: int | None, chunk_steps: int, labels: np.ndarray | None = None,
+                     guidance_scale: float | None = None) -> Iterator[tuple[int, np.ndarray]]:
   """`num` code maps sampled `chunk_size` at a time (rounded up to a multiple of the global device count),
   so that evaluating 10k-50k samples never holds more than one chunk.
 
   Chunk c draws with `fold_in(key, c)`; every host takes part in every chunk and gets all of its maps.
+  `labels: i32[num]` give each map's class (conditional prior, guided at `guidance_scale`, None: the
+  generator's); None: the null label.
 
   Yields:
     (start, i32[n, h, w]): maps start .. start + n − 1 of the `num` (the last chunk's surplus is dropped:
@@ -189,36 +234,45 @@ def sample_in_chunks(gen: Generator, rparams: Any, *, key: jax.Array, num: int, 
   ndev = parallel.device_count()
   per_device = max(1, -(-min(chunk_size, num) // ndev))
   per_chunk = per_device * ndev
-  program = reverse_program(gen)  # One compilation for every chunk.
+  program = reverse_program(gen, guidance_scale)  # One compilation for every chunk.
   for index, start in enumerate(range(0, num, per_chunk)):
+    chunk_labels = None
+    if labels is not None:  # The last chunk's surplus chains take the null label (and are dropped).
+      chunk_labels = np.full((per_chunk,), gen.num_labels, np.int32)
+      part = labels[start:start + per_chunk]
+      chunk_labels[:len(part)] = part
     codes = sample_code_maps(gen, rparams, key=jax.random.fold_in(key, index), per_device=per_device,
-                             num_sampling_steps=num_sampling_steps, chunk=chunk_steps, program=program)
+                             num_sampling_steps=num_sampling_steps, chunk=chunk_steps, program=program,
+                             labels=chunk_labels)
     yield start, codes[:min(per_chunk, num - start)]
 
 
 def inpaint_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, mask: np.ndarray,
-                      known: np.ndarray, num_sampling_steps: int | None, chunk: int) -> np.ndarray:
+                      known: np.ndarray, num_sampling_steps: int | None, chunk: int,
+                      labels: np.ndarray | None = None) -> np.ndarray:
   """Completes `known: i32[N, h, w]` outside `mask: bool[N, h, w]` (True = known) on every device of every
-  host (each host takes its contiguous share; all hosts get all N completions, in order).
+  host (each host takes its contiguous share; all hosts get all N completions, in order). A conditional
+  prior completes map i as class `labels[i]` (i32[N]; guided at the generator's scale; None: null label).
 
   N must divide by the global device count. Known positions are kept exactly; see docs/method.md §3.7.
   """
   sched = gen.sched
   ts = diffusion.sampling_timesteps(sched.num_steps, num_sampling_steps)
+  labels_d = host_labels(gen, labels, len(known) // parallel.device_count())
   mine = parallel.host_slice(len(known))  # equal shares: N divides by the device count
   mask, known = mask[mine], known[mine]
   mask_d, known_d = parallel.to_devices(parallel.shard(mask)), parallel.to_devices(parallel.shard(known))
 
-  def chunk_fn(params, z, m, z0, key_ts):
+  def chunk_fn(params, z, m, z0, key_ts, y):
     key, ts_chunk = key_ts
-    logits_fn = gen.sampling_logits_fn(params)
+    logits_fn = gen.sampling_logits_fn(params, y if gen.num_labels else None)
     return diffusion.inpaint_chunk(device_key(key), z, ts_chunk, logits_fn, sched, m, z0)
 
-  p_chunk = program_for(gen, "inpaint", lambda: parallel.pmap(chunk_fn, in_axes=(0, 0, 0, 0, None)))
+  p_chunk = program_for(gen, "inpaint", lambda: parallel.pmap(chunk_fn, in_axes=(0, 0, 0, 0, None, 0)))
   z = parallel.to_devices(np.asarray(jax.vmap(
       lambda d, m, z0: diffusion.inpaint_init(jax.random.fold_in(key, d), m, z0, sched))(
           device_indices(), jnp.asarray(parallel.shard(mask)), jnp.asarray(parallel.shard(known)))))
-  z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, mask_d, known_d, (key, ts_chunk)), z, ts,
+  z = run_chunks(lambda z, ts_chunk: p_chunk(rparams, z, mask_d, known_d, (key, ts_chunk), labels_d), z, ts,
                  chunk, "inpainting")
   return parallel.gather_rows(parallel.unshard(z))
 
@@ -248,8 +302,9 @@ def inpaint_heldout(config: Any, gen: Generator, num_images: int, *, mask_spec: 
     num_images: how many held-out images (rounded up to a multiple of the global device count).
     mask_spec: the mask (`masks.check_mask_spec`); None for `config.inpaint.mask`.
     complete: `(mask, known) -> (i32[N, h, w] completions, extra arrays)`; None for the diffusion prior's
-      completion (`inpaint_code_maps` from `jax.random.key(inpaint.seed)`). The AR prior's protocols pass
-      theirs (`ar_generation`).
+      completion (`inpaint_code_maps` from `jax.random.key(inpaint.seed)`; a conditional prior completes each
+      image as its own class, guided at `sample.guidance_scale`). The AR prior's protocols pass theirs
+      (`ar_generation`).
 
   Returns:
     {'mask': bool[N,h,w] (True = known), 'known': i32[N,h,w], 'codes': i32[N,h,w] (completed),
@@ -267,9 +322,10 @@ def inpaint_heldout(config: Any, gen: Generator, num_images: int, *, mask_spec: 
     raise ConfigError(f"config.inpaint.num_images = {num_images}: only {len(known)} held-out code maps")
   mask = masks.code_mask(spec, num, gen.code_shape, config.data.image_size, icfg.seed)
   if complete is None:
+    labels = None if gen.heldout_labels is None else gen.heldout_labels[:num]
     completed, extra = inpaint_code_maps(
         gen, parallel.replicate(gen.prior.params), key=jax.random.key(icfg.seed), mask=mask, known=known,
-        num_sampling_steps=icfg.steps or None, chunk=config.sample.chunk_steps), {}
+        num_sampling_steps=icfg.steps or None, chunk=config.sample.chunk_steps, labels=labels), {}
   else:
     completed, extra = complete(mask, known)
   images = decode_codes(gen.tokenizer, completed, config.sample.decode_batch_size)

@@ -99,7 +99,8 @@ class Pipeline:
     return int(self.generator.sched.num_classes)
 
   def sample_codes(self, n: int, *, seed: int | None = None, steps: int | None = None,
-                   temperature: float | None = None) -> np.ndarray:
+                   temperature: float | None = None, labels: Any = None,
+                   guidance_scale: float | None = None) -> np.ndarray:
     """`n` code maps `i32[n, h, w]` sampled by the prior, drawn as `--mode=sample` draws them.
 
     Args:
@@ -107,23 +108,43 @@ class Pipeline:
       seed: the sampling seed (default `config.sample.seed`).
       steps: reverse steps, 0 = all T, S < T = a strided subset (default `config.sample.steps`).
       temperature: τ dividing the logits of x̂_0 (default `config.sample.temperature`).
+      labels: a class-conditional prior's class per sample (n ints in [0, C)); None: the null label.
+      guidance_scale: s of classifier-free guidance (default `config.sample.guidance_scale`).
 
     Raises:
       ConfigError: a value that `config.sample` would not allow (the message names that field).
+      MismatchError: labels for an unconditional prior, not n of them, or outside [0, C).
     """
     cfg = self._overridden({"sample.num_samples": n, "sample.seed": seed, "sample.steps": steps,
-                            "sample.temperature": temperature}).sample
+                            "sample.temperature": temperature, "sample.guidance_scale": guidance_scale}).sample
     gen = self._generator(cfg.temperature)
     per_device = -(-cfg.num_samples // parallel.device_count())
+    chains = np.full((per_device * parallel.device_count(),), gen.num_labels, np.int32)
+    chains[:n] = self._check_labels(labels, n)
     codes = generation.sample_code_maps(
         gen, self._replicated("prior", gen.prior.params), key=jax.random.key(cfg.seed), per_device=per_device,
-        num_sampling_steps=cfg.steps or None, chunk=cfg.chunk_steps, program=self._program(gen))
+        num_sampling_steps=cfg.steps or None, chunk=cfg.chunk_steps,
+        program=self._program(gen, float(cfg.guidance_scale)), labels=chains)
     return codes[:cfg.num_samples]
 
   def sample(self, n: int, *, seed: int | None = None, steps: int | None = None,
-             temperature: float | None = None) -> np.ndarray:
+             temperature: float | None = None, labels: Any = None,
+             guidance_scale: float | None = None) -> np.ndarray:
     """`n` sampled images `u8[n, H, W, C]`: `decode(sample_codes(...))` (same arguments)."""
-    return self.decode(self.sample_codes(n, seed=seed, steps=steps, temperature=temperature))
+    return self.decode(self.sample_codes(n, seed=seed, steps=steps, temperature=temperature, labels=labels,
+                                         guidance_scale=guidance_scale))
+
+  def _check_labels(self, labels: Any, n: int) -> np.ndarray:
+    """i32[n] class labels of a conditional prior (the null label C for all when None)."""
+    c = self.generator.num_labels
+    if labels is None:
+      return np.full((n,), c, np.int32)
+    labels = np.asarray(labels)
+    if not c or labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or (
+        labels.size and (labels.min() < 0 or labels.max() >= c)):
+      raise MismatchError(f"labels must be {n} class labels in [0, {c}) for this class-conditional prior"
+                          if c else "labels were given, but this prior is unconditional (prior.num_classes = 0)")
+    return labels.astype(np.int32)
 
   def encode(self, images: np.ndarray) -> np.ndarray:
     """Code maps `i32[N, h, w]` of images `u8[N, H, W, C]`, on every local device.
@@ -224,9 +245,10 @@ class Pipeline:
   def _replicated(self, name: str, params: Any) -> Any:
     return self._cached(("params", name), lambda: parallel.replicate(params))
 
-  def _program(self, gen: generation.Generator) -> Callable:
-    """The reverse-chunk program at `gen`'s temperature, compiled once per temperature."""
-    return self._cached(("reverse", gen.temperature), lambda: generation.reverse_program(gen))
+  def _program(self, gen: generation.Generator, guidance_scale: float) -> Callable:
+    """The reverse-chunk program at `gen`'s temperature and a guidance scale, compiled once per pair."""
+    return self._cached(("reverse", gen.temperature, guidance_scale),
+                        lambda: generation.reverse_program(gen, guidance_scale))
 
   def _check_images(self, images: np.ndarray, what: str) -> np.ndarray:
     images = np.asarray(images)

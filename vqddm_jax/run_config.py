@@ -40,6 +40,7 @@ MAY_CHANGE: dict[str, str] = {
     "sample.*": "sampling settings (outputs are named by them)",
     "ar_sample.*": "the AR prior's sampling settings (outputs are named or record them)",
     "inpaint.*": "inpainting settings (outputs are named by them)",
+    "edit.*": "editing settings (the edit record records them)",
     "eval.*": "evaluation settings (the report records them)",
     "data.data_dir": "where the prepared TFDS data set is stored",
     "data.manual_dir": "where TFDS finds manually downloaded files",

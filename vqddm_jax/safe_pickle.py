@@ -45,6 +45,11 @@ class Malformed(ValueError):
   """
 
 
+class RefusedCall(Malformed):
+  """Raised by a stand-in for a global outside the table (see `load`'s `unknown`) when the pickle calls it;
+  `args[0]` names the global. `load` turns it into a `RefusedGlobalError` that adds the file's name."""
+
+
 def _quote(text: str) -> str:
   """`text` on one line, cut to `_QUOTE_CHARS` characters."""
   text = " ".join(str(text).split())
@@ -55,10 +60,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
   """Resolves globals from a fixed table only; hands persistent ids to a handler or refuses them."""
 
   def __init__(self, file: BinaryIO, allowed: Mapping[tuple[str, str], Any],
-               persistent_load: Optional[Callable[[Any], Any]]):
+               persistent_load: Optional[Callable[[Any], Any]],
+               unknown: Optional[Callable[[str, str], Any]] = None):
     super().__init__(file)
     self._allowed = allowed
     self._persistent_load = persistent_load
+    self._unknown = unknown
 
   def find_class(self, module: str, name: str) -> Any:
     # Every opcode that names a global (GLOBAL, STACK_GLOBAL, INST, EXT1/2/4) comes through here; nothing is
@@ -66,6 +73,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     try:
       return self._allowed[(module, name)]
     except KeyError:
+      if self._unknown is not None:
+        return self._unknown(module, name)
       raise _Refused(f"{module}.{name}") from None
 
   def persistent_load(self, pid: Any) -> Any:
@@ -79,7 +88,8 @@ class _Refused(Exception):
 
 
 def load(file: BinaryIO, *, path: str, what: str, allowed: Optional[Mapping[tuple[str, str], Any]] = None,
-         persistent_load: Optional[Callable[[Any], Any]] = None) -> Any:
+         persistent_load: Optional[Callable[[Any], Any]] = None,
+         unknown: Optional[Callable[[str, str], Any]] = None) -> Any:
   """Reads one pickle from `file`, resolving only the globals in `allowed`.
 
   Args:
@@ -90,18 +100,25 @@ def load(file: BinaryIO, *, path: str, what: str, allowed: Optional[Mapping[tupl
       (plain ints, strings, lists, tuples and dicts only).
     persistent_load: called with each persistent id and returns its object; it raises `Malformed` to refuse
       one. None: a persistent id is refused.
+    unknown: called with (module, name) of each global outside `allowed` and returns an inert stand-in for
+      it, which must import and run nothing and raise `RefusedCall` when the pickle calls it (e.g.
+      `convert.lightning_ckpt`'s classes for callback objects). None: such a global is refused at once.
 
   Returns:
     The unpickled object.
 
   Raises:
-    RefusedGlobalError: the pickle refers to a global outside `allowed`.
+    RefusedGlobalError: the pickle refers to a global outside `allowed` (with `unknown`: calls one).
     WeightsFileError: anything else went wrong (not a pickle, truncated, an allowed callable or the handler
       refused its arguments); the message names `path`, `what` and the cause.
   """
   allowed = allowed or {}
   try:
-    return _RestrictedUnpickler(file, allowed, persistent_load).load()
+    return _RestrictedUnpickler(file, allowed, persistent_load, unknown).load()
+  except RefusedCall as e:
+    raise RefusedGlobalError(
+        f"{path}: refusing to load the {what}: it calls global {e.args[0]}, which could run code; this "
+        "reader never imports or calls a global outside its table") from None
   except _Refused as e:
     names = ", ".join(sorted(f"{m}.{n}" for m, n in allowed)) or "none"
     raise RefusedGlobalError(

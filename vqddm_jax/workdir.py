@@ -10,6 +10,7 @@ W/ar/       the autoregressive prior (when config.ar_train.enabled): the same as
 W/samples/<prior step>/samples_S<steps>_n<N>_seed<seed>[_tau<τ>].png|.npz|.json
 W/samples/ar/<AR step>/samples_n<N>_seed<seed>[_tau<τ>][_k<k>][_p<p>].png|.npz|.json
 W/inpaint/<mask>/grid.png  inpaint.npz  inpaint.json    ar_prefix/  ar_reweight<N>/ (the AR prior's, alike)
+W/edit/     mix.png  renoise.png  edit.npz  edit.json (held-out maps mixed / re-noised at t, denoised)
 W/eval/     report.json  report.md  samples.png  samples_ar.png  classifier.msgpack
             inpaint/<mask>/[ar_<protocol>/] (evaluate's own completions)
             reference_stats_<network>.npz (feature statistics of the whole training split)
@@ -130,6 +131,13 @@ class Workdir:
                      "once, read by every host).")
   samples_dir = _path("samples", doc="Every `--mode=sample` output, by prior checkpoint.")
   inpaint_dir = _path("inpaint", doc="Every `--mode=inpaint` output, by mask.")
+  edit_dir = _path("edit", doc="What `--mode=edit` writes (the newest settings' edits).")
+  edit_mix_grid = _path("edit", "mix.png", doc="Per pair, rows over t and columns over λ between the two "
+                        "reconstructions.")
+  edit_renoise_grid = _path("edit", "renoise.png", doc="Rows: the images; columns: re-noised to each t and "
+                            "denoised.")
+  edit_npz = _path("edit", "edit.npz", doc="Every code map and image of `--mode=edit`.")
+  edit_record = _path("edit", "edit.json", doc="What made `--mode=edit`'s outputs (compared on reruns).")
   eval_dir = _path("eval", doc="What `--mode=evaluate` writes and caches.")
   eval_samples_grid = _path("eval", "samples.png", doc="The report's grid of samples.")
   eval_ar_samples_grid = _path("eval", "samples_ar.png", doc="The report's grid of the AR prior's samples.")
@@ -141,12 +149,16 @@ class Workdir:
     return self.refit.root / f"report.{suffix}"
 
   def samples(self, prior_step: int, steps: int, *, num_samples: int, seed: int,
-              temperature: float = 1.0) -> OutputFiles:
+              temperature: float = 1.0, guidance_scale: float | None = None,
+              class_labels: tuple[int, ...] = ()) -> OutputFiles:
     """`num_samples` samples of the prior checkpoint `prior_step` drawn with `steps` reverse steps from `seed`
-    (and a sampling temperature other than 1): all in the name, so that another set never replaces one."""
+    (and a sampling temperature other than 1; a conditional prior's guidance scale and chosen classes): all in
+    the name, so that another set never replaces one."""
     folder = self.samples_dir / str(prior_step)
     name = (f"samples_S{steps}_n{num_samples}_seed{seed}" +
-            ("" if temperature == 1.0 else f"_tau{temperature:g}"))
+            ("" if temperature == 1.0 else f"_tau{temperature:g}") +
+            ("" if guidance_scale is None else f"_s{guidance_scale:g}") +
+            ("" if not class_labels else "_y" + "-".join(str(y) for y in class_labels)))
     return OutputFiles(folder / f"{name}.png", folder / f"{name}.npz", folder / f"{name}.json")
 
   def ar_samples(self, ar_step: int, *, num_samples: int, seed: int, temperature: float = 1.0, top_k: int = 0,
@@ -183,6 +195,10 @@ class Workdir:
     """The cached feature statistics of the whole training split in the space of `network` ('inception',
     'vgg16' or 'classifier'), computed once and reused by every evaluation of this run."""
     return self.eval_dir / f"reference_stats_{network}.npz"
+
+  def eval_class_grid(self, guidance_scale: float) -> epath.Path:
+    """The report's grid of a conditional prior's samples at guidance scale s, one row per class."""
+    return self.eval_dir / f"classes_s{guidance_scale:g}.png"
 
   def eval_inpaint(self, mask_name: str, protocol: str = "") -> OutputFiles:
     """Evaluate's own completions: never in `inpaint/`, where a user's `--mode=inpaint` writes."""

@@ -20,6 +20,7 @@ from vqddm_jax.data.tf_host import tf
 from vqddm_jax.errors import ConfigError, MismatchError, MissingInputError
 
 FEATURE = "codes"
+LABEL = "label"  # Each map's class label, stored beside it when the images' source has labels.
 META_FILE = "meta.json"
 
 
@@ -28,23 +29,29 @@ def read_meta(directory: epath.Path) -> dict | None:
   return files_lib.read_json(directory / META_FILE)
 
 
-def write_codes(directory: epath.Path, splits: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+def write_codes(directory: epath.Path, splits: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+                labels: Mapping[str, np.ndarray] | None = None, class_names: list[str] | None = None) -> None:
   """Stores `{split: i32[N, h, w]}` as a TFDS data set (order kept), then `meta.json` to mark it complete.
 
   Split names may carry TFDS slicing (`train[:29000]`); they are stored under sanitised names recorded in
-  the meta file.
+  the meta file. `labels` (`{split: i32[N]}`, the images' classes) are stored as a second feature, and
+  `class_names` (class index -> name, e.g. an image folder's class sub-folders) in the meta file.
   """
   shape = next(iter(splits.values())).shape[1:]
-  features = tfds.features.FeaturesDict(
-      {FEATURE: tfds.features.Tensor(shape=tuple(shape), dtype=np.int32)})
+  spec = {FEATURE: tfds.features.Tensor(shape=tuple(shape), dtype=np.int32)}
+  if labels is not None:
+    spec[LABEL] = tfds.features.Tensor(shape=(), dtype=np.int32)
   names = {split: _safe_name(split) for split in splits}
-  datasets = {names[s]: tf.data.Dataset.from_tensor_slices({FEATURE: np.asarray(c, np.int32)})
-              for s, c in splits.items()}
+  datasets = {names[s]: tf.data.Dataset.from_tensor_slices(
+      {FEATURE: np.asarray(c, np.int32), **({LABEL: np.asarray(labels[s], np.int32)} if labels else {})})
+      for s, c in splits.items()}
   builder = tfds.dataset_builders.store_as_tfds_dataset(
-      name="codes", version="1.0.0", features=features, split_datasets=datasets,
+      name="codes", version="1.0.0", features=tfds.features.FeaturesDict(spec), split_datasets=datasets,
       data_dir=str(directory / "tfds"), disable_shuffling=True)
   full = dict(meta, split_names=names, builder_dir=str(epath.Path(builder.data_dir).relative_to(directory)),
-              counts={s: int(len(c)) for s, c in splits.items()})
+              counts={s: int(len(c)) for s, c in splits.items()}, labels=labels is not None)
+  if class_names is not None:
+    full["class_names"] = list(class_names)
   files_lib.write_json(directory / META_FILE, full)  # Written last: its presence marks a complete store.
 
 
@@ -56,15 +63,20 @@ def require_meta(directory: epath.Path) -> dict:
   return meta
 
 
-def load_codes(directory: epath.Path, split: str) -> np.ndarray:
-  """All code maps of `split` from the store under `directory`: `i32[N, h, w]`, in stored order."""
-  meta = require_meta(directory)
+def _read_split(directory: epath.Path, split: str, meta: dict) -> dict[str, np.ndarray]:
   if split not in meta["split_names"]:
     raise ConfigError(f"split {split!r} is not among the stored code splits {sorted(meta['split_names'])} "
                       "(config.data.train_split / eval_split changed since encoding?)")
   builder = tfds.builder_from_directory(str(directory / meta["builder_dir"]))
   ds = builder.as_dataset(split=meta["split_names"][split], shuffle_files=False)
-  codes = np.concatenate([ex[FEATURE] for ex in tfds.as_numpy(ds.batch(4096))]).astype(np.int32)
+  parts = list(tfds.as_numpy(ds.batch(4096)))
+  return {k: np.concatenate([p[k] for p in parts]).astype(np.int32) for k in builder.info.features}
+
+
+def load_codes(directory: epath.Path, split: str) -> np.ndarray:
+  """All code maps of `split` from the store under `directory`: `i32[N, h, w]`, in stored order."""
+  meta = require_meta(directory)
+  codes = _read_split(directory, split, meta)[FEATURE]
   k = int(meta["codebook_size"])
   if codes.size and (codes.min() < 0 or codes.max() >= k):
     # A negative code would wrap to the last one in a gather and read the AR prior's start row; a code >= K
@@ -76,12 +88,41 @@ def load_codes(directory: epath.Path, split: str) -> np.ndarray:
   return codes
 
 
+def load_labels(directory: epath.Path, split: str, num_classes: int) -> np.ndarray:
+  """The class labels of `split`'s code maps, `i32[N]` in stored order, for a prior over `num_classes` classes.
+
+  Raises:
+    MissingInputError: the store holds no labels (the images' source has none, or it was encoded before
+      labels were stored).
+    MismatchError: a label outside [0, num_classes), or the store's class list is not num_classes long.
+  """
+  meta = require_meta(directory)
+  if not meta.get("labels"):
+    raise MissingInputError(
+        f"the code store {directory} holds no class labels, which config.prior.num_classes = {num_classes} "
+        "needs: the data source must have labels (MNIST-5k, a TFDS set with a 'label' feature, or an image "
+        "folder with config.data.class_folders = True); if it has, the store predates labels: remove "
+        f"{directory} and rerun --mode=encode")
+  names = meta.get("class_names")
+  if names is not None and len(names) != num_classes:
+    raise MismatchError(f"config.prior.num_classes = {num_classes}, but the images have {len(names)} classes "
+                        f"({', '.join(map(str, names[:12]))}{', ...' if len(names) > 12 else ''}; "
+                        f"{directory / META_FILE}): set config.prior.num_classes = {len(names)}")
+  labels = _read_split(directory, split, meta)[LABEL]
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+    raise MismatchError(f"split {split!r} under {directory} holds class label {bad}, outside [0, {num_classes}) "
+                        f"(config.prior.num_classes = {num_classes}): set it to the images' class count")
+  return labels
+
+
 def _safe_name(split: str) -> str:
   return "".join(c if c.isalnum() else "_" for c in split).strip("_") or "split"
 
 
 class CodeBatches:
-  """Infinite shuffled batches `{'codes': i32[num_shards, per_shard, h, w]}` with an exact `.position`.
+  """Infinite shuffled batches `{'codes': i32[num_shards, per_shard, h, w]}` (+ `'label': i32[num_shards,
+  per_shard]` when given labels) with an exact `.position`.
 
   Every host holds all `codes` and draws the same global batch of `per_shard * num_shards * process_count`
   maps per step; host p keeps the p-th slice (its devices' share, in device order). With `max_maps` = N > 0
@@ -96,14 +137,16 @@ class CodeBatches:
     position: `{'epoch', 'batch'}` to resume from; None starts at the beginning.
     process_index, process_count: this host's index and the number of hosts.
     max_maps: draw only from `codes[:max_maps]`; 0 (or more than N) draws from all maps.
+    labels: i32[N], each map's class label (drawn with it), or None.
   """
 
   def __init__(self, codes: np.ndarray, *, per_shard: int, num_shards: int, seed: int,
                position: Mapping[str, int] | None = None, process_index: int = 0, process_count: int = 1,
-               max_maps: int = 0):
+               max_maps: int = 0, labels: np.ndarray | None = None):
     if max_maps < 0:
       raise ValueError(f"max_maps must be >= 0 (0 = all maps), got {max_maps}")
     self._codes = codes[:max_maps] if max_maps else codes
+    self._labels = None if labels is None else (labels[:max_maps] if max_maps else labels)
     self._per_shard, self._num_shards = per_shard, num_shards
     self._per_host = per_shard * num_shards
     self._process_index, self._global = process_index, self._per_host * process_count
@@ -133,45 +176,58 @@ class CodeBatches:
     idx = self._perm[start:start + self._per_host]
     self._batch += 1
     codes = self._codes[idx]
-    return {FEATURE: codes.reshape((self._num_shards, self._per_shard) + codes.shape[1:])}
+    batch = {FEATURE: codes.reshape((self._num_shards, self._per_shard) + codes.shape[1:])}
+    if self._labels is not None:
+      batch[LABEL] = self._labels[idx].reshape(self._num_shards, self._per_shard)
+    return batch
 
 
 def eval_code_batches(codes: np.ndarray, *, per_shard: int, num_shards: int,
-                      max_examples: int | None = None, process_index: int = 0,
-                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                      max_examples: int | None = None, process_index: int = 0, process_count: int = 1,
+                      labels: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over this host's contiguous share of `codes[:max_examples]`:
-  `{'codes': i32[num_shards, per_shard, h, w], 'mask': bool[num_shards, per_shard]}`, padded with code 0 and
-  mask False so that every host yields the same number of batches (they run collectives together)."""
+  `{'codes': i32[num_shards, per_shard, h, w], 'mask': bool[num_shards, per_shard]}` (+ `'label'`, i32, when
+  `labels: i32[N]` are given), padded with code 0, label 0 and mask False so that every host yields the same
+  number of batches (they run collectives together)."""
   if max_examples:
     codes = codes[:max_examples]
+  rows = parallel.host_slice(len(codes), process_index=process_index, process_count=process_count,
+                             remainder="blocks")
+  mine_labels = None if labels is None else labels[:len(codes)][rows]
   per_host = per_shard * num_shards
   share = -(-len(codes) // process_count)  # the largest share: every host yields as many batches
   num_batches = -(-share // per_host)
-  codes = codes[parallel.host_slice(len(codes), process_index=process_index, process_count=process_count,
-                                    remainder="blocks")]
+  codes = codes[rows]
   for start in range(0, num_batches * per_host, per_host):
     chunk = codes[start:start + per_host]
     mask = np.zeros((per_host,), bool)
     mask[:len(chunk)] = True
     padded = np.zeros((per_host,) + codes.shape[1:], np.int32)
     padded[:len(chunk)] = chunk
-    yield {FEATURE: padded.reshape((num_shards, per_shard) + codes.shape[1:]),
-           "mask": mask.reshape(num_shards, per_shard)}
+    batch = {FEATURE: padded.reshape((num_shards, per_shard) + codes.shape[1:]),
+             "mask": mask.reshape(num_shards, per_shard)}
+    if mine_labels is not None:
+      padded_labels = np.zeros((per_host,), np.int32)
+      padded_labels[:len(chunk)] = mine_labels[start:start + per_host]
+      batch[LABEL] = padded_labels.reshape(num_shards, per_shard)
+    yield batch
 
 
 def host_training_batches(codes: np.ndarray, *, global_batch_size: int, seed: int,
-                          position: Mapping[str, int] | None, max_maps: int = 0) -> CodeBatches:
+                          position: Mapping[str, int] | None, max_maps: int = 0,
+                          labels: np.ndarray | None = None) -> CodeBatches:
   """The training iterator of this host for a prior's loop: `CodeBatches` with one shard per local device, each
   of the per-device share of `global_batch_size`, this host's part of every global batch."""
   return CodeBatches(codes, per_shard=parallel.per_device_batch_size(global_batch_size),
                      num_shards=parallel.local_device_count(), seed=seed, position=position,
                      process_index=parallel.process_index(), process_count=parallel.process_count(),
-                     max_maps=max_maps)
+                     max_maps=max_maps, labels=labels)
 
 
-def host_eval_batches(codes: np.ndarray, *, global_batch_size: int,
-                      max_examples: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def host_eval_batches(codes: np.ndarray, *, global_batch_size: int, max_examples: int = 0,
+                      labels: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
   """`eval_code_batches` of this host's share of `codes[:max_examples]` (0 = all), one shard per local device."""
   return eval_code_batches(codes, per_shard=parallel.per_device_batch_size(global_batch_size),
                            num_shards=parallel.local_device_count(), max_examples=max_examples or None,
-                           process_index=parallel.process_index(), process_count=parallel.process_count())
+                           process_index=parallel.process_index(), process_count=parallel.process_count(),
+                           labels=labels)

@@ -212,6 +212,11 @@ def classifier_features(params, images, *, batch_size: int = 500) -> np.ndarray:
   return _batched_apply(params, images, batch_size)[1]
 
 
+def predict(params, images, *, batch_size: int = 500) -> np.ndarray:
+  """Predicted classes i32[N] of SmallCNN for images f32[N, H, W, C] in [-1, 1]."""
+  return np.argmax(_batched_apply(params, images, batch_size)[0], axis=-1).astype(np.int32)
+
+
 def accuracy(params, images, labels, *, batch_size: int = 500) -> float:
   """Top-1 accuracy of SmallCNN on (images f32[N, H, W, C] in [-1, 1], labels i32[N]), in [0, 1]."""
   images, labels = _check_images(images, labels)

@@ -39,6 +39,8 @@ class FeatureNet:
     dim: F, the feature width.
     apply: images f32[N, H, W, C] in [-1, 1] -> (features f32[N, F], logits f32[N, K] or None).
     num_classes: K, the width of the class logits `apply` gives for the Inception Score (0: none).
+    classify: images f32[N, H, W, C] -> predicted classes i32[N] of the data set's own labels (the MNIST
+      classifier: the conditional section's accuracy), or None.
   """
   key: str
   label: str
@@ -47,6 +49,7 @@ class FeatureNet:
   dim: int
   apply: ApplyFn
   num_classes: int = 0
+  classify: Callable[[np.ndarray], np.ndarray] | None = None
 
   @property
   def has_scores(self) -> bool:
@@ -100,7 +103,8 @@ def classifier_net(params: Any) -> FeatureNet:
   """The project's MNIST classifier (`classifier.py`), penultimate layer."""
   return FeatureNet("classifier", "classifier", "the project's MNIST classifier (SmallCNN, penultimate "
                     "layer, 128-d)", _tree_sha256(params), classifier.FEATURES,
-                    lambda x: (classifier.classifier_features(params, x), None))
+                    lambda x: (classifier.classifier_features(params, x), None),
+                    classify=lambda x: classifier.predict(params, x))
 
 
 def _pad_to(chunk: np.ndarray, batch_size: int) -> np.ndarray:

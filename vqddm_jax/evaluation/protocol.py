@@ -76,7 +76,7 @@ def reference_statistics(config: Any, workdir: Workdir,
                                          given=config.eval.reference_stats, batch_size=FEATURE_BATCH)
 
 
-def _host_slices(chunks: Iterable[tuple[int, Any]], total: int) -> Iterator[tuple[int, Any]]:
+def host_slices(chunks: Iterable[tuple[int, Any]], total: int) -> Iterator[tuple[int, Any]]:
   """The parts of chunks (start, rows) of a set of `total` that fall in this process's share."""
   mine = parallel.host_slice(total)
   lo, hi = mine.start, mine.stop
@@ -100,10 +100,10 @@ def _split_chunks(data_cfg: Any, split: str, num: int) -> Iterator[tuple[int, np
       images = batch["image"][0][batch["mask"][0]]
       yield start, images
       start += len(images)
-  return _host_slices(all_chunks(), num)
+  return host_slices(all_chunks(), num)
 
 
-def _decoded(config: Any, gen: generation.Generator,
+def decoded(config: Any, gen: generation.Generator,
              code_chunks: Iterable[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
   """Decodes (start, codes) chunks into images as they would be saved (8-bit PNG): clipped to [-1, 1] and
   rounded to the 256 levels real images have, so samples and the reference differ in content only."""
@@ -147,7 +147,7 @@ def scored_samples(config: Any, gen: generation.Generator, scorer: Scorer,
       yield item
       t0 = time.perf_counter()
 
-  quality, first = scorer.row(_decoded(config, gen, _host_slices(timed(code_chunks), num)), num)
+  quality, first = scorer.row(decoded(config, gen, host_slices(timed(code_chunks), num)), num)
   return quality, first, seconds[0]
 
 
@@ -231,9 +231,9 @@ def reference_rows(config: Any, gen: generation.Generator, scorer: Scorer) -> di
       "real training images (floor)": scorer.row(_split_chunks(config.data, config.data.train_split, n_train),
                                                  n_train)[0],
       "stage-1 reconstructions of held-out images": scorer.row(
-          _decoded(config, gen, _host_slices(array_chunks(held, size), len(held))), len(held))[0],
+          decoded(config, gen, host_slices(array_chunks(held, size), len(held))), len(held))[0],
       "decoded uniformly random codes (ceiling)": scorer.row(
-          _decoded(config, gen, _host_slices(_random_code_chunks(config, gen, num), num)), num)[0],
+          decoded(config, gen, host_slices(_random_code_chunks(config, gen, num), num)), num)[0],
   }
 
 
@@ -243,7 +243,7 @@ def real_features(config: Any, net: feature_net.FeatureNet, num: int) -> np.ndar
 
 
 def evaluate(config: Any, workdir: Workdir, gen: generation.Generator, *, inputs: dict | None,
-             compare: Callable | None = None) -> tuple[dict, dict]:
+             compare: Callable | None = None, conditional: Callable | None = None) -> tuple[dict, dict]:
   """The report of the models `gen` restored from `workdir` (also saves the inpainting completions it scores
   under `eval/`).
 
@@ -254,6 +254,8 @@ def evaluate(config: Any, workdir: Workdir, gen: generation.Generator, *, inputs
     inputs: what the report was made from, stored in it under 'inputs'.
     compare: with the AR prior there, `comparison.compare` (passed in: it builds on this module), whose
       section becomes the report's 'comparison'.
+    conditional: for a class-conditional prior, `conditional.conditional_section` (passed in as `compare`),
+      whose section becomes the report's 'conditional' and whose grids (one row per class) 'class_grids'.
 
   Returns:
     (report, grids): the first samples f32[n, H, W, C] in [-1, 1] drawn with the first step fraction under
@@ -278,6 +280,8 @@ def evaluate(config: Any, workdir: Workdir, gen: generation.Generator, *, inputs
   grids = {"samples": samples}
   if gen.ar is not None and compare is not None:
     report["comparison"], grids["ar_samples"] = compare(config, workdir, gen, scorer, report)
+  if gen.num_labels and conditional is not None:
+    report["conditional"], grids["class_grids"] = conditional(config, gen, scorer, table[0]["steps"])
   return report, grids
 
 
@@ -314,7 +318,7 @@ def inpainting_row(config: Any, workdir: Workdir, gen: generation.Generator, sco
                                config.data.image_size, dict(record, mask=spec))
   originals = scorer.net.features(result["originals"])
   images = as_saved(result["images"])
-  row = scorer.row(_host_slices(array_chunks(images, config.eval.chunk_size), len(images)), len(images),
+  row = scorer.row(host_slices(array_chunks(images, config.eval.chunk_size), len(images)), len(images),
                    real=originals)[0]
   return row, result
 

@@ -146,17 +146,69 @@ def _comparison_lines(report: dict) -> list[str]:
   return lines
 
 
+def _fmt_ms(row: dict, metric: str, digits: int, scale: float = 1.0) -> str:
+  if row[metric] is None:
+    return "–"
+  std = row.get(f"{metric}_std")
+  return f"{row[metric] * scale:.{digits}f}" + ("" if not std else f" ± {std * scale:.{digits}f}")
+
+
+MAX_CLASS_ROWS = 20  # Classes listed in report.md's per-class table.
+
+
+def _conditional_lines(report: dict) -> list[str]:
+  """A class-conditional prior under classifier-free guidance (evaluation/conditional.py)."""
+  c = report.get("conditional")
+  if not c:
+    return []
+  names = report["protocol"]["metric_names"]
+  cols = (("accuracy", 1, 100.0), ("fd", 3, 1.0), ("precision", 3, 1.0), ("recall", 3, 1.0))
+  header = ["classifier accuracy (%)", names["fd"], names["precision"], names["recall"]]
+  lines = ["", "## Class-conditional samples under guidance", "",
+           f"N = {_fmt_int(c['num_samples'])} samples per guidance scale s, sample i asking for class i mod C, "
+           f"{c['steps']} steps; mean ± standard deviation over {c['draws']} draw(s) (seeds `eval.seed` + r, the "
+           "same for every s). s = 1: the conditional model; s = 0: the null label's. Accuracy: the evaluation "
+           "classifier's prediction equals the requested class" + ("" if c["classifier"] else
+                                                                  " (no classifier for this data: –)") +
+           f". {names['fd']} against the training split, precision / recall against the held-out images.", "",
+           "| s | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+  for r in c["rows"]:
+    o = r["overall"]
+    lines.append(f"| {r['guidance_scale']:g} | " + " | ".join(_fmt_ms(o, m, d, k) for m, d, k in cols) + " |")
+  lines += ["", "Per class (mean over draws; each class's samples against its own training / held-out images; "
+            "FD from few samples per class is biased upwards: compare across s):", "",
+            "| class | " + " | ".join(f"s = {r['guidance_scale']:g}: acc % / {names['fd']} / P / R"
+                                     for r in c["rows"]) + " |", "|---" * (len(c["rows"]) + 1) + "|"]
+  num_classes = len(c["rows"][0]["per_class"])
+  for y in range(min(num_classes, MAX_CLASS_ROWS)):
+    cells = []
+    for r in c["rows"]:
+      p = r["per_class"][y]
+      acc = "–" if p["accuracy"] is None else f"{100 * p['accuracy']:.0f}"
+      cells.append(f"{acc} / {p['fd']:.2f} / {p['precision']:.2f} / {p['recall']:.2f}")
+    lines.append(f"| {y} | " + " | ".join(cells) + " |")
+  if num_classes > MAX_CLASS_ROWS:
+    lines += ["", f"(The first {MAX_CLASS_ROWS} of {num_classes} classes; report.json holds every class.)"]
+  lines += [""] + [f"![s = {r['guidance_scale']:g}](classes_s{r['guidance_scale']:g}.png)" for r in c["rows"]]
+  return lines
+
+
 def markdown(report: dict) -> str:
   """The whole report as Markdown."""
   lines = ["# VQ-DDM evaluation report", ""] + protocol_lines(report) + [""] + _quality_table(report)
   lines += ["", "## Sampling steps against quality and wall time", ""] + _steps_table(report)
   lines += _draws_table(report)
   lines += _comparison_lines(report)
+  lines += _conditional_lines(report)
   ev = report.get("heldout_nelbo") or {}
   if ev:
     lines += ["", f"Held-out −ELBO: **{ev['nelbo_bits_per_code']:.3f} ± {ev['stderr']:.3f} bits per code** "
               f"(uniform prior: {ev['uniform_bits_per_code']:.3f}; Monte Carlo over "
               f"{ev['t_samples_per_map']} t per map, {ev['num_maps']} maps, step {ev['step']})."]
+    if "null_label_nelbo_bits_per_code" in ev:
+      lines += ["", f"Given the null label (the same network as an unconditional prior): "
+                f"**{ev['null_label_nelbo_bits_per_code']:.3f} ± {ev['null_label_stderr']:.3f} bits per code**; "
+                "the difference is what knowing the class is worth."]
   ar = report.get("heldout_ar_bits") or {}
   if ar:
     lines += ["", f"Held-out bits per code of the AR prior: **{ar['bits_per_code']:.3f} ± {ar['stderr']:.3f}**, "

@@ -12,7 +12,9 @@ the object only to the tensor-rebuild functions, the storage types and OrderedDi
 file cannot run code. Tensor geometry is checked before any byte is copied: offsets, sizes and strides must be
 non-negative ints, a view must stay inside its storage and hold no more elements than it, and each storage's
 bytes must be exactly its declared element count. Any failure is one `safe_pickle.WeightsFileError` naming the
-file.
+file. A caller reading a file that holds more than a state dict (`convert.lightning_ckpt`: a Lightning
+checkpoint) widens the table, supplies stand-ins for other globals and picks the state dict out of the object;
+then only the picked tensors' storages are read.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import os
 import struct
 import zipfile
 import zlib
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -60,6 +62,11 @@ _ALLOWED = {
 }
 
 
+def is_tensor(x: Any) -> bool:
+  """Whether `x` is a tensor of the pickle being read (what a `read_state_dict` `pick` looks for)."""
+  return isinstance(x, _LazyTensor)
+
+
 def _is_int(x: Any) -> bool:
   return type(x) is int  # pylint: disable=unidiomatic-typecheck  (no bool, no float, no object with __index__)
 
@@ -67,8 +74,10 @@ def _is_int(x: Any) -> bool:
 class _Reader:
   """One file's storages (declared by the pickle, then filled with bytes) and its error messages."""
 
-  def __init__(self, path: str):
-    self.path = path
+  def __init__(self, path: str, what: str = "state dict", allowed: Mapping[tuple[str, str], Any] | None = None,
+               unknown: Callable[[str, str], Any] | None = None, pick: Callable[[Any], Any] | None = None):
+    self.path, self.what, self.unknown, self.pick = path, what, unknown, pick
+    self.allowed = {**_ALLOWED, **(allowed or {})}
     self.storages: dict[str, _Storage] = {}
     self.data: dict[str, np.ndarray] = {}
 
@@ -77,7 +86,22 @@ class _Reader:
 
   def load(self, f, what: str) -> Any:
     """The pickle that holds the state dict (tensors refer to storages by persistent id)."""
-    return safe_pickle.load(f, path=self.path, what=what, allowed=_ALLOWED, persistent_load=self.persistent_load)
+    obj = safe_pickle.load(f, path=self.path, what=what, allowed=self.allowed,
+                           persistent_load=self.persistent_load, unknown=self.unknown)
+    if self.pick is None:
+      return obj
+    try:
+      return self.pick(obj)
+    except safe_pickle.Malformed as e:
+      raise self.error(f"cannot read the {what}: {e}") from None
+
+  def needed(self, obj: Any) -> set[str]:
+    """The storage keys whose bytes are read: all for a plain state dict; with `pick` (a checkpoint that
+    holds more than the weights: optimiser moments...), only those of the picked tensors."""
+    if self.pick is None or not isinstance(obj, dict):
+      return set(self.storages)
+    return {t.storage.key for t in obj.values()
+            if isinstance(t, _LazyTensor) and isinstance(t.storage, _Storage)}
 
   def persistent_load(self, pid: Any) -> _Storage:
     # zip: ('storage', type, key, location, numel); legacy: the same plus view metadata (None here).
@@ -143,8 +167,8 @@ class _Reader:
             for name, value in obj.items() if isinstance(value, _LazyTensor)}
 
 
-def _read_zip(path: str) -> dict[str, np.ndarray]:
-  reader = _Reader(path)
+def _read_zip(reader: _Reader) -> dict[str, np.ndarray]:
+  path = reader.path
   try:
     with zipfile.ZipFile(path) as zf:
       names = set(zf.namelist())
@@ -155,8 +179,11 @@ def _read_zip(path: str) -> dict[str, np.ndarray]:
       if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder").strip() != b"little":
         raise reader.error(f"a big-endian torch.save ({prefix}byteorder); only little-endian files are read")
       with zf.open(pkl[0]) as f:
-        obj = reader.load(f, f"state dict ({pkl[0]})")
+        obj = reader.load(f, f"{reader.what} ({pkl[0]})")
+      needed = reader.needed(obj)
       for key, storage in reader.storages.items():
+        if key not in needed:
+          continue
         member = f"{prefix}data/{key}"
         if member not in names:
           raise reader.error(f"storage {key!r} has no member {member} in the archive")
@@ -170,8 +197,8 @@ def _read_zip(path: str) -> dict[str, np.ndarray]:
   return reader.state_dict(obj)
 
 
-def _read_legacy(path: str) -> dict[str, np.ndarray]:
-  reader = _Reader(path)
+def _read_legacy(reader: _Reader) -> dict[str, np.ndarray]:
+  path = reader.path
 
   def header(f, what: str) -> Any:
     return safe_pickle.load(f, path=path, what=f"legacy torch.save {what}")
@@ -188,7 +215,8 @@ def _read_legacy(path: str) -> dict[str, np.ndarray]:
       raise reader.error("not a PyTorch file (bad magic number)")
     header(f, "protocol version (2nd pickle)")
     header(f, "system info (3rd pickle)")  # Endianness, type sizes; PyTorch only writes little-endian files.
-    obj = reader.load(f, "state dict (4th pickle)")
+    obj = reader.load(f, f"{reader.what} (4th pickle)")
+    needed = reader.needed(obj)
     keys = header(f, "storage keys (5th pickle)")
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
       raise reader.error(f"the storage keys (5th pickle) are not a list of distinct strings: {keys!r:.200}")
@@ -201,18 +229,29 @@ def _read_legacy(path: str) -> dict[str, np.ndarray]:
       if numel != storage.numel or numel * storage.dtype.itemsize > file_size - f.tell():
         raise reader.error(f"storage {key!r} is truncated or inconsistent: its header says {numel} elements, "
                            f"its pickle {storage.numel}, and {file_size - f.tell()} bytes are left")
-      reader.fill(key, f.read(numel * storage.dtype.itemsize))
+      if key in needed:
+        reader.fill(key, f.read(numel * storage.dtype.itemsize))
+      else:
+        f.seek(numel * storage.dtype.itemsize, os.SEEK_CUR)
     if f.tell() != file_size:  # Bytes no storage declares: the element counts do not describe this file.
       raise reader.error(f"{file_size - f.tell()} bytes follow the last storage; the storages' element counts "
                          "do not match the file")
   return reader.state_dict(obj)
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
+def read_state_dict(path: str, *, what: str = "state dict",
+                    allowed: Mapping[tuple[str, str], Any] | None = None,
+                    unknown: Callable[[str, str], Any] | None = None,
+                    pick: Callable[[Any], Any] | None = None) -> dict[str, np.ndarray]:
   """The tensors of a `torch.save`d state dict, as NumPy arrays, without importing PyTorch.
 
   Args:
     path: a `.pth` / `.pt` file written by `torch.save(state_dict, path)` (zip or legacy format).
+    what: what the file holds, for messages.
+    allowed: globals the pickle may use besides the tensor-rebuild ones (see `safe_pickle.load`).
+    unknown: `safe_pickle.load`'s stand-in maker for other globals; None refuses them.
+    pick: maps the unpickled object to the state dict inside it (a checkpoint holding more than weights);
+      only the storages of the picked tensors are read. It raises `safe_pickle.Malformed` to refuse the file.
 
   Returns:
     {name: array} in the file's order, with the tensors' dtypes; non-tensor entries are dropped.
@@ -221,6 +260,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     safe_pickle.WeightsFileError (a UserError and a ValueError): the file is not a torch.save of a plain
       state dict, refers to anything that could run code, or describes tensors outside its storages.
   """
+  reader = _Reader(path, what, allowed, unknown, pick)
   if zipfile.is_zipfile(path):
-    return _read_zip(path)
-  return _read_legacy(path)
+    return _read_zip(reader)
+  return _read_legacy(reader)

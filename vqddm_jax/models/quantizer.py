@@ -73,6 +73,15 @@ def quantize(h: jnp.ndarray, codebook: jnp.ndarray) -> Quantized:
   return Quantized(z_q, indices, codebook_loss, commitment_loss)
 
 
+def vq_objective(q: Quantized, beta: float, convention: str = "ours") -> jnp.ndarray:
+  """The two VQ terms of a stage's loss, `f32[]`: codebook + β·commitment ('ours', the VQ-VAE paper's) or
+  β·codebook + commitment ('taming_legacy', taming-transformers' default `legacy=True` quantiser, under which
+  its released tokenizers were trained: fine-tuning one keeps its balance)."""
+  if convention == "taming_legacy":
+    return beta * q.codebook_loss + q.commitment_loss
+  return q.codebook_loss + beta * q.commitment_loss
+
+
 def code_histogram(indices: jnp.ndarray, num_codes: int,
                    mask: jnp.ndarray | None = None) -> jnp.ndarray:
   """Counts of each code, `f32[K]`, over `indices: i32[B, ...]` (positions of masked-out images skipped).

@@ -181,6 +181,9 @@ class UNet(nn.Module):
       put it); active only with `train=True`, which then needs a 'dropout' rng.
     softmax_q: normalise q in the linear attention (see LinearAttention); False is the authors' network.
     time_scale: t is fed to the sinusoidal embedding as t * time_scale (authors: 4000 / T).
+    num_labels: image classes C of a class-conditional prior (0: unconditional, no label input). A label
+      embedding of C + 1 rows (row C is the null label of classifier-free guidance) is added to the time
+      embedding after the time MLP, where the authors' `edit_unet.py` adds theirs.
     dtype: activation / compute dtype (e.g. jnp.bfloat16); parameters are always float32 and the returned
       logits float32.
   """
@@ -194,7 +197,22 @@ class UNet(nn.Module):
   dropout: float = 0.0
   softmax_q: bool = True
   time_scale: float = 1.0
+  num_labels: int = 0
   dtype: Dtype = jnp.float32
+
+  def _add_label(self, temb: jax.Array, labels: jax.Array | None) -> jax.Array:
+    """temb + label embedding (f32[B, ch]) for a conditional network; temb unchanged for an unconditional one."""
+    if self.num_labels == 0:
+      if labels is not None:
+        raise ValueError("labels were given to an unconditional network (num_labels = 0)")
+      return temb
+    if labels is None:
+      labels = jnp.full((temb.shape[0],), self.num_labels, jnp.int32)
+    labels = jnp.broadcast_to(jnp.asarray(labels, jnp.int32), (temb.shape[0],))
+    # N(0, 1) rows, as the authors' torch.nn.Embedding.
+    embed = nn.Embed(self.num_labels + 1, self.ch, embedding_init=nn.initializers.normal(1.0), dtype=self.dtype,
+                     name="label_embed")
+    return temb + embed(labels)
 
   def _check(self, z_t: jax.Array) -> None:
     if z_t.ndim != 3:
@@ -210,12 +228,15 @@ class UNet(nn.Module):
       raise ValueError(f"groups={self.groups} must divide every width {widths} (ch * ch_mult)")
 
   @nn.compact
-  def __call__(self, z_t: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, z_t: jax.Array, t: jax.Array, labels: jax.Array | None = None, *,
+               train: bool = False) -> jax.Array:
     """Logits of the network for a batch of code maps.
 
     Args:
       z_t: i32[B, h, w] codes in 0..K-1; h and w divisible by 2**(len(ch_mult) - 1).
       t: i32 or f32[B] (or a scalar, broadcast) diffusion step, t = 1..T (the table index; not t - 1).
+      labels: i32[B] class labels in 0..num_labels (num_labels = the null label) of a conditional network;
+        None there means the null label. Must be None when num_labels is 0.
       train: enables dropout.
 
     Returns:
@@ -235,6 +256,7 @@ class UNet(nn.Module):
     temb = sinusoidal_embedding(t, self.ch).astype(self.dtype)
     temb = nn.Dense(4 * self.ch, dtype=self.dtype, name="time_dense_0")(temb)
     temb = nn.Dense(self.ch, dtype=self.dtype, name="time_dense_1")(mish(temb))
+    temb = self._add_label(temb, labels)
 
     # N(0, 1) rows as torch.nn.Embedding, so the first conv sees unit-scale inputs.
     x = nn.Embed(self.num_classes, self.ch, embedding_init=nn.initializers.normal(1.0),

@@ -68,10 +68,16 @@ class _Tower(nn.Module):
   channels: int
   groups: int = 32
   dropout: float = 0.0
+  attn_at_resolution: int = 0
   dtype: Dtype = jnp.float32
 
   def _block(self, features: int) -> nn.Module:
     return ResnetBlock(features, self.groups, self.dropout, self.dtype)
+
+  def _attends(self, h: jnp.ndarray, nominal: int) -> bool:
+    """Whether a level gets attention: its map size is in `attn_resolutions`, the actual size or, with
+    `attn_at_resolution`, the size `nominal` it has for inputs of that many pixels (taming's rule)."""
+    return (nominal if self.attn_at_resolution else h.shape[1]) in self.attn_resolutions
 
   def _middle(self, h: jnp.ndarray, train: bool) -> jnp.ndarray:
     h = self._block(h.shape[-1])(h, train=train)
@@ -92,7 +98,7 @@ class Encoder(_Tower):
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = self._block(self.ch * mult)(h, train=train)
-        if h.shape[1] in self.attn_resolutions:
+        if self._attends(h, self.attn_at_resolution >> level):
           h = AttnBlock(self.groups, self.dtype)(h)
       if level != len(self.ch_mult) - 1:
         # Asymmetric (0, 1) padding then a VALID stride-2 conv, as in the authors' VQGAN.
@@ -108,10 +114,12 @@ class Decoder(_Tower):
   def __call__(self, z: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     h = Conv(self.ch * self.ch_mult[-1], (3, 3), dtype=self.dtype, name="conv_in")(z)
     h = self._middle(h, train)
+    last = len(self.ch_mult) - 1
     for level in reversed(range(len(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
         h = self._block(self.ch * self.ch_mult[level])(h, train=train)
-        if h.shape[1] in self.attn_resolutions:
+        # taming's decoder counts up from the deepest size, (N // 2**last) * 2**(last - level).
+        if self._attends(h, (self.attn_at_resolution >> last) << (last - level)):
           h = AttnBlock(self.groups, self.dtype)(h)
       if level != 0:
         b, hh, ww, c = h.shape
@@ -126,7 +134,13 @@ def _codebook_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.floa
 
 
 class VQVAE(nn.Module):
-  """The whole stage-1 model; see the module docstring for the parameter layout."""
+  """The whole stage-1 model; see the module docstring for the parameter layout.
+
+  `attn_at_resolution`: 0 places attention at the levels whose actual feature-map size (height) is in
+  `attn_resolutions`; N > 0 at the levels whose size would be in it for N×N inputs, whatever the input size
+  (taming-transformers' rule with its `resolution` = N: a tokenizer trained at 256 px keeps its attention
+  levels on 384 px images). Both agree on N×N inputs.
+  """
   ch: int
   ch_mult: Sequence[int]
   num_res_blocks: int
@@ -137,12 +151,13 @@ class VQVAE(nn.Module):
   out_channels: int
   groups: int = 32
   dropout: float = 0.0
+  attn_at_resolution: int = 0
   dtype: Dtype = jnp.float32
 
   def setup(self):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), groups=self.groups,
-                  dropout=self.dropout, dtype=self.dtype)
+                  dropout=self.dropout, attn_at_resolution=self.attn_at_resolution, dtype=self.dtype)
     self.encoder = Encoder(channels=self.z_channels, **common)
     self.quant_conv = Conv(self.embed_dim, (1, 1), dtype=self.dtype)
     self.codebook = self.param("codebook", _codebook_init, (self.codebook_size, self.embed_dim))

@@ -5,7 +5,7 @@ Every stage module has
 and says when it is done in one of two ways:
   is_done(config, workdir) -> bool      training stages and encode: trained to the configured step (encode:
                                         the code maps are the current tokenizer's), or
-  outputs(config, workdir)              stages that make outputs from trained ones (sample, inpaint,
+  outputs(config, workdir)              stages that make outputs from trained ones (sample, inpaint, edit,
     -> [(record file, record)] | None   evaluate): for each output it makes now (one per prior), where it
                                         stores the record of what it was made from (under RECORD_KEY of that
                                         JSON file, if set) and that record as it would be now (the checkpoints
@@ -91,6 +91,9 @@ REGISTRY: tuple[Stage, ...] = (
           folders=lambda w: (w.eval_dir,)),
     Stage("inpaint", "complete held-out images outside config.inpaint.mask (workdir/inpaint/)",
           in_pipeline=False, consumes=_PRIORS, after=_TRAINED, folders=lambda w: (w.inpaint_dir,)),
+    Stage("edit", "mix two held-out images' code maps at step t (a fraction λ from the first) and re-noise "
+          "single ones to t, then denoise with the prior (workdir/edit/)", in_pipeline=False,
+          consumes=("prior",), after=("train_prior",), folders=lambda w: (w.edit_dir,)),
     # Not in `all`: evaluate computes the statistics on first use; this mode computes them once, apart from
     # training, for reuse in other runs (--config.eval.reference_stats).
     Stage("reference_stats", "FID reference statistics of the whole training split "

@@ -15,7 +15,7 @@ from absl import logging
 from vqddm_jax import generation, parallel
 from vqddm_jax import images as images_lib
 from vqddm_jax import files as files_lib
-from vqddm_jax.evaluation import comparison, protocol
+from vqddm_jax.evaluation import comparison, conditional, protocol
 from vqddm_jax.evaluation import report as report_lib
 from vqddm_jax.stages import StageResult
 from vqddm_jax.workdir import Workdir
@@ -51,12 +51,15 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   t_start = time.perf_counter()
   gen = generation.load_generator(config, workdir)
   report, grids = protocol.evaluate(config, workdir, gen, inputs=inputs(config, workdir),
-                                    compare=comparison.compare)
+                                    compare=comparison.compare, conditional=conditional.conditional_section)
   report["seconds"] = time.perf_counter() - t_start
   if parallel.is_main_process():
     files_lib.write_png(workdir.eval_samples_grid, images_lib.image_grid(grids["samples"][:64]))
     if "ar_samples" in grids:
       files_lib.write_png(workdir.eval_ar_samples_grid, images_lib.image_grid(grids["ar_samples"][:64]))
+    for scale, images in grids.get("class_grids", {}).items():
+      files_lib.write_png(workdir.eval_class_grid(scale),
+                          images_lib.image_grid(images, ncol=conditional.GRID_COLUMNS))
     files_lib.write_json(workdir.eval_report("json"), report)
     files_lib.write_text(workdir.eval_report("md"), report_lib.markdown(report))
   logging.info("evaluation report: %s", workdir.eval_report("md"))

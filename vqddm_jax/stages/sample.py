@@ -5,7 +5,9 @@ suffix when `config.sample.temperature` is not 1), `.npz` (codes i32[N,h,w], ima
 and `.json` (what made them). `config.sample.steps` (or `--sample_steps`) = 0 runs all T reverse steps, S < T a
 strided subset. With `config.ar_train.enabled`, the AR prior's samples of the same count and seed go beside
 them: `workdir/samples/ar/<AR step>/samples_n<N>_seed<seed>[_tau<τ>][_k<k>][_p<p>].*` (`config.ar_sample`).
-Each set is done while a newer checkpoint of its prior or the tokenizer has not appeared.
+Each set is done while a newer checkpoint of its prior or the tokenizer has not appeared. A class-conditional
+prior samples `sample.class_labels` in turn (default every class), in blocks of one class (the grid has one row
+per class), guided at `sample.guidance_scale` (`_s<s>[_y<labels>]` in the name; the labels in the `.npz`).
 """
 from __future__ import annotations
 
@@ -44,7 +46,20 @@ def outputs(config: Any, workdir: Workdir) -> list[tuple[Any, dict]] | None:
 
 def _files(workdir: Workdir, record: dict) -> Any:
   return workdir.samples(record["prior_step"], record["steps"], num_samples=record["num_samples"],
-                         seed=record["seed"], temperature=record["temperature"])
+                         seed=record["seed"], temperature=record["temperature"],
+                         guidance_scale=record.get("guidance_scale"),
+                         class_labels=tuple(record.get("class_labels", ())))
+
+
+def sample_labels(config: Any) -> tuple[np.ndarray | None, int | None]:
+  """A conditional prior's label of each of the `sample.num_samples` samples, `i32[N]`, in blocks of one class
+  (`sample.class_labels` in turn, or every class), and the block length (the grid's columns: one row per
+  class); (None, None) for an unconditional prior."""
+  classes = tuple(config.sample.class_labels) or tuple(range(config.prior.num_classes))
+  if not classes:
+    return None, None
+  per_class = -(-config.sample.num_samples // len(classes))
+  return np.repeat(np.asarray(classes, np.int32), per_class)[:config.sample.num_samples], per_class
 
 
 def _ar_files(workdir: Workdir, record: dict) -> Any:
@@ -57,6 +72,7 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   scfg = config.sample
   gen = generation.load_generator(config, workdir)  # Names what is missing, if anything.
   per_device = -(-scfg.num_samples // parallel.device_count())
+  labels, per_class = sample_labels(config)
   written = []
   for _, record in stages.outputs_to_make(outputs(config, workdir)):
     t0 = time.perf_counter()
@@ -65,20 +81,26 @@ def run(config: Any, workdir: Workdir) -> StageResult:
                                              key=jax.random.key(scfg.seed), per_device=per_device)
       files = _ar_files(workdir, record)
     else:
+      chains = np.full((per_device * parallel.device_count(),), gen.num_labels, np.int32)
+      if labels is not None:
+        chains[:len(labels)] = labels
       codes = generation.sample_code_maps(
           gen, parallel.replicate(gen.prior.params), key=jax.random.key(scfg.seed), per_device=per_device,
-          num_sampling_steps=scfg.steps or None, chunk=scfg.chunk_steps)
+          num_sampling_steps=scfg.steps or None, chunk=scfg.chunk_steps, labels=chains)
       files = _files(workdir, record)
     seconds = time.perf_counter() - t0
-    written += _save(config, gen, files, codes[:scfg.num_samples], dict(record, seconds=seconds))
+    conditional = labels is not None and "ar_step" not in record
+    written += _save(config, gen, files, codes[:scfg.num_samples], dict(record, seconds=seconds),
+                     labels if conditional else None, per_class if conditional else None)
   return StageResult("sample", True, tuple(written))
 
 
-def _save(config: Any, gen: generation.Generator, files: Any, codes: np.ndarray, record: dict) -> list[str]:
+def _save(config: Any, gen: generation.Generator, files: Any, codes: np.ndarray, record: dict,
+          labels: np.ndarray | None = None, ncol: int | None = None) -> list[str]:
   images = generation.decode_codes(gen.tokenizer, codes, config.sample.decode_batch_size)
   if parallel.is_main_process():
-    files_lib.write_png(files.png, images_lib.image_grid(images))
-    files_lib.write_npz(files.npz, codes=codes, images=images)
+    files_lib.write_png(files.png, images_lib.image_grid(images, ncol=ncol))
+    files_lib.write_npz(files.npz, codes=codes, images=images, **({} if labels is None else {"labels": labels}))
     files_lib.write_json(files.record, record)
   logging.info("%d samples in %.1fs: %s and %s", len(codes), record["seconds"], files.png, files.npz)
   return [str(files.png), str(files.npz)]

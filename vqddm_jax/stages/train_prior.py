@@ -1,8 +1,9 @@
 """`--mode=train_prior`, stage 2: the discrete-diffusion prior on this host's stored code maps.
 
 Writes `workdir/prior/`: `checkpoints/` (with the importance-sampling history), `tensorboard/` and `eval.json`
-(the latest held-out −ELBO in bits per code, next to log2 K, the score of a uniform prior). Each checkpoint
-records which code maps it was trained on.
+(the latest held-out −ELBO in bits per code, next to log2 K, the score of a uniform prior; a class-conditional
+prior's given each map's label and given the null label). Each checkpoint records which code maps it was
+trained on.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   train_codes = codes_lib.load_codes(store, config.data.train_split)
   eval_codes = codes_lib.load_codes(store, config.data.eval_split)
   num_classes, code_shape = int(meta["codebook_size"]), tuple(train_codes.shape[1:])
+  train_labels, eval_labels = (
+      (codes_lib.load_labels(store, split, config.prior.num_classes)
+       for split in (config.data.train_split, config.data.eval_split))
+      if config.prior.num_classes else (None, None))
   logging.info("stage 2 on %d training / %d held-out code maps of %s, K = %d", len(train_codes),
                len(eval_codes), code_shape, num_classes)
   if 0 < tcfg.max_code_maps < len(train_codes):
@@ -51,40 +56,53 @@ def run(config: Any, workdir: Workdir) -> StageResult:
       prior_step.train_step, model=model, optimizer=optimizer, sched=sched,
       parametrization=config.diffusion.parametrization,
       use_importance=config.diffusion.importance_sampling, ema_decay=tcfg.ema_decay,
-      t_buckets=tcfg.t_buckets, hybrid_ce_weight=tcfg.hybrid_ce_weight),
+      t_buckets=tcfg.t_buckets, hybrid_ce_weight=tcfg.hybrid_ce_weight, label_dropout=tcfg.label_dropout),
       in_axes=parallel.STEP_AXES, donate_state=True)
   writer = writers.make_writer(paths.tensorboard, is_main=parallel.is_main_process())
   open_batches = lambda pos: codes_lib.host_training_batches(  # noqa: E731
-      train_codes, global_batch_size=tcfg.batch_size, seed=config.seed, position=pos, max_maps=tcfg.max_code_maps)
+      train_codes, global_batch_size=tcfg.batch_size, seed=config.seed, position=pos, max_maps=tcfg.max_code_maps,
+      labels=train_labels)
   _, completed = loop.run(loop.LoopConfig.from_section(STAGE, paths.checkpoints, tcfg), init_state=state,
                           p_step=p_step, open_batches=open_batches,
                           key=keys.derive(config.seed, keys.Stream.PRIOR_TRAIN), writer=writer,
-                          heldout=_heldout(config, model, sched, eval_codes, paths.eval_json),
+                          heldout=_heldout(config, model, sched, eval_codes, eval_labels, paths.eval_json),
                           meta={"codes": lineage.holds(config, workdir, "codes")})
   return StageResult(STAGE, completed, (str(paths.root),))
 
 
-def _heldout(config: Any, model: Any, sched: Any, eval_codes: np.ndarray, path: Any) -> loop.HeldOut:
+def _heldout(config: Any, model: Any, sched: Any, eval_codes: np.ndarray, eval_labels: np.ndarray | None,
+             path: Any) -> loop.HeldOut:
   """The periodic held-out −ELBO (bits per code, with its Monte-Carlo standard error and log2 K, the score
-  of a uniform prior), written to `path` (`prior/eval.json`)."""
+  of a uniform prior), written to `path` (`prior/eval.json`). A conditional prior is scored given each map's
+  label (`nelbo_bits_per_code`) and given the null label (`null_label_nelbo_bits_per_code`, its unconditional
+  model), with the same t and z_t draws."""
   tcfg = config.prior_train
-  p_eval = parallel.pmap(functools.partial(
+  p_evals = {null: parallel.pmap(functools.partial(
       prior_step.eval_step, model=model, sched=sched, parametrization=config.diffusion.parametrization,
-      t_samples=tcfg.eval_t_samples), in_axes=(0, 0, None))
+      t_samples=tcfg.eval_t_samples, null_label=null), in_axes=(0, 0, None))
+      for null in ((False, True) if eval_labels is not None else (False,))}
   key = keys.derive(config.seed, keys.Stream.PRIOR_EVAL)
 
   def evaluate(step: int, rstate: Any) -> dict:
-    batches = codes_lib.host_eval_batches(eval_codes, global_batch_size=tcfg.batch_size,
-                                          max_examples=tcfg.eval_examples)
-    results = prior_step.heldout_nelbo(p_eval, rstate.ema_params, (parallel.to_devices(b) for b in batches),
-                                       key)
+    scores = {}
+    for null, p_eval in p_evals.items():
+      batches = codes_lib.host_eval_batches(eval_codes, global_batch_size=tcfg.batch_size,
+                                            max_examples=tcfg.eval_examples, labels=eval_labels)
+      scores[null] = prior_step.heldout_nelbo(p_eval, rstate.ema_params,
+                                              (parallel.to_devices(b) for b in batches), key)
+    results = scores[False]
+    if True in scores:
+      results.update(null_label_nelbo_bits_per_code=scores[True]["nelbo_bits_per_code"],
+                     null_label_stderr=scores[True]["stderr"])
     # `step` in the middle: where eval.json has always held it.
     results.update(uniform_bits_per_code=float(np.log2(sched.num_classes)), step=step,
                    t_samples_per_map=tcfg.eval_t_samples)
     return results
 
   def describe(r: dict) -> str:
-    return (f"-ELBO {r['nelbo_bits_per_code']:.4f} ± {r['stderr']:.4f} bits/code (uniform prior: "
+    null = (f"; null label {r['null_label_nelbo_bits_per_code']:.4f} ± {r['null_label_stderr']:.4f}"
+            if "null_label_nelbo_bits_per_code" in r else "")
+    return (f"-ELBO {r['nelbo_bits_per_code']:.4f} ± {r['stderr']:.4f} bits/code{null} (uniform prior: "
             f"{r['uniform_bits_per_code']:.4f}; Monte Carlo over {r['t_samples_per_map']} t per map, "
             f"{r['num_maps']} maps)")
 

@@ -33,6 +33,7 @@ class Draw(enum.IntEnum):
   T = 0  # into an example's key: its t ~ p(t)
   Z_T = 1  # into an example's key: its z_t ~ q(z_t | z_0)
   DROPOUT = 2  # into the loop key (then the step and the device): the dropout masks
+  LABEL = 3  # into an example's key: whether its class label is replaced by the null label (label dropout)
 
 
 def derive(seed: int, stream: Stream) -> jax.Array:

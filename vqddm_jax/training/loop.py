@@ -130,6 +130,9 @@ def run(loop: LoopConfig, *, init_state: Any, p_step: Callable[..., Any],
   state, saved_meta = restore_or_init(ckpt, init_state)
   step = first = int(state.step)
   if step >= loop.num_steps:
+    if loop.num_steps == 0 and checkpointing.latest_step(loop.directory) is None:
+      # Zero steps (stage 1 imported from a converted tokenizer): the initial state is the stage's result.
+      _save(ckpt, loop.stage, 0, state, dict(meta or {}, imported=True))
     ckpt.close()
     return state, True
   log = _Log(loop, writer, saved_meta)

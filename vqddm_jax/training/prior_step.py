@@ -48,8 +48,12 @@ def example_keys(key: jax.Array, step: jnp.ndarray, per_device: int) -> jax.Arra
 def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
                optimizer: optax.GradientTransformation, sched: diffusion.Schedule,
                parametrization: str, use_importance: bool, ema_decay: float,
-               t_buckets: int, hybrid_ce_weight: float = 0.0) -> tuple[PriorState, dict]:
+               t_buckets: int, hybrid_ce_weight: float = 0.0,
+               label_dropout: float = 0.0) -> tuple[PriorState, dict]:
   """One per-device update on `batch['codes']: i32[b, h, w]` (z_0); call through `parallel.pmap`.
+
+  A conditional network (`model.num_labels` > 0) also reads `batch['label']: i32[b]`; each example's label is
+  replaced by the null label with probability `label_dropout` (classifier-free guidance's training).
 
   Draws t ~ p(t) (importance or uniform) and z_t ~ q(z_t | z_0) per example, minimises the importance-
   weighted −ELBO estimate L_t / p(t) + L_prior in bits per code (plus `hybrid_ce_weight` times the cross-
@@ -70,9 +74,10 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
   t, p_t = jax.vmap(lambda k: diffusion.sample_t(k, importance, num_steps=big_t))(key_t)
   z_t = jax.vmap(lambda k, z, tt: diffusion.q_sample(k, z, tt, sched))(key_q, z0, t)
   prior = diffusion.prior_kl(z0, sched)
+  labels = _dropped_labels(batch, keys, model.num_labels, label_dropout)
 
   def loss_fn(params):
-    logits = prior_lib.logits_fn(model, params, parametrization, rng)(z_t, t)
+    logits = prior_lib.logits_fn(model, params, parametrization, rng, labels)(z_t, t)
     log_x0 = jax.nn.log_softmax(logits, axis=-1)
     lt = diffusion.loss_t(log_x0, z0, z_t, t, sched)
     nelbo = jnp.mean(diffusion.bits_per_code(diffusion.importance_weighted_nelbo(lt, p_t, prior), h * w))
@@ -108,6 +113,15 @@ def train_step(state: PriorState, batch: dict, key: jax.Array, *, model: UNet,
                     importance=new[3]), out
 
 
+def _dropped_labels(batch: dict, keys: jax.Array, num_labels: int, dropout: float) -> jax.Array | None:
+  """`batch['label']: i32[b]` with each replaced by the null label (`num_labels`) with probability `dropout`,
+  from the example's own key (`Draw.LABEL`); None for an unconditional network."""
+  if num_labels == 0:
+    return None
+  drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, Draw.LABEL), dropout))(keys)
+  return jnp.where(drop, num_labels, batch["label"])
+
+
 def _bucket_means(t: jnp.ndarray, values: jnp.ndarray, big_t: int, buckets: int) -> dict:
   """Mean of `values` per range of t (bucket i holds t in (i·T/n, (i+1)·T/n]); NaN for an empty bucket."""
   idx = jnp.clip((t - 1) * buckets // big_t, 0, buckets - 1)
@@ -118,13 +132,15 @@ def _bucket_means(t: jnp.ndarray, values: jnp.ndarray, big_t: int, buckets: int)
 
 
 def eval_step(params: Any, batch: dict, key: jax.Array, *, model: UNet, sched: diffusion.Schedule,
-              parametrization: str, t_samples: int) -> dict:
+              parametrization: str, t_samples: int, null_label: bool = False) -> dict:
   """Per-device sums over real (mask True) held-out maps of the Monte-Carlo −ELBO (bits/code) and its
-  squared standard error; keys come from the global example index of this eval batch."""
+  squared standard error; keys come from the global example index of this eval batch. A conditional
+  network scores each map given `batch['label']`, or given the null label with `null_label`."""
   z0, mask = batch["codes"], batch["mask"].astype(jnp.float32)
   b, h, w = z0.shape
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, parallel.global_example_index(b))
-  logits_fn = prior_lib.logits_fn(model, params, parametrization)
+  labels = None if model.num_labels == 0 or null_label else batch["label"]
+  logits_fn = prior_lib.logits_fn(model, params, parametrization, labels=labels)
   est, se = diffusion.nelbo_monte_carlo(keys, z0, logits_fn, sched, num_samples=t_samples)
   bits, se_bits = diffusion.bits_per_code(est, h * w), diffusion.bits_per_code(se, h * w)
   return {"bits": jnp.sum(bits * mask), "se_sq": jnp.sum(jnp.square(se_bits) * mask),

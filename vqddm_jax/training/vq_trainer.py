@@ -66,15 +66,17 @@ def make_p_step(config: Any, tcfg: Any, *, model: VQVAE, optimizer: optax.Gradie
   LPIPS weights loaded once and replicated to the devices when perceptual_weight > 0.
   """
   settings = LossSettings.from_section(tcfg)
+  # ReFiT's section has no convention field: its fine-tune has no commitment term (β = 0).
+  codebook_loss = tcfg.get("codebook_loss", "ours")
   if settings.plain:
     step_fn = functools.partial(vqvae_step.train_step, model=model, optimizer=optimizer, beta=beta,
-                                recon_loss=tcfg.recon_loss, ema_decay=tcfg.ema_decay)
+                                recon_loss=tcfg.recon_loss, ema_decay=tcfg.ema_decay, codebook_loss=codebook_loss)
     return parallel.pmap(step_fn, in_axes=parallel.STEP_AXES, donate_state=donate_state)
   disc, disc_optimizer = (discriminator_and_optimizer(config, tcfg) if settings.uses_discriminator
                           else (None, None))
   step_fn = vqgan_step.make_train_step(model=model, optimizer=optimizer, disc=disc,
                                        disc_optimizer=disc_optimizer, beta=beta, settings=settings,
-                                       ema_decay=tcfg.ema_decay)
+                                       ema_decay=tcfg.ema_decay, codebook_loss=codebook_loss)
   if settings.perceptual_weight == 0:
     return parallel.pmap(step_fn, in_axes=parallel.STEP_AXES, donate_state=donate_state)
   p_step = parallel.pmap(step_fn, in_axes=parallel.STEP_AXES + (0,), donate_state=donate_state)

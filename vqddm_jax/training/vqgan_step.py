@@ -90,8 +90,8 @@ def _disc_logits(disc: NLayerDiscriminator, params: Any, stats: Any, x: jax.Arra
 
 
 def generator_grads(state: VQState, images: jax.Array, rng: jax.Array, lpips_params: Any, *, model: VQVAE,
-                    disc: NLayerDiscriminator | None, beta: float, settings: LossSettings
-                    ) -> tuple[Any, jax.Array, dict]:
+                    disc: NLayerDiscriminator | None, beta: float, settings: LossSettings,
+                    codebook_loss: str = "ours") -> tuple[Any, jax.Array, dict]:
   """This device's gradient of the generator loss (λ from device-averaged last-layer gradients).
 
   Args:
@@ -105,7 +105,7 @@ def generator_grads(state: VQState, images: jax.Array, rng: jax.Array, lpips_par
   """
   def forward(p):
     x_rec, q = model.apply({"params": p}, images, train=True, rngs={"dropout": rng})
-    return (x_rec, q.codebook_loss + beta * q.commitment_loss), q
+    return (x_rec, quantizer.vq_objective(q, beta, codebook_loss)), q
 
   (x_rec, q_loss), vjp_fn, q = jax.vjp(forward, state.params, has_aux=True)
   (nll, (recon, perceptual)), ct_nll = jax.value_and_grad(_nll, has_aux=True)(
@@ -159,7 +159,7 @@ def discriminator_grads(state: VQGANState, images: jax.Array, x_rec: jax.Array, 
 def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = None, *, model: VQVAE,
                optimizer: optax.GradientTransformation, disc: NLayerDiscriminator | None,
                disc_optimizer: optax.GradientTransformation | None, beta: float, settings: LossSettings,
-               ema_decay: float) -> tuple[VQState, dict]:
+               ema_decay: float, codebook_loss: str = "ours") -> tuple[VQState, dict]:
   """One per-device update of the VQ-VAE and (when `disc` is given) the discriminator.
 
   Args:
@@ -176,7 +176,7 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
   rng = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(parallel.AXIS))
   images = batch["image"]
   grads, x_rec, aux = generator_grads(state, images, rng, lpips_params, model=model, disc=disc, beta=beta,
-                                      settings=settings)
+                                      settings=settings, codebook_loss=codebook_loss)
   grads = parallel.pmean(grads)
   grad_norm, ok = guard.norm_and_finite(grads)
   ok = ok & jnp.isfinite(parallel.pmean(aux["loss"]))
@@ -210,7 +210,8 @@ def train_step(state: VQState, batch: dict, key: jax.Array, lpips_params: Any = 
 
 def make_train_step(*, model: VQVAE, optimizer: optax.GradientTransformation,
                     disc: NLayerDiscriminator | None, disc_optimizer: optax.GradientTransformation | None,
-                    beta: float, settings: LossSettings, ema_decay: float) -> Any:
+                    beta: float, settings: LossSettings, ema_decay: float, codebook_loss: str = "ours") -> Any:
   """`train_step` with its static settings bound (for `parallel.pmap`)."""
   return functools.partial(train_step, model=model, optimizer=optimizer, disc=disc,
-                           disc_optimizer=disc_optimizer, beta=beta, settings=settings, ema_decay=ema_decay)
+                           disc_optimizer=disc_optimizer, beta=beta, settings=settings, ema_decay=ema_decay,
+                           codebook_loss=codebook_loss)

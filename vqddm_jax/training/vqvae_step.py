@@ -46,18 +46,19 @@ def reconstruction_error(x: jnp.ndarray, x_rec: jnp.ndarray, kind: str) -> jnp.n
 
 
 def vq_loss(params: Any, images: jnp.ndarray, rng: jax.Array, *, model: VQVAE, beta: float,
-            recon_loss: str) -> tuple[jnp.ndarray, dict]:
-  """L = recon + ||sg[h] − z_q||² + β ||h − sg[z_q]||² for `images: f32[b, H, W, C]` in [-1, 1]."""
+            recon_loss: str, codebook_loss: str = "ours") -> tuple[jnp.ndarray, dict]:
+  """L = recon + ||sg[h] − z_q||² + β ||h − sg[z_q]||² for `images: f32[b, H, W, C]` in [-1, 1] (β on the
+  codebook term instead with `codebook_loss = 'taming_legacy'`: `quantizer.vq_objective`)."""
   x_rec, q = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
   recon = reconstruction_error(images, x_rec, recon_loss)
-  loss = recon + q.codebook_loss + beta * q.commitment_loss
+  loss = recon + quantizer.vq_objective(q, beta, codebook_loss)
   return loss, {"loss": loss, "recon": recon, "codebook": q.codebook_loss,
                 "commitment": q.commitment_loss, "indices": q.indices}
 
 
 def train_step(state: VQState, batch: dict, key: jax.Array, *, model: VQVAE,
                optimizer: optax.GradientTransformation, beta: float, recon_loss: str,
-               ema_decay: float) -> tuple[VQState, dict]:
+               ema_decay: float, codebook_loss: str = "ours") -> tuple[VQState, dict]:
   """One per-device update; call through `parallel.pmap` (gradients averaged over axis `data`).
 
   Args:
@@ -70,8 +71,8 @@ def train_step(state: VQState, batch: dict, key: jax.Array, *, model: VQVAE,
     optimiser state unchanged (the step counter still advances); `finite` reports it.
   """
   rng = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(parallel.AXIS))
-  grad_fn = jax.value_and_grad(functools.partial(vq_loss, model=model, beta=beta,
-                                                 recon_loss=recon_loss), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(vq_loss, model=model, beta=beta, recon_loss=recon_loss,
+                                                 codebook_loss=codebook_loss), has_aux=True)
   (_, aux), grads = grad_fn(state.params, batch["image"], rng)
   grads = parallel.pmean(grads)
 
