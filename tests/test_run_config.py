@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, load_config
-from vqddm_jax import main, run_config, run_lock
+from vqddm_jax import config_schema, main, run_config, run_lock
 from vqddm_jax import files as files_lib
 from vqddm_jax.errors import MismatchError
 from vqddm_jax.workdir import Workdir
@@ -63,6 +63,18 @@ def test_stored_config_round_trips_to_the_same_config():
   back = run_config.as_config(run_config.config_dict(config))
   assert back.to_dict() == config.to_dict()
   assert run_config.compare(run_config.config_dict(config), run_config.config_dict(back)) == ([], [])
+
+
+def test_a_config_stored_by_older_code_gets_the_defaults_of_fields_added_since():
+  """A work directory made before `edit` and the guidance fields existed: without --config its stored config
+  gains their defaults (which keep the older behaviour) and validates, instead of naming them missing."""
+  config = load_config("configs/celeba.py:authors")
+  old = run_config.config_dict(config)
+  del old["edit"], old["sample"]["guidance_scale"], old["prior"]["num_classes"]
+  back = run_config.as_config(old)
+  assert (back.sample.guidance_scale, back.prior.num_classes, back.edit.pairs) == (1.0, 0, 4)
+  assert back.prior.ch == config.prior.ch  # stored fields win
+  config_schema.validate_config(back)
 
 
 def test_a_rerun_with_another_learning_rate_is_refused_and_more_steps_accepted(pipeline_run, tmp_path, capsys):

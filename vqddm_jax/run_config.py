@@ -113,8 +113,23 @@ def refusal_message(path: Any, refused: list) -> str:
 
 
 def as_config(stored: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A ConfigDict from the `config` entry of `W/config.json` (JSON lists back to the tuples configs use)."""
-  return ml_collections.ConfigDict(_tuples(dict(stored)))
+  """A ConfigDict from the `config` entry of `W/config.json` (JSON lists back to the tuples configs use).
+
+  A field the stored config lacks (added by newer code, such as `sample.guidance_scale`) takes its default from
+  `config_schema.base_config`, as `compare` accepts it: every added field's default keeps what older code did."""
+  from vqddm_jax import config_schema  # JAX-free, like this module.
+  return ml_collections.ConfigDict(_with_defaults(config_schema.base_config().to_dict(), _tuples(dict(stored))))
+
+
+def _with_defaults(defaults: Mapping[str, Any], stored: Mapping[str, Any]) -> dict:
+  """`stored` with the fields only `defaults` has added (recursively into sections both have)."""
+  out = dict(stored)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, Mapping) and isinstance(out[key], Mapping):
+      out[key] = _with_defaults(value, out[key])
+  return out
 
 
 def _tuples(value: Any) -> Any:
