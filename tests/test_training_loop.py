@@ -99,7 +99,7 @@ def test_key_streams_keep_their_numbers():
   assert {s.name: int(s) for s in keys.Stream} == {
       "VQVAE_INIT": 0, "VQ_TRAIN": 1, "DISCRIMINATOR_INIT": 2, "PRIOR_INIT": 10, "PRIOR_EVAL": 11,
       "PRIOR_TRAIN": 12, "AR_INIT": 20, "AR_TRAIN": 22}
-  assert {s.name: int(s) for s in keys.Draw} == {"T": 0, "Z_T": 1, "DROPOUT": 2}
+  assert {s.name: int(s) for s in keys.Draw} == {"T": 0, "Z_T": 1, "DROPOUT": 2, "LABEL": 3}
   for stream in keys.Stream:
     np.testing.assert_array_equal(
         jax.random.key_data(keys.derive(5, stream)),
