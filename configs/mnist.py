@@ -55,5 +55,5 @@ def get_config(arg=None):
                            eval_examples=32)
     config.ar_sample.candidates = 4
     if "compare" in args:
-      config.eval.update(sample_draws=2, compare_masks=("top_half", "random:0.5"))
+      config.eval.update(sample_draws=2, compare_masks=("random:0.5",))
   return config

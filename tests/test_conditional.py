@@ -16,6 +16,7 @@ from vqddm_jax.data import codes as codes_lib
 from vqddm_jax.errors import ConfigError, MismatchError, MissingInputError
 from vqddm_jax.models import prior as prior_lib
 from vqddm_jax.models.unet import UNet
+from vqddm_jax.stages import sample
 from vqddm_jax.training import prior_step
 from vqddm_jax.workdir import Workdir
 
@@ -141,7 +142,7 @@ def test_guidance_needs_a_conditional_prior_with_label_dropout():
 
 def test_conditional_pipeline_on_the_tiny_run(pipeline_run, tmp_path):
   """Stage 1, ReFiT and the code store (which holds MNIST's labels) of the shared tiny run; a conditional
-  prior trained on them, sampled one row per class, and evaluated with the guidance section."""
+  prior trained on them and evaluated with the guidance section (`sample` draws through the same programs)."""
   base_config, base = pipeline_run
   workdir = Workdir(tmp_path / "w")
   for name in ("vqvae", "refit", "codes"):
@@ -154,13 +155,14 @@ def test_conditional_pipeline_on_the_tiny_run(pipeline_run, tmp_path):
   config.data.data_dir = base_config.data.data_dir
   config.eval.update(guidance_scales=(1.0, 2.0), step_fractions=(1,), inpaint_images=8)
   config.sample.class_labels = (7, 3)
-  for name in ("train_prior", "sample", "evaluate"):
+  for name in ("train_prior", "evaluate"):
     result = stages.run_stage(next(s for s in stages.REGISTRY if s.name == name), config, workdir)
     assert result.completed and not result.skipped, name
   nelbo = files_lib.read_json(workdir.prior.eval_json)
   assert np.isfinite(nelbo["nelbo_bits_per_code"]) and np.isfinite(nelbo["null_label_nelbo_bits_per_code"])
-  files = workdir.samples(4, 20, num_samples=16, seed=1, guidance_scale=1.0, class_labels=(7, 3))
-  np.testing.assert_array_equal(np.load(files.npz)["labels"], [7] * 8 + [3] * 8)
+  labels, per_class = sample.sample_labels(config)  # `--mode=sample`'s chains: blocks of one class, one grid row each
+  np.testing.assert_array_equal(labels, [7] * 8 + [3] * 8)
+  assert per_class == 8 and sample.outputs(config, workdir)[0][0].name == "samples_S20_n16_seed1_s1_y7-3.json"
   report = files_lib.read_json(workdir.eval_report("json"))
   rows = report["conditional"]["rows"]
   assert [r["guidance_scale"] for r in rows] == [1.0, 2.0] and len(rows[0]["per_class"]) == 10
