@@ -109,10 +109,12 @@ def test_code_store_keeps_labels_and_refuses_what_does_not_fit(tmp_path):
            "test": np.zeros((2, 2, 2), np.int32)}
   labels = {"train": np.array([0, 1, 2, 0, 1, 2], np.int32), "test": np.array([2, 1], np.int32)}
   codes_lib.write_codes(store, codes, {"codebook_size": 24}, labels, ["a", "b", "c"])
-  np.testing.assert_array_equal(codes_lib.load_labels(store, "train", 3), labels["train"])
+  got_codes, got_labels = codes_lib.load_labelled_codes(store, "train", 3)
+  np.testing.assert_array_equal(got_labels, labels["train"])
+  np.testing.assert_array_equal(got_codes, codes["train"])
   np.testing.assert_array_equal(codes_lib.load_codes(store, "test"), codes["test"])
   with pytest.raises(MismatchError, match="set config.prior.num_classes = 3"):
-    codes_lib.load_labels(store, "train", 4)
+    codes_lib.load_labelled_codes(store, "train", 4)
   batches = codes_lib.CodeBatches(codes["train"], per_shard=1, num_shards=2, seed=0, labels=labels["train"])
   for _ in range(5):  # Over an epoch boundary: each label stays with its map.
     b = next(batches)
@@ -121,7 +123,7 @@ def test_code_store_keeps_labels_and_refuses_what_does_not_fit(tmp_path):
   plain = epath.Path(tmp_path / "plain")
   codes_lib.write_codes(plain, codes, {"codebook_size": 24})
   with pytest.raises(MissingInputError, match="holds no class labels"):
-    codes_lib.load_labels(plain, "train", 3)
+    codes_lib.load_labelled_codes(plain, "train", 3)
 
 
 def test_guidance_needs_a_conditional_prior_with_label_dropout():

@@ -73,13 +73,11 @@ def load_generator(config: Any, workdir: Workdir) -> Generator:
   """
   store = workdir.code_store
   num_classes = int(codes_lib.require_meta(store)["codebook_size"])
-  heldout = codes_lib.load_codes(store, config.data.eval_split)
+  heldout, labels = codes_lib.load_labelled_codes(store, config.data.eval_split, config.prior.num_classes)
   prior = restore.restore_prior(config, workdir, num_classes, tuple(heldout.shape[1:]))
   tokenizer = restore.restore_tokenizer(config, workdir)
   ar = (restore.restore_ar(config, workdir, num_classes, tuple(heldout.shape[1:]))
         if config.ar_train.enabled else None)
-  labels = (codes_lib.load_labels(store, config.data.eval_split, config.prior.num_classes)
-            if config.prior.num_classes else None)
   return Generator(prior, tokenizer, prior_lib.build_schedule(config, num_classes), heldout,
                    config.diffusion.parametrization, float(config.sample.temperature),
                    current_record(config, workdir), ar, ar_record(config, workdir),
@@ -178,14 +176,18 @@ def reverse_program(gen: Generator, guidance_scale: float | None = None) -> Call
 
 
 def host_labels(gen: Generator, labels: np.ndarray | None, per_device: int) -> jax.Array:
-  """This host's share of the chains' labels `labels: i32[devices * per_device]` (all hosts' chains in device
-  order), on its devices `[local devices, per_device]`; the null label for all when None."""
+  """This host's share of the chains' labels on its devices, `[local devices, per_device]`.
+
+  `labels: i32[n]` give the first n of the devices · per_device chains (all hosts' chains in device order); the
+  chains after them (a last chunk's surplus, padding to the device count), or all when None, take the null
+  label."""
   n = parallel.device_count() * per_device
-  if labels is None:
-    labels = np.full((n,), gen.num_labels, np.int32)
-  if len(labels) != n:
-    raise ValueError(f"{len(labels)} labels for {n} chains")
-  return parallel.to_devices(parallel.shard(np.asarray(labels, np.int32)[parallel.host_slice(n)]))
+  chains = np.full((n,), gen.num_labels, np.int32)
+  if labels is not None:
+    if len(labels) > n:
+      raise ValueError(f"{len(labels)} labels for {n} chains")
+    chains[:len(labels)] = labels
+  return parallel.to_devices(parallel.shard(chains[parallel.host_slice(n)]))
 
 
 def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device: int,
@@ -202,8 +204,8 @@ def sample_code_maps(gen: Generator, rparams: Any, *, key: jax.Array, per_device
     num_sampling_steps: None for all T reverse steps, S < T for a strided subset of S.
     chunk: reverse steps per compiled call.
     program: `reverse_program(gen)`, to reuse its compilation across calls; None builds a new one.
-    labels: i32[devices * per_device], the class of each chain (conditional prior, guided at the program's
-      scale); None: the null label (or no label for an unconditional prior).
+    labels: i32[n <= devices * per_device], the class of the first n chains (conditional prior, guided at the
+      program's scale); the others, or all when None: the null label (no label for an unconditional prior).
   """
   sched = gen.sched
   labels_d = host_labels(gen, labels, per_device)
@@ -236,11 +238,8 @@ def sample_in_chunks(gen: Generator, rparams: Any, *, key: jax.Array, num: int, 
   per_chunk = per_device * ndev
   program = reverse_program(gen, guidance_scale)  # One compilation for every chunk.
   for index, start in enumerate(range(0, num, per_chunk)):
-    chunk_labels = None
-    if labels is not None:  # The last chunk's surplus chains take the null label (and are dropped).
-      chunk_labels = np.full((per_chunk,), gen.num_labels, np.int32)
-      part = labels[start:start + per_chunk]
-      chunk_labels[:len(part)] = part
+    # The last chunk's surplus chains take the null label (`host_labels`) and are dropped.
+    chunk_labels = None if labels is None else labels[start:start + per_chunk]
     codes = sample_code_maps(gen, rparams, key=jax.random.fold_in(key, index), per_device=per_device,
                              num_sampling_steps=num_sampling_steps, chunk=chunk_steps, program=program,
                              labels=chunk_labels)

@@ -119,12 +119,10 @@ class Pipeline:
                             "sample.temperature": temperature, "sample.guidance_scale": guidance_scale}).sample
     gen = self._generator(cfg.temperature)
     per_device = -(-cfg.num_samples // parallel.device_count())
-    chains = np.full((per_device * parallel.device_count(),), gen.num_labels, np.int32)
-    chains[:n] = self._check_labels(labels, n)
     codes = generation.sample_code_maps(
         gen, self._replicated("prior", gen.prior.params), key=jax.random.key(cfg.seed), per_device=per_device,
         num_sampling_steps=cfg.steps or None, chunk=cfg.chunk_steps,
-        program=self._program(gen, float(cfg.guidance_scale)), labels=chains)
+        program=self._program(gen, float(cfg.guidance_scale)), labels=self._check_labels(labels, n))
     return codes[:cfg.num_samples]
 
   def sample(self, n: int, *, seed: int | None = None, steps: int | None = None,
@@ -134,11 +132,11 @@ class Pipeline:
     return self.decode(self.sample_codes(n, seed=seed, steps=steps, temperature=temperature, labels=labels,
                                          guidance_scale=guidance_scale))
 
-  def _check_labels(self, labels: Any, n: int) -> np.ndarray:
-    """i32[n] class labels of a conditional prior (the null label C for all when None)."""
+  def _check_labels(self, labels: Any, n: int) -> np.ndarray | None:
+    """i32[n] class labels of a conditional prior, checked; None stays None (the null label)."""
     c = self.generator.num_labels
     if labels is None:
-      return np.full((n,), c, np.int32)
+      return None
     labels = np.asarray(labels)
     if not c or labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or (
         labels.size and (labels.min() < 0 or labels.max() >= c)):

@@ -73,29 +73,43 @@ def _read_split(directory: epath.Path, split: str, meta: dict) -> dict[str, np.n
   return {k: np.concatenate([p[k] for p in parts]).astype(np.int32) for k in builder.info.features}
 
 
-def load_codes(directory: epath.Path, split: str) -> np.ndarray:
-  """All code maps of `split` from the store under `directory`: `i32[N, h, w]`, in stored order."""
-  meta = require_meta(directory)
-  codes = _read_split(directory, split, meta)[FEATURE]
+def _out_of_range(values: np.ndarray, n: int) -> int | None:
+  """A value of `values` outside [0, n) (the smallest if one is negative, else the largest), or None."""
+  if values.size and (values.min() < 0 or values.max() >= n):
+    return int(values.min()) if values.min() < 0 else int(values.max())
+  return None
+
+
+def _checked_codes(directory: epath.Path, split: str, meta: dict, codes: np.ndarray) -> np.ndarray:
   k = int(meta["codebook_size"])
-  if codes.size and (codes.min() < 0 or codes.max() >= k):
+  bad = _out_of_range(codes, k)
+  if bad is not None:
     # A negative code would wrap to the last one in a gather and read the AR prior's start row; a code >= K
     # would make every step that draws its map non-finite. Neither is a code of this store's tokenizer.
-    bad = int(codes.min()) if codes.min() < 0 else int(codes.max())
     raise MismatchError(f"the code maps of split {split!r} under {directory} hold code {bad}, outside [0, {k}) "
                         f"(K = codebook_size in {directory / META_FILE}): the store is damaged; remove "
                         f"{directory} and rerun --mode=encode")
   return codes
 
 
-def load_labels(directory: epath.Path, split: str, num_classes: int) -> np.ndarray:
-  """The class labels of `split`'s code maps, `i32[N]` in stored order, for a prior over `num_classes` classes.
+def load_codes(directory: epath.Path, split: str) -> np.ndarray:
+  """All code maps of `split` from the store under `directory`: `i32[N, h, w]`, in stored order."""
+  meta = require_meta(directory)
+  return _checked_codes(directory, split, meta, _read_split(directory, split, meta)[FEATURE])
+
+
+def load_labelled_codes(directory: epath.Path, split: str,
+                        num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """`load_codes` and the maps' class labels `i32[N]` (read together) for a prior over `num_classes` classes
+  (`config.prior.num_classes`); (`load_codes`, None) for an unconditional one (0).
 
   Raises:
     MissingInputError: the store holds no labels (the images' source has none, or it was encoded before
       labels were stored).
     MismatchError: a label outside [0, num_classes), or the store's class list is not num_classes long.
   """
+  if not num_classes:
+    return load_codes(directory, split), None
   meta = require_meta(directory)
   if not meta.get("labels"):
     raise MissingInputError(
@@ -108,12 +122,12 @@ def load_labels(directory: epath.Path, split: str, num_classes: int) -> np.ndarr
     raise MismatchError(f"config.prior.num_classes = {num_classes}, but the images have {len(names)} classes "
                         f"({', '.join(map(str, names[:12]))}{', ...' if len(names) > 12 else ''}; "
                         f"{directory / META_FILE}): set config.prior.num_classes = {len(names)}")
-  labels = _read_split(directory, split, meta)[LABEL]
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+  arrays = _read_split(directory, split, meta)
+  bad = _out_of_range(arrays[LABEL], num_classes)
+  if bad is not None:
     raise MismatchError(f"split {split!r} under {directory} holds class label {bad}, outside [0, {num_classes}) "
                         f"(config.prior.num_classes = {num_classes}): set it to the images' class count")
-  return labels
+  return _checked_codes(directory, split, meta, arrays[FEATURE]), arrays[LABEL]
 
 
 def _safe_name(split: str) -> str:

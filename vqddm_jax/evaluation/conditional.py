@@ -53,16 +53,23 @@ def _scored_set(config: Any, gen: generation.Generator, net: Any, rparams: Any, 
   chunks = generation.sample_in_chunks(gen, rparams, key=jax.random.key(seed), num=num,
                                        chunk_size=config.eval.chunk_size, num_sampling_steps=steps,
                                        chunk_steps=config.sample.chunk_steps, labels=labels, guidance_scale=scale)
-  feats, preds, first = [], [], []
-  for start, images in protocol.decoded(config, gen, protocol.host_slices(chunks, num)):
-    feats.append(net.features(images))
-    if net.classify is not None:
-      preds.append(net.classify(images))
-    if start == 0:  # Process 0's first chunk: the grid's samples.
-      first.append(images)
-  feats = parallel.gather_rows(np.concatenate(feats) if feats else np.zeros((0, net.dim), np.float32))
-  preds = parallel.gather_rows(np.concatenate(preds)) if net.classify is not None else None
-  return feats, preds, (np.concatenate(first) if first else np.zeros((0,), np.float32))
+  preds, first = [], []
+
+  def classified(images_chunks):  # Beside the features `streamed.stream` keeps: predictions, the grid's chunk.
+    for start, images in images_chunks:
+      if net.classify is not None:
+        preds.append(net.classify(images))
+      if start == 0:  # Process 0's first chunk: the grid's samples.
+        first.append(images)
+      yield start, images
+
+  kept = streamed.stream(net, classified(protocol.decoded(config, gen, protocol.host_slices(chunks, num))), num,
+                         keep=num).kept
+  if net.classify is not None:  # A process without samples still takes part in the gather.
+    preds = parallel.gather_rows(np.concatenate(preds) if preds else np.zeros((0,), np.int32))
+  else:
+    preds = None
+  return kept, preds, (np.concatenate(first) if first else np.zeros((0,), np.float32))
 
 
 def _set_figures(config: Any, feats: np.ndarray, preds: np.ndarray | None, refs: dict) -> dict:

@@ -81,12 +81,9 @@ def run(config: Any, workdir: Workdir) -> StageResult:
                                              key=jax.random.key(scfg.seed), per_device=per_device)
       files = _ar_files(workdir, record)
     else:
-      chains = np.full((per_device * parallel.device_count(),), gen.num_labels, np.int32)
-      if labels is not None:
-        chains[:len(labels)] = labels
       codes = generation.sample_code_maps(
           gen, parallel.replicate(gen.prior.params), key=jax.random.key(scfg.seed), per_device=per_device,
-          num_sampling_steps=scfg.steps or None, chunk=scfg.chunk_steps, labels=chains)
+          num_sampling_steps=scfg.steps or None, chunk=scfg.chunk_steps, labels=labels)
       files = _files(workdir, record)
     seconds = time.perf_counter() - t0
     conditional = labels is not None and "ar_step" not in record

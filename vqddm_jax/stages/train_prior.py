@@ -34,13 +34,10 @@ def run(config: Any, workdir: Workdir) -> StageResult:
   paths = workdir.prior
   store = workdir.code_store
   meta = codes_lib.require_meta(store)
-  train_codes = codes_lib.load_codes(store, config.data.train_split)
-  eval_codes = codes_lib.load_codes(store, config.data.eval_split)
+  train_codes, train_labels = codes_lib.load_labelled_codes(store, config.data.train_split,
+                                                             config.prior.num_classes)
+  eval_codes, eval_labels = codes_lib.load_labelled_codes(store, config.data.eval_split, config.prior.num_classes)
   num_classes, code_shape = int(meta["codebook_size"]), tuple(train_codes.shape[1:])
-  train_labels, eval_labels = (
-      (codes_lib.load_labels(store, split, config.prior.num_classes)
-       for split in (config.data.train_split, config.data.eval_split))
-      if config.prior.num_classes else (None, None))
   logging.info("stage 2 on %d training / %d held-out code maps of %s, K = %d", len(train_codes),
                len(eval_codes), code_shape, num_classes)
   if 0 < tcfg.max_code_maps < len(train_codes):
